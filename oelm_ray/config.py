@@ -1,0 +1,368 @@
+"""Typed run configuration: model, data and training, with presets and validation.
+
+Imports neither torch nor Ray, so the CLI, the sweep recipes and the tests can build and check a
+config cheaply. Every field carries a docstring (the string literal under it); `field_docs()`
+reads them back for `--help` and the README's table of options.
+
+A config round-trips through plain dicts (`to_dict` / `from_dict`), which is how Ray hands it to a
+trial. Field names are unique across the three sections, so a flat override such as
+`{"lr": 1e-3, "d_model": 256}` is unambiguous.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+METHODS = ("baseline", "oelm_freeze", "oelm_random")
+HUB_DATASETS = ("tinystories", "openwebtext", "wikitext103")
+DATASETS = ("stories",) + HUB_DATASETS
+TOKENIZERS = ("bytes", "gpt2")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "bf16")
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+class ConfigError(ValueError):
+    """A config value a user must fix; the message names the field and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 257
+    """Vocabulary size of the embedding and LM head; must cover the tokenizer (bytes: 257, gpt2: 50257)."""
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; d_model must be divisible by it."""
+    d_model: int = 128
+    """Residual stream width."""
+    d_ff: int = 512
+    """Hidden width of the GELU MLP."""
+    block_size: int = 128
+    """Context length in tokens."""
+    dropout: float = 0.0
+    """Dropout probability on attention output, MLP output and embeddings (the research used 0.1)."""
+    method: str = "baseline"
+    """Q/K policy: baseline (standard init, trained), oelm_freeze (head-wise orthogonal, frozen), oelm_random (random normal, frozen)."""
+    qk_random_std: float = 0.02
+    """Std of the oelm_random Q/K init; the research used 0.02, 1/sqrt(d_model) matches the orthogonal rows' scale."""
+    qk_freeze_layers: int = -1
+    """For frozen methods: Q/K are frozen in the lowest k blocks only; -1 freezes every block."""
+
+    def validate(self) -> None:
+        _choice("method", self.method, METHODS)
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "block_size"):
+            _positive(name, getattr(self, name))
+        if self.d_model % self.n_head:
+            raise ConfigError(
+                f"d_model={self.d_model} is not divisible by n_head={self.n_head}: "
+                f"choose d_model as a multiple of n_head (e.g. {self.n_head * max(1, self.d_model // self.n_head)})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if not self.qk_random_std > 0:
+            raise ConfigError(f"qk_random_std={self.qk_random_std} must be > 0")
+        if not -1 <= self.qk_freeze_layers <= self.n_layer:
+            raise ConfigError(
+                f"qk_freeze_layers={self.qk_freeze_layers} must be -1 (all) or between 0 and n_layer={self.n_layer}"
+            )
+
+    @property
+    def frozen_qk_layers(self) -> tuple[int, ...]:
+        """Indices of the blocks whose Q/K start frozen."""
+        if self.method == "baseline":
+            return ()
+        k = self.n_layer if self.qk_freeze_layers < 0 else self.qk_freeze_layers
+        return tuple(range(k))
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "stories"
+    """Corpus: stories (generated offline), tinystories, openwebtext, wikitext103, or a path to a local .txt/.jsonl/.parquet file."""
+    tokenizer: str = "bytes"
+    """Tokenizer: bytes (tiktoken byte-level, vocabulary 257) or gpt2 (tiktoken r50k_base, vocabulary 50257)."""
+    data_dir: str = "data"
+    """Where prepared token files live (one sub-folder per corpus and tokenizer); shared storage on a cluster."""
+    stories_mb: float = 4.0
+    """Size of the generated stories corpus in MB of text."""
+    stories_seed: int = 1234
+    """Seed of the stories generator (the corpus is a pure function of it and stories_mb)."""
+    val_fraction: float = 0.02
+    """Share of documents held out for validation where the corpus has no validation split."""
+    max_train_tokens: int = 0
+    """Stop tokenizing the training split after this many tokens; 0 takes all of it."""
+    gpt2_ranks: str = ""
+    """Path to a local GPT-2 ranks file (gpt2.tiktoken) for offline use; empty uses tiktoken's download or TIKTOKEN_CACHE_DIR."""
+    hub_dir: str = ""
+    """Read a hub corpus from this local folder of parquet files laid out like the hub, instead of downloading it."""
+
+    def validate(self) -> None:
+        if self.dataset not in DATASETS and not self.dataset.endswith(LOCAL_SUFFIXES):
+            raise ConfigError(
+                f"dataset={self.dataset!r} is unknown: choose one of {', '.join(DATASETS)} "
+                f"or a local file ending in {', '.join(LOCAL_SUFFIXES)}"
+            )
+        _choice("tokenizer", self.tokenizer, TOKENIZERS)
+        if not self.stories_mb > 0:
+            raise ConfigError(f"stories_mb={self.stories_mb} must be > 0")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"val_fraction={self.val_fraction} must be in (0, 0.5)")
+        if self.max_train_tokens < 0:
+            raise ConfigError(f"max_train_tokens={self.max_train_tokens} must be >= 0 (0 = all)")
+
+    @property
+    def is_local_file(self) -> bool:
+        return self.dataset not in DATASETS
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    """Seed of the init, the data order and dropout."""
+    max_steps: int = 1000
+    """Optimizer steps in the run."""
+    batch_size: int = 16
+    """Sequences per optimizer step."""
+    lr: float = 2e-3
+    """Peak learning rate (after warmup)."""
+    min_lr_frac: float = 0.0
+    """Cosine decay ends at lr * min_lr_frac (the research decayed to 0)."""
+    warmup_steps: int = 100
+    """Linear warmup steps; must be smaller than max_steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on matrices and embeddings (not on norms and biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    eval_interval: int = 200
+    """Evaluate (and checkpoint) every this many steps, and at the last step."""
+    eval_batches: int = 8
+    """Validation batches per evaluation: a fixed set, the same at every evaluation."""
+    log_interval: int = 50
+    """Print training progress (and check the loss for NaN/inf) every this many steps."""
+    qk_unfreeze_step: int = -1
+    """Step at which frozen Q/K start training; -1 keeps them frozen for the whole run."""
+    qk_lr_mult: float = 1.0
+    """Learning-rate multiplier for the Q/K projections whenever they train."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    dtype: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16."""
+    compile: bool = False
+    """Wrap the model in torch.compile (CUDA runs)."""
+    num_threads: int = 0
+    """torch CPU threads for this run; 0 leaves torch's default."""
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "eval_interval", "eval_batches", "log_interval"):
+            _positive(name, getattr(self, name))
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"lr={self.lr} must be a finite number > 0")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise ConfigError(
+                f"warmup_steps={self.warmup_steps} must be >= 0 and smaller than max_steps={self.max_steps}"
+            )
+        if self.eval_interval > self.max_steps:
+            raise ConfigError(
+                f"eval_interval={self.eval_interval} is larger than max_steps={self.max_steps}: "
+                "the run would never be evaluated; lower eval_interval"
+            )
+        if not 0.0 <= self.min_lr_frac <= 1.0:
+            raise ConfigError(f"min_lr_frac={self.min_lr_frac} must be in [0, 1]")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("weight_decay and grad_clip must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.qk_unfreeze_step < -1 or self.qk_unfreeze_step == 0:
+            raise ConfigError(
+                f"qk_unfreeze_step={self.qk_unfreeze_step} must be -1 (never) or a step >= 1"
+            )
+        if not self.qk_lr_mult > 0:
+            raise ConfigError(f"qk_lr_mult={self.qk_lr_mult} must be > 0")
+        _choice("device", self.device, DEVICES)
+        _choice("dtype", self.dtype, DTYPES)
+        if self.num_threads < 0:
+            raise ConfigError(f"num_threads={self.num_threads} must be >= 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        need = VOCAB_SIZES[self.data.tokenizer]
+        if self.model.vocab_size < need:
+            raise ConfigError(
+                f"vocab_size={self.model.vocab_size} is smaller than the {self.data.tokenizer} "
+                f"tokenizer's vocabulary ({need}): set vocab_size >= {need}"
+            )
+        if self.model.method == "baseline" and self.train.qk_unfreeze_step != -1:
+            raise ConfigError("qk_unfreeze_step is set but method=baseline has no frozen Q/K")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        """Build from a nested dict ({"model": {...}, ...}); unknown keys are an error."""
+        parts = {}
+        for f in fields(cls):
+            sub = dict(d.get(f.name) or {})
+            part_cls = f.default_factory  # type: ignore[misc]
+            known = {g.name for g in fields(part_cls)}
+            unknown = set(sub) - known
+            if unknown:
+                raise ConfigError(f"unknown {f.name} config field(s): {', '.join(sorted(unknown))}")
+            parts[f.name] = part_cls(**{k: _coerce(part_cls, k, v) for k, v in sub.items()})
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+        return cls(**parts)
+
+    def override(self, flat: dict[str, Any]) -> "Config":
+        """Return a copy with flat overrides (field name -> value) applied; unknown names are an error."""
+        d = self.to_dict()
+        where = field_sections()
+        for key, value in flat.items():
+            key = key.replace("-", "_")
+            if key not in where:
+                raise ConfigError(f"unknown config field {key!r}; see `oelm-ray train --help` for the fields")
+            d[where[key]][key] = value
+        return Config.from_dict(d)
+
+
+VOCAB_SIZES = {"bytes": 257, "gpt2": 50257}
+
+# ---------------------------------------------------------------------------------------------
+# presets
+
+
+def _cpu_preset() -> Config:
+    # small enough for two single-thread trials side by side on a 2-core laptop (see README)
+    return Config(
+        ModelConfig(vocab_size=257, n_layer=4, n_head=4, d_model=128, d_ff=512, block_size=128),
+        DataConfig(dataset="stories", tokenizer="bytes"),
+        TrainConfig(max_steps=1000, batch_size=16, lr=2e-3, warmup_steps=100, eval_interval=200, eval_batches=8),
+    )
+
+
+def _medium_512_preset() -> Config:
+    # the research's "Medium-512" (RESEARCH.md); lr is the baseline's, recipes set it per method
+    return Config(
+        ModelConfig(vocab_size=50257, n_layer=6, n_head=8, d_model=512, d_ff=2048, block_size=512, dropout=0.1),
+        DataConfig(dataset="tinystories", tokenizer="gpt2"),
+        TrainConfig(
+            max_steps=100_000, batch_size=8, lr=3e-4, warmup_steps=1000, eval_interval=1000,
+            eval_batches=100, log_interval=100, compile=False,
+        ),
+    )
+
+
+PRESETS = {"cpu": _cpu_preset, "medium-512": _medium_512_preset}
+
+
+def preset(name: str) -> Config:
+    """A fresh config for a named preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset={name!r} is unknown: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def make_config(preset_name: str = "cpu", **overrides: Any) -> Config:
+    """Preset + flat overrides, validated: the one way recipes, the CLI and Ray trials build configs."""
+    return preset(preset_name).override(overrides).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is unknown: choose one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be a whole number > 0")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """Coerce strings (CLI) and floats that are whole (JSON, Ray) to the field's declared type."""
+    typ = {f.name: f.type for f in fields(cls)}[name]
+    try:
+        if typ == "bool":
+            if isinstance(value, str):
+                if value.lower() in _TRUE | _FALSE:
+                    return value.lower() in _TRUE
+                raise ValueError
+            return bool(value)
+        if typ == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(value) if isinstance(value, str) else value
+        if typ == "float":
+            return float(value)
+        if typ == "str":
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} is not a valid {typ}") from None
+    return value
+
+
+def field_sections() -> dict[str, str]:
+    """Flat field name -> section name ("model", "data" or "train")."""
+    out: dict[str, str] = {}
+    for sec in fields(Config):
+        for f in fields(sec.default_factory):  # type: ignore[misc]
+            assert f.name not in out, f"duplicate config field {f.name}"
+            out[f.name] = sec.name
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass, read from its source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def section_classes() -> dict[str, type]:
+    return {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
