@@ -212,8 +212,11 @@ class Config:
                 f"vocab_size={self.model.vocab_size} is smaller than the {self.data.tokenizer} "
                 f"tokenizer's vocabulary ({need}): set vocab_size >= {need}"
             )
-        if self.model.method == "baseline" and self.train.qk_unfreeze_step != -1:
-            raise ConfigError("qk_unfreeze_step is set but method=baseline has no frozen Q/K")
+        if not self.model.frozen_qk_layers and self.train.qk_unfreeze_step != -1:
+            raise ConfigError(
+                f"qk_unfreeze_step={self.train.qk_unfreeze_step} is set but method={self.model.method} with "
+                f"qk_freeze_layers={self.model.qk_freeze_layers} freezes no Q/K: drop qk_unfreeze_step"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,116 @@
+"""`oelm-ray` (also `python -m oelm_ray`): prepare data, train one model, watch and report sweeps.
+
+Every config field is a flag (`--d-model`, `--lr`, ...), its help text the field's docstring. A
+user error (bad value, missing data, foreign checkpoint, existing run) ends in one message and
+exit code 2, before any expensive work; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from . import config as C
+
+
+def _add_config_flags(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    for sec in sections:
+        cls = C.section_classes()[sec]
+        g = p.add_argument_group(f"{sec} config (defaults come from --preset)")
+        docs = C.field_docs(cls)
+        for f in fields(cls):
+            g.add_argument(
+                "--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.type.upper(),
+                help=docs.get(f.name, ""),
+            )
+
+
+def _overrides(args: argparse.Namespace, sections: tuple[str, ...]) -> dict:
+    names = {f.name for sec in sections for f in fields(C.section_classes()[sec])}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="oelm-ray", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin / meta.json")
+    p.add_argument("--preset", default="cpu", help=f"preset whose data settings are the defaults ({', '.join(C.PRESETS)})")
+    p.add_argument("--force", action="store_true", help="rebuild even if a prepared copy exists")
+    p.add_argument("--verify", default="quick", choices=("quick", "full"), help="how an existing copy is checked")
+    _add_config_flags(p, ("data",))
+
+    p = sub.add_parser("train", help="train one model (no Ray)")
+    p.add_argument("--preset", default="cpu", help=f"config preset: {', '.join(C.PRESETS)}")
+    p.add_argument("--out-dir", required=True, help="folder for metrics.jsonl, latest.pt, best.pt, summary.json")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/latest.pt")
+    p.add_argument("--no-prepare", action="store_true", help="fail instead of preparing missing data")
+    _add_config_flags(p, ("model", "data", "train"))
+
+    p = sub.add_parser("status", help="table of a sweep's trials (works while it runs)")
+    p.add_argument("run", nargs="?", default=None, help="run folder or name (default: the newest under --storage)")
+    p.add_argument("--storage", default="runs", help="storage folder that holds the runs")
+
+    p = sub.add_parser("report", help="write trials.parquet, summary.md and val_ppl.png for a sweep")
+    p.add_argument("run", nargs="?", default=None, help="run folder or name (default: the newest under --storage)")
+    p.add_argument("--storage", default="runs", help="storage folder that holds the runs")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # user errors become one line; anything else is a bug and keeps its traceback
+        if _is_user_error(e):
+            print(f"oelm-ray {args.cmd}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_user_error(e: BaseException) -> bool:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .trainer import RunExistsError
+
+    return isinstance(e, (C.ConfigError, DataError, CheckpointError, RunExistsError))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.cmd == "prepare":
+        from .data import prepare
+
+        cfg = C.preset(args.preset).override(_overrides(args, ("data",))).validate()
+        meta = prepare(cfg.data, force=args.force)
+        print(f"prepared {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens")
+        return 0
+    if args.cmd == "train":
+        from .data import load_prepared, prepare
+        from .trainer import train
+
+        cfg = C.make_config(args.preset, **_overrides(args, ("model", "data", "train")))
+        data = load_prepared(cfg.data) if args.no_prepare else None
+        if data is None:
+            prepare(cfg.data)
+        train(cfg, Path(args.out_dir), resume=args.resume, data=data)
+        return 0
+    if args.cmd in ("status", "report"):
+        from . import results
+
+        run = results.find_run(args.storage, args.run)
+        if args.cmd == "status":
+            print(results.status_table(run))
+        else:
+            for path in results.write_report(run):
+                print(path)
+        return 0
+    raise AssertionError(args.cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

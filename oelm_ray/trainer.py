@@ -1,0 +1,386 @@
+"""The training loop: runs on its own (`oelm-ray train`) and inside a Ray trial alike.
+
+`train(config, out_dir, report=...)` trains one model and calls `report(metrics)` at every
+evaluation, after `latest.pt` (and `best.pt` when the val loss improved) has been written. The
+checkpoint holds model, optimizer, step, RNG and data-sampler state, so a run resumed from it
+produces exactly the losses of one never interrupted (bit-for-bit on CPU).
+
+Speed notes: no host sync per step (the loss is accumulated on the device and read at log and
+eval points only), fused AdamW and bf16 autocast on CUDA, SDPA's flash kernels, optional
+torch.compile; evaluation runs on a fixed, pre-staged set of validation batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json, atomic_write
+from .config import Config, ConfigError
+from .data import Prepared, load_prepared
+from .model import GPT
+
+Report = Callable[[dict[str, Any]], None]
+EVAL_SEED = 1337  # the validation windows are the same for every method and seed: a fair comparison
+
+
+class RunExistsError(RuntimeError):
+    """The out-dir already holds a run and --resume was not given."""
+
+
+# ------------------------------------------------------------------------------------------------
+# pieces
+
+
+def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None for plain fp32)."""
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is visible: use device=auto or cpu")
+    dev = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+    use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and dev.type == "cuda")
+    return dev, (torch.bfloat16 if use_bf16 else None)
+
+
+class Sampler:
+    """Random training windows from the token memmap; its state is one generator state."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
+        if len(tokens) <= block_size + 1:
+            raise ConfigError(
+                f"the training split has {len(tokens)} tokens, fewer than block_size+2={block_size + 2}: "
+                "use a larger corpus or a smaller block_size"
+            )
+        self.tokens, self.T, self.B = tokens, block_size, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ix = torch.randint(len(self.tokens) - self.T - 1, (self.B,), generator=self.gen).tolist()
+        return windows(self.tokens, ix, self.T)
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.gen.set_state(sd["gen"])
+
+
+def windows(tokens: np.ndarray, starts: list[int], T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    buf = torch.from_numpy(np.stack([tokens[i : i + T + 1] for i in starts]).astype(np.int64))  # (B, T+1)
+    return buf[:, :-1], buf[:, 1:]
+
+
+def eval_batches(val: np.ndarray, cfg: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed validation set: `eval_batches` batches of windows drawn once from EVAL_SEED."""
+    T, B = cfg.model.block_size, cfg.train.batch_size
+    if len(val) <= T + 1:
+        raise ConfigError(f"the validation split has {len(val)} tokens, fewer than block_size+2={T + 2}")
+    gen = torch.Generator().manual_seed(EVAL_SEED)
+    starts = torch.randint(len(val) - T - 1, (cfg.train.eval_batches, B), generator=gen).tolist()
+    return [windows(val, row, T) for row in starts]
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup to lr, then cosine decay to lr * min_lr_frac at max_steps."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    floor = t.lr * t.min_lr_frac
+    return floor + 0.5 * (t.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def qk_unfrozen_at(step: int, cfg: Config) -> bool:
+    return cfg.train.qk_unfreeze_step != -1 and step >= cfg.train.qk_unfreeze_step
+
+
+def build_optimizer(model: GPT, cfg: Config, device: torch.device, step: int = 0) -> torch.optim.AdamW:
+    """AdamW over trainable parameters only: matrices decay, norms and biases do not, Q/K get lr_mult.
+
+    The groups follow the policy, not the current requires_grad flags: a run resumed after a Q/K
+    unfreeze rebuilds exactly the groups (and their order) that its checkpoint's optimizer holds.
+    """
+    frozen_qk = {id(model.transformer.h[i].attn.c_qk.weight) for i in cfg.model.frozen_qk_layers}
+    qk = {id(p) for p in model.qk_params().values()}
+    groups: dict[str, list] = {"decay": [], "no_decay": [], "qk": []}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen or id(p) in frozen_qk:  # tied weights appear once; frozen Q/K never
+            continue
+        seen.add(id(p))
+        groups["qk" if id(p) in qk else "decay" if p.dim() >= 2 else "no_decay"].append(p)
+    t = cfg.train
+    spec = {"decay": (t.weight_decay, 1.0), "no_decay": (0.0, 1.0), "qk": (t.weight_decay, t.qk_lr_mult)}
+    param_groups = [
+        {"params": ps, "weight_decay": spec[name][0], "lr_mult": spec[name][1], "name": name}
+        for name, ps in groups.items()
+        if ps
+    ]
+    if qk_unfrozen_at(step, cfg):
+        param_groups.append(qk_unfrozen_group(model, cfg))
+    return torch.optim.AdamW(param_groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
+
+
+def qk_unfrozen_group(model: GPT, cfg: Config) -> dict:
+    """The optimizer group that the policy's frozen Q/K join once they are unfrozen."""
+    params = [model.transformer.h[i].attn.c_qk.weight for i in cfg.model.frozen_qk_layers]
+    return {"params": params, "weight_decay": cfg.train.weight_decay, "lr_mult": cfg.train.qk_lr_mult, "name": "qk_unfrozen"}
+
+
+def qk_init_name(cfg: Config) -> str:
+    return {
+        "baseline": "normal(0.02), trained",
+        "oelm_freeze": "head-wise orthogonal (QR per head), frozen",
+        "oelm_random": f"normal({cfg.model.qk_random_std:g}), frozen",
+    }[cfg.model.method]
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(
+    config: Config | dict,
+    out_dir: str | os.PathLike,
+    report: Report | None = None,
+    resume: bool = False,
+    data: Prepared | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train one model into `out_dir`; returns the summary (also written to summary.json)."""
+    cfg = config if isinstance(config, Config) else Config.from_dict(config)
+    cfg.validate()
+    t = cfg.train
+    out = Path(out_dir)
+    # every check that can fail cheaply runs before the model is built
+    latest = out / "latest.pt"
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(latest, expect_config=cfg.to_dict())
+    elif latest.exists() or (out / "summary.json").exists():
+        raise RunExistsError(
+            f"{out} already holds a run: pass --resume to continue it, or choose another --out-dir "
+            "(nothing was overwritten)"
+        )
+    data = data or load_prepared(cfg.data)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the prepared data has vocabulary {data.vocab_size} but vocab_size={cfg.model.vocab_size}"
+        )
+    device, amp_dtype = resolve_device(cfg)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(t.seed)
+    raw_model = GPT(cfg.model)
+    sampler = Sampler(data.train, cfg.model.block_size, t.batch_size, seed=t.seed)
+    val_set = eval_batches(data.val, cfg)
+    step, tokens, best_val, elapsed, train_time = 0, 0, math.inf, 0.0, 0.0
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        step, tokens = ckpt["step"], ckpt["tokens"]
+        best_val, elapsed, train_time = ckpt["best_val_loss"], ckpt["elapsed_s"], ckpt["train_time_s"]
+        log(f"resumed from {latest} at step {step}")
+    if qk_unfrozen_at(step, cfg):
+        raw_model.set_qk_trainable(True)
+    raw_model.to(device)
+    optimizer = build_optimizer(raw_model, cfg, device, step)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sampler.load_state_dict(ckpt["sampler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, step)
+    model = torch.compile(raw_model) if t.compile else raw_model
+    val_set = [(x.to(device), y.to(device)) for x, y in val_set]
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    )
+    n_trainable, n_total = raw_model.num_params(trainable_only=True), raw_model.num_params()
+    log(
+        f"{cfg.model.method}: {n_trainable:,} trainable of {n_total:,} parameters on {device}"
+        f"{' (bf16 autocast)' if amp_dtype else ''}; steps {step} -> {t.max_steps}"
+    )
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad(), autocast():
+            losses = torch.stack([model(x, y)[1] for x, y in val_set])
+        model.train()
+        return losses.mean().item()
+
+    def checkpoint(val_loss: float) -> None:
+        nonlocal best_val
+        payload = {
+            "format": 1,
+            "config": cfg.to_dict(),
+            "step": step,
+            "tokens": tokens,
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+            },
+            "best_val_loss": min(best_val, val_loss),
+            "elapsed_s": elapsed + time.perf_counter() - t0,
+            "train_time_s": train_time,
+        }
+        if val_loss < best_val:
+            best_val = val_loss
+            save_checkpoint(out / "best.pt", {k: payload[k] for k in ("format", "config", "step", "tokens", "model")} | {"val_loss": val_loss})
+        save_checkpoint(latest, payload)
+
+    status = "completed"
+    tok_per_step = t.batch_size * cfg.model.block_size
+    loss_sum = torch.zeros((), device=device)
+    loss_n, interval_steps = 0, 0
+    last_train_loss = math.nan
+    t0 = time.perf_counter()
+    t_interval = time.perf_counter()
+    model.train()
+    while step < t.max_steps:
+        if qk_unfrozen_at(step, cfg) and not any(g["name"] == "qk_unfrozen" for g in optimizer.param_groups):
+            raw_model.set_qk_trainable(True)
+            optimizer.add_param_group(qk_unfrozen_group(raw_model, cfg))
+            log(f"step {step}: Q/K unfrozen in {len(cfg.model.frozen_qk_layers)} block(s)")
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        x, y = sampler.next()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            _, loss = model(x, y)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], t.grad_clip
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        loss_n += 1
+        step += 1
+        interval_steps += 1
+        tokens += tok_per_step
+        is_eval = step % t.eval_interval == 0 or step == t.max_steps
+        if step % t.log_interval == 0 or is_eval:
+            mean_loss = loss_sum.item() / loss_n  # the one host sync per log interval
+            if not math.isfinite(mean_loss):
+                status = "diverged"
+                log(f"step {step}: training loss is {mean_loss}: the run diverged; stopping")
+                break
+            last_train_loss = mean_loss
+            if step % t.log_interval == 0:
+                dt = (time.perf_counter() - t_interval) / interval_steps
+                log(f"step {step}/{t.max_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/step | {tok_per_step / dt:,.0f} tok/s")
+        if not is_eval:
+            continue
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        interval_s = time.perf_counter() - t_interval
+        train_time += interval_s
+        t_eval = time.perf_counter()
+        val_loss = evaluate()
+        eval_s = time.perf_counter() - t_eval
+        if not math.isfinite(val_loss):
+            status = "diverged"
+            log(f"step {step}: validation loss is {val_loss}: the run diverged; stopping")
+            break
+        metrics = {
+            "step": step,
+            "tokens": tokens,
+            "train/loss": last_train_loss,
+            "val/loss": val_loss,
+            "val/ppl": math.exp(val_loss),
+            "val/best_ppl": math.exp(min(best_val, val_loss)),
+            "lr": lr,
+            "step_time_s": interval_s / interval_steps,
+            "tokens_per_s": tok_per_step * interval_steps / interval_s,
+            "eval_time_s": eval_s,
+            "wall_time_s": elapsed + time.perf_counter() - t0,
+        }
+        _append_jsonl(metrics_path, metrics)
+        checkpoint(val_loss)
+        log(f"step {step}: val loss {val_loss:.4f} | val ppl {metrics['val/ppl']:.3f} | eval {eval_s:.2f}s")
+        loss_sum.zero_()
+        loss_n, interval_steps = 0, 0
+        if report is not None:
+            report(metrics)
+        t_interval = time.perf_counter()
+
+    wall = elapsed + time.perf_counter() - t0
+    history = read_metrics(metrics_path)
+    summary = {
+        "model_type": "gpt",
+        "method": cfg.model.method,
+        "init_method": qk_init_name(cfg),
+        "status": status,
+        "steps": step,
+        "tokens": tokens,
+        "final_val_ppl": history[-1]["val/ppl"] if history else math.nan,
+        "best_val_ppl": math.exp(best_val) if math.isfinite(best_val) else math.nan,
+        "final_perplexity": math.exp(best_val) if math.isfinite(best_val) else math.nan,
+        "total_wall_time": wall,
+        "train_time_s": train_time,
+        "mean_step_time": train_time / step if step else math.nan,
+        "tokens_per_s": tokens / train_time if train_time else math.nan,
+        "eval_time_s": sum(h["eval_time_s"] for h in history),
+        "trainable_params": n_trainable,
+        "total_params": n_total,
+        "frozen_params": raw_model.frozen_param_names(),
+        "device": str(device),
+        "config": cfg.to_dict(),
+    }
+    if status == "diverged" and report is not None:
+        report({"step": step, "tokens": tokens, "val/loss": math.inf, "val/ppl": math.inf, "diverged": 1})
+    write_json(out / "summary.json", summary)
+    log(f"done ({status}): best val ppl {summary['best_val_ppl']:.3f}, wall {wall:.1f}s -> {out}")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics file: one JSON line per evaluation
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line after a crash: drop it
+            break
+    return rows
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only evaluations up to the checkpoint's step: later ones will be redone."""
+    rows = read_metrics(path)
+    keep = [r for r in rows if r["step"] <= step]
+    if len(keep) != len(rows) or (path.exists() and not rows and path.stat().st_size):
+        atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in keep)), mode="w")
+
+
+__all__ = ["train", "read_metrics", "RunExistsError", "CheckpointError", "lr_at", "build_optimizer"]

@@ -1,0 +1,64 @@
+"""Config: presets, dict round-trip, and one clear error per bad value."""
+
+import pytest
+
+from oelm_ray import config as C
+
+
+@pytest.mark.parametrize("name", sorted(C.PRESETS))
+def test_presets_validate_and_round_trip(name):
+    cfg = C.preset(name).validate()
+    assert C.Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_medium_512_is_the_research_model():
+    m = C.preset("medium-512").model
+    assert (m.d_model, m.n_layer, m.n_head, m.d_ff, m.block_size, m.vocab_size) == (512, 6, 8, 2048, 512, 50257)
+    assert C.preset("medium-512").train.batch_size == 8
+
+
+def test_flat_overrides_coerce_cli_strings():
+    cfg = C.make_config("cpu", lr="1e-3", max_steps="50", warmup_steps="5", eval_interval="10", method="oelm_freeze", compile="false")
+    assert cfg.train.lr == 1e-3 and cfg.train.max_steps == 50 and cfg.model.method == "oelm_freeze"
+    assert cfg.train.compile is False
+
+
+def test_every_field_has_a_docstring():
+    for cls in C.section_classes().values():
+        docs = C.field_docs(cls)
+        missing = [f for f in cls.__dataclass_fields__ if not docs.get(f)]
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+BAD = [
+    (dict(d_model=130, n_head=4), "d_model=130 is not divisible by n_head=4"),
+    (dict(lr=0), "lr=0"),
+    (dict(lr=-1e-3), "lr=-0.001"),
+    (dict(warmup_steps=1000, max_steps=1000), "warmup_steps=1000 must be >= 0 and smaller than max_steps=1000"),
+    (dict(method="oelm"), "method='oelm' is unknown: choose one of baseline, oelm_freeze, oelm_random"),
+    (dict(dataset="imagenet"), "dataset='imagenet' is unknown"),
+    (dict(tokenizer="sentencepiece"), "tokenizer='sentencepiece' is unknown"),
+    (dict(eval_interval=5000), "eval_interval=5000 is larger than max_steps=1000"),
+    (dict(seed="abc"), "seed='abc' is not a valid int"),
+    (dict(seed=1.5), "seed=1.5 is not a valid int"),
+    (dict(max_steps=0), "max_steps=0 must be a whole number > 0"),
+    (dict(dropout=1.0), "dropout=1.0 must be in [0, 1)"),
+    (dict(vocab_size=100), "vocab_size=100 is smaller than the bytes tokenizer's vocabulary (257)"),
+    (dict(qk_unfreeze_step=10), "method=baseline with qk_freeze_layers=-1 freezes no Q/K"),
+    (dict(method="oelm_freeze", qk_freeze_layers=9), "qk_freeze_layers=9 must be -1 (all) or between 0 and n_layer=4"),
+    (dict(qk_lr_mult=0), "qk_lr_mult=0"),
+    (dict(device="tpu"), "device='tpu' is unknown"),
+    (dict(no_such_field=1), "unknown config field 'no_such_field'"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[m[:40] for _, m in BAD])
+def test_bad_values_give_one_clear_error(overrides, message):
+    with pytest.raises(C.ConfigError) as e:
+        C.make_config("cpu", **overrides)
+    assert message in str(e.value)
+
+
+def test_unknown_preset():
+    with pytest.raises(C.ConfigError, match="preset='gpu' is unknown: choose one of cpu, medium-512"):
+        C.preset("gpu")
