@@ -1,0 +1,597 @@
+"""Tokenizers, corpus readers, and prepared token files (train.bin / val.bin / meta.json).
+
+A corpus is read as a stream of (split, text) documents, tokenized in parallel batches and
+streamed to raw token files, each document followed by the end-of-text token, nanoGPT style:
+
+    <data_dir>/<corpus>-<tokenizer>/train.bin   uint16 (vocab <= 65535) or uint32 tokens
+                                    val.bin
+                                    meta.json   counts, dtype, checksums; written last
+
+Preparing is idempotent and safe to run from many processes at once (one builds under a file
+lock into a temp folder that is renamed into place; the others wait, then verify and reuse it),
+so every trial of a sweep may call `prepare` on shared storage. `load_prepared` memory-maps the
+files after checking sizes and checksums, so a truncated or corrupted copy fails loudly.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import urlparse
+
+import numpy as np
+import tiktoken
+from filelock import FileLock
+from tqdm import tqdm
+
+from .config import VOCAB_SIZES, DataConfig
+from .stories import generate_stories, split_seed
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+QUICK_FULL_HASH_BYTES = 64 << 20  # verify="quick" hashes whole files below this size
+SAMPLE_CHUNKS, SAMPLE_CHUNK_BYTES = 8, 1 << 20  # ... and these fixed chunks above it
+BATCH_CHARS = 4 << 20  # text per tokenizer batch: big enough to keep all threads busy
+
+
+class DataError(Exception):
+    """A missing, corrupt or mismatched data file; the message says what to fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers
+
+
+def get_tokenizer(cfg: DataConfig) -> tiktoken.Encoding:
+    """The tiktoken encoding named by cfg.tokenizer (bytes or gpt2)."""
+    if cfg.tokenizer == "bytes":
+        return _bytes_encoding()
+    if cfg.tokenizer == "gpt2":
+        return _gpt2_encoding(cfg.gpt2_ranks or os.environ.get("OELM_GPT2_RANKS", ""))
+    raise DataError(f"tokenizer={cfg.tokenizer!r} is unknown: choose one of {', '.join(VOCAB_SIZES)}")
+
+
+@lru_cache(maxsize=None)
+def _bytes_encoding() -> tiktoken.Encoding:
+    # every byte is its own token and there are no merges, so any UTF-8 text round-trips; the
+    # pattern only chunks the text (whitespace runs and non-whitespace runs cover everything)
+    return tiktoken.Encoding(
+        name="bytes",
+        pat_str=r"\s+|\S+",
+        mergeable_ranks={bytes([i]): i for i in range(256)},
+        special_tokens={"<|endoftext|>": 256},
+        explicit_n_vocab=VOCAB_SIZES["bytes"],
+    )
+
+
+@lru_cache(maxsize=None)
+def _gpt2_encoding(ranks_path: str) -> tiktoken.Encoding:
+    if not ranks_path:
+        try:
+            return tiktoken.get_encoding("r50k_base")
+        except Exception as e:  # no network, proxy errors, a bad cache: all end the same way
+            raise DataError(
+                f"could not load the GPT-2 tokenizer (tiktoken r50k_base): {e}. Offline, set "
+                "gpt2_ranks (--gpt2-ranks) or OELM_GPT2_RANKS to a local gpt2.tiktoken (it ships in "
+                "the openai-whisper sdist on PyPI as whisper/assets/gpt2.tiktoken), or pre-populate "
+                "TIKTOKEN_CACHE_DIR on a machine with network"
+            ) from e
+    from tiktoken.load import load_tiktoken_bpe
+    from tiktoken_ext import openai_public
+
+    path = Path(ranks_path).expanduser()
+    if not path.is_file():
+        raise DataError(f"GPT-2 ranks file {path} does not exist: fix gpt2_ranks / OELM_GPT2_RANKS")
+    try:
+        ranks = load_tiktoken_bpe(str(path), expected_hash=GPT2_RANKS_SHA256)
+    except ValueError as e:
+        raise DataError(
+            f"{path} is not the GPT-2 ranks file (its sha256 is not {GPT2_RANKS_SHA256}): point "
+            "gpt2_ranks / OELM_GPT2_RANKS at whisper/assets/gpt2.tiktoken from the openai-whisper sdist"
+        ) from e
+    # same pattern and special token as tiktoken's r50k_base; end-of-text follows the merges
+    return tiktoken.Encoding(
+        name="r50k_base",
+        pat_str=openai_public.r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={openai_public.ENDOFTEXT: len(ranks)},
+        explicit_n_vocab=VOCAB_SIZES["gpt2"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# corpora: each is a stream of (split, text) documents
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    repo: str
+    config: str | None
+    text_field: str
+    val_split: str | None  # the hub's validation split; None holds out val_fraction of train
+    stream: bool  # stream from the hub instead of downloading into the datasets cache
+
+
+# tinystories (2 GB) and wikitext103 (0.5 GB) download into the datasets cache, which makes a
+# re-prepare cheap and lets HF_DATASETS_OFFLINE reuse a populated cache; the arrow files are
+# memory-mapped, so iterating them never holds the corpus in memory. openwebtext (~40 GB of
+# text) is streamed so it is never stored twice; with max_train_tokens only a prefix is fetched.
+HUB = {
+    "tinystories": HubSpec("roneneldan/TinyStories", None, "text", "validation", stream=False),
+    "openwebtext": HubSpec("Skylion007/openwebtext", None, "text", None, stream=True),
+    "wikitext103": HubSpec("Salesforce/wikitext", "wikitext-103-raw-v1", "text", "validation", stream=False),
+}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str  # folder-name part: what identifies the corpus's content
+    source: str  # hub id or file path, for meta.json
+    docs: Callable[[], Iterator[tuple[str, str]]]
+    val_last: bool  # val documents come after all train documents (can't stop early on train)
+
+
+def corpus(cfg: DataConfig) -> Corpus:
+    """The corpus named by cfg.dataset."""
+    if cfg.dataset == "stories":
+        return Corpus(
+            f"stories-{cfg.stories_mb:g}mb-s{cfg.stories_seed}", "oelm_ray.stories",
+            lambda: _stories_docs(cfg), val_last=False,
+        )
+    if cfg.dataset in HUB:
+        spec = HUB[cfg.dataset]
+        name = cfg.dataset if spec.val_split else f"{cfg.dataset}-val{cfg.val_fraction:g}"
+        source = cfg.hub_dir or spec.repo + (f"/{spec.config}" if spec.config else "")
+        return Corpus(name, source, lambda: _hub_docs(cfg, spec), val_last=False)
+    path = Path(cfg.dataset).expanduser().resolve()
+    # the path hash keeps two files called data.txt apart
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+    return Corpus(
+        f"{path.stem}-{digest}-val{cfg.val_fraction:g}", str(path),
+        lambda: _local_docs(path, cfg.val_fraction), val_last=True,
+    )
+
+
+def iter_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    """Every (split, text) document of the corpus, split being "train" or "val"."""
+    return corpus(cfg).docs()
+
+
+def _stories_docs(cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    train_bytes = int(cfg.stories_mb * 1_000_000)
+    val_bytes = max(100_000, train_bytes // 20)
+    # val first, so a max_train_tokens cut can stop generating as soon as train is full
+    for split, n in (("val", val_bytes), ("train", train_bytes)):
+        for text in generate_stories(n, split_seed(cfg.stories_seed, split)):
+            yield split, text
+
+
+def _is_heldout(i: int, fraction: float) -> bool:
+    # a golden-ratio (Weyl) sequence: a fixed, evenly spread `fraction` of document indices
+    return (i + 1) * 0.6180339887498949 % 1.0 < fraction
+
+
+def _hub_docs(cfg: DataConfig, spec: HubSpec) -> Iterator[tuple[str, str]]:
+    import datasets
+
+    if cfg.hub_dir:
+        # local parquet laid out like the hub repo; read in place (streaming), no cache copy
+        kwargs: dict[str, Any] = {"path": "parquet", "data_files": _hub_dir_files(cfg.hub_dir, spec)}
+        stream = True
+    else:
+        _check_hub_reachable(cfg)
+        kwargs = {"path": spec.repo, "name": spec.config}
+        stream = spec.stream
+    try:
+        ds = datasets.load_dataset(**kwargs, streaming=stream)
+        splits = [("val", ds[spec.val_split]), ("train", ds["train"])] if spec.val_split else [("train", ds["train"])]
+        i = 0
+        for split, part in splits:
+            lines = (row[spec.text_field] for batch in part.iter(batch_size=1000) for row in _rows(batch))
+            texts = _wikitext_articles(lines) if cfg.dataset == "wikitext103" else lines
+            for text in texts:
+                if not text.strip():
+                    continue
+                if spec.val_split is None:
+                    split = "val" if _is_heldout(i, cfg.val_fraction) else "train"
+                    i += 1
+                yield split, text
+    except (ConnectionError, OSError, ValueError) as e:
+        raise DataError(f"could not read {cfg.dataset} ({kwargs['path']}): {e}. {_hub_help(cfg)}") from e
+
+
+def _rows(batch: dict[str, list]) -> Iterator[dict[str, Any]]:
+    keys = list(batch)
+    return (dict(zip(keys, values)) for values in zip(*batch.values()))
+
+
+def _wikitext_articles(lines: Iterable[str]) -> Iterator[str]:
+    # wikitext rows are single lines (a third of them empty); join them back into articles at
+    # each top-level " = Title = " heading, so a document carries long-range context
+    article: list[str] = []
+    for line in lines:
+        if line.startswith(" = ") and not line.startswith(" = = ") and article:
+            yield "".join(article)
+            article = []
+        article.append(line)
+    if article:
+        yield "".join(article)
+
+
+def _hub_dir_files(hub_dir: str, spec: HubSpec) -> dict[str, list[str]]:
+    # accept <hub_dir>/[<config>/]**/<split>-*.parquet: the hub uses data/, plain_text/ or a
+    # per-config folder depending on the repo
+    root = Path(hub_dir).expanduser() / (spec.config or "")
+    files = {}
+    for split in ["train"] + ([spec.val_split] if spec.val_split else []):
+        found = sorted(glob.glob(str(root / "**" / f"{split}-*.parquet"), recursive=True))
+        if not found:
+            raise DataError(
+                f"no {split}-*.parquet files under {root}: hub_dir must hold the parquet files of "
+                f"{spec.repo} laid out like the hub repo (e.g. {root}/data/{split}-00000-of-00001.parquet)"
+            )
+        files[split] = found
+    return files
+
+
+def _hub_help(cfg: DataConfig) -> str:
+    return (
+        f"To prepare {cfg.dataset} without network, download its parquet files on a machine with "
+        f"network (repo {HUB[cfg.dataset].repo}) and pass --hub-dir, or set HF_DATASETS_OFFLINE=1 "
+        "with a populated Hugging Face datasets cache"
+    )
+
+
+def _check_hub_reachable(cfg: DataConfig) -> None:
+    """Fail fast when the hub can't be reached: datasets would otherwise retry for ~25 s."""
+    import datasets
+
+    # offline mode reads the cache and fails fast by itself; behind a proxy a direct probe proves
+    # nothing, so let datasets try
+    if datasets.config.HF_HUB_OFFLINE or any(
+        os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    ):
+        return
+    if not _hub_reachable():
+        raise DataError(f"the Hugging Face hub is unreachable (no network?). {_hub_help(cfg)}")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _local_docs(path: Path, val_fraction: float) -> Iterator[tuple[str, str]]:
+    # two passes over the file: count the documents, then hold out the last val_fraction of them
+    n = sum(1 for _ in _read_local(path))
+    n_val = max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        raise DataError(f"{path} has {n} document(s); need at least 2 to hold out a validation split")
+    for i, text in enumerate(_read_local(path)):
+        yield ("val" if i >= n - n_val else "train"), text
+
+
+def _read_local(path: Path) -> Iterator[str]:
+    """Documents of a local file: .txt paragraphs (blank-line separated), .jsonl or .parquet "text"."""
+    if not path.is_file():
+        raise DataError(f"dataset file {path} does not exist: fix the dataset path")
+    if path.suffix == ".txt":
+        # one document per blank-line-separated block: a file of stories or articles splits
+        # naturally, and a held-out tail of blocks is a fair validation set
+        block: list[str] = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    block.append(line)
+                elif block:
+                    yield "".join(block).rstrip("\n")
+                    block = []
+        if block:
+            yield "".join(block).rstrip("\n")
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise DataError(f"{path}:{lineno}: expected a JSON object with a \"text\" field ({e})") from e
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        if "text" not in pf.schema_arrow.names:
+            raise DataError(f"{path} has no \"text\" column (columns: {', '.join(pf.schema_arrow.names)})")
+        for batch in pf.iter_batches(columns=["text"], batch_size=1000):
+            yield from (t for t in batch.column(0).to_pylist() if t)
+    else:
+        raise DataError(f"dataset file {path} must end in .txt, .jsonl or .parquet")
+
+
+# ---------------------------------------------------------------------------------------------
+# prepared token files
+
+
+def prepared_dir(cfg: DataConfig) -> Path:
+    """<data_dir>/<corpus>[-max<N>]-<tokenizer>: one folder per distinct token stream."""
+    name = corpus(cfg).name
+    if cfg.max_train_tokens:
+        name += f"-max{cfg.max_train_tokens}"
+    return Path(cfg.data_dir).expanduser() / f"{name}-{cfg.tokenizer}"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+
+
+def _prepare_hint(cfg: DataConfig) -> str:
+    return f"oelm-ray prepare --dataset {cfg.dataset} --tokenizer {cfg.tokenizer}"
+
+
+def prepare(cfg: DataConfig, progress: bool = True, force: bool = False) -> dict:
+    """Tokenize cfg's corpus into prepared_dir(cfg) unless a verified copy exists; return its meta.
+
+    Safe to call from many processes at once: one builds, the others wait and reuse. An existing
+    folder that fails verification raises DataError; force=True rebuilds it.
+    """
+    out = prepared_dir(cfg)
+    if not force and out.exists():
+        return _verify_existing(cfg, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if out.exists() and not force:  # another process built it while we waited
+            return _verify_existing(cfg, out)
+        tmp_prefix = f".{out.name}.tmp-"
+        # temp folders of this name left by a killed prepare: nobody else writes them, we hold the lock
+        for stale in out.parent.glob(tmp_prefix + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=out.parent))
+        try:
+            meta = _build(cfg, tmp, progress)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; others on shared storage must read it
+            if out.exists():  # force: swap the new folder in, then drop the old one
+                old = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=out.parent))
+                os.replace(out, old / out.name)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+            _fsync_dir(out.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def _verify_existing(cfg: DataConfig, out: Path) -> dict:
+    try:
+        return verify_prepared(out, "quick", tokenizer=cfg.tokenizer)
+    except DataError as e:
+        raise DataError(f"{e}; delete {out} and prepare again, or prepare with force=True (--force)") from e
+
+
+class _TokenWriter:
+    """Appends token arrays to a raw file, hashing as it goes."""
+
+    def __init__(self, path: Path, dtype: np.dtype, limit: int = 0):
+        self.path, self.dtype, self.limit = path, dtype, limit
+        self.f = open(path, "wb")
+        self.sha = hashlib.sha256()
+        self.tokens = 0
+        self.docs = 0
+
+    @property
+    def full(self) -> bool:
+        return bool(self.limit) and self.tokens >= self.limit
+
+    def write(self, tokens: np.ndarray, docs: int) -> int:
+        if self.limit:
+            tokens = tokens[: self.limit - self.tokens]
+        data = tokens.astype(self.dtype, copy=False).tobytes()
+        self.f.write(data)
+        self.sha.update(data)
+        self.tokens += len(tokens)
+        self.docs += docs
+        return len(tokens)
+
+    def close(self) -> dict[str, Any]:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        size = self.path.stat().st_size
+        return {"bytes": size, "sha256": self.sha.hexdigest(), "sample_sha256": _sample_sha256(self.path, size)}
+
+
+def _build(cfg: DataConfig, folder: Path, progress: bool) -> dict:
+    enc = get_tokenizer(cfg)
+    src = corpus(cfg)
+    vocab_size = VOCAB_SIZES[cfg.tokenizer]
+    dtype = token_dtype(vocab_size)
+    eot = enc.eot_token
+    writers = {
+        "train": _TokenWriter(folder / "train.bin", dtype, cfg.max_train_tokens),
+        "val": _TokenWriter(folder / "val.bin", dtype),
+    }
+    threads = os.cpu_count() or 1
+    bar = tqdm(desc=f"prepare {prepared_dir(cfg).name}", unit="tok",
+               unit_scale=True, total=cfg.max_train_tokens or None, disable=not progress)
+
+    def flush(batch: list[tuple[str, str]]) -> None:
+        encoded = enc.encode_ordinary_batch([t for _, t in batch], num_threads=threads)
+        for split in SPLITS:
+            docs = [toks for (s, _), toks in zip(batch, encoded) if s == split]
+            if docs and not writers[split].full:
+                # each document is followed by end-of-text, so documents never run together
+                flat: list[int] = []
+                for toks in docs:
+                    flat += toks
+                    flat.append(eot)
+                bar.update(writers[split].write(np.array(flat, dtype=np.uint32), len(docs)))
+
+    try:
+        batch: list[tuple[str, str]] = []
+        chars = 0
+        for split, text in src.docs():
+            if split == "train" and writers["train"].full:
+                if src.val_last:
+                    continue  # keep reading: the val documents are still ahead
+                break
+            batch.append((split, text))
+            chars += len(text)
+            if chars >= BATCH_CHARS:
+                flush(batch)
+                batch, chars = [], 0
+        if batch:
+            flush(batch)
+    finally:
+        bar.close()
+        files = {f"{split}.bin": w.close() for split, w in writers.items()}
+    for split, w in writers.items():
+        if not w.tokens:
+            raise DataError(f"{src.source} gave no {split} tokens: the corpus is empty or too small")
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "dataset": cfg.dataset,
+        "source": src.source,
+        "tokenizer": cfg.tokenizer,
+        "vocab_size": vocab_size,
+        "dtype": dtype.name,
+        "eot_token": eot,
+        "train_tokens": writers["train"].tokens,
+        "val_tokens": writers["val"].tokens,
+        "train_docs": writers["train"].docs,
+        "val_docs": writers["val"].docs,
+        "max_train_tokens": cfg.max_train_tokens,
+        "files": files,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
+    _fsync_dir(folder)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and verification
+
+
+@dataclass
+class Prepared:
+    train: np.memmap
+    val: np.memmap
+    meta: dict
+    path: Path
+    vocab_size: int
+
+
+def load_prepared(cfg: DataConfig, verify: str = "quick") -> Prepared:
+    """Memory-map the prepared train/val tokens of cfg after verifying them (full, quick or none)."""
+    path = prepared_dir(cfg)
+    if not (path / "meta.json").exists():
+        raise DataError(f"no prepared data at {path}: run `{_prepare_hint(cfg)}` first")
+    try:
+        meta = verify_prepared(path, verify, tokenizer=cfg.tokenizer)
+    except DataError as e:
+        raise DataError(f"{e}; delete {path} and run `{_prepare_hint(cfg)} --force`") from e
+    dtype = np.dtype(meta["dtype"])
+    train, val = (np.memmap(path / f"{s}.bin", dtype=dtype, mode="r") for s in SPLITS)
+    return Prepared(train=train, val=val, meta=meta, path=path, vocab_size=meta["vocab_size"])
+
+
+def verify_prepared(path: Path | str, mode: str = "quick", tokenizer: str | None = None) -> dict:
+    """Check a prepared folder and return its meta; DataError says what is wrong.
+
+    mode "none" checks file sizes against the token counts; "quick" also hashes files under
+    64 MB whole and larger ones by fixed sample chunks; "full" hashes every file whole.
+    """
+    if mode not in ("none", "quick", "full"):
+        raise ValueError(f"verify mode {mode!r} must be none, quick or full")
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        dtype = np.dtype(meta["dtype"])
+        # name -> (tokens, sha256, sample sha256)
+        expect = {
+            f"{s}.bin": (int(meta[f"{s}_tokens"]), meta["files"][f"{s}.bin"]["sha256"],
+                         meta["files"][f"{s}.bin"]["sample_sha256"])
+            for s in SPLITS
+        }
+    except FileNotFoundError:
+        raise DataError(f"{path}/meta.json is missing (an unfinished or foreign folder)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}/meta.json is unreadable ({e!r})") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path} has format version {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
+    if tokenizer is not None and meta.get("tokenizer") != tokenizer:
+        raise DataError(f"{path} was prepared with tokenizer {meta.get('tokenizer')!r}, not {tokenizer!r}")
+    for name, (tokens, sha, sample_sha) in expect.items():
+        f = path / name
+        want = tokens * dtype.itemsize
+        size = f.stat().st_size if f.exists() else None
+        if size != want:
+            raise DataError(f"{f} is {'missing' if size is None else f'{size} bytes'}, expected {want} "
+                            f"({tokens} {dtype.name} tokens): truncated or incomplete")
+        if mode == "full" or (mode == "quick" and size < QUICK_FULL_HASH_BYTES):
+            ok = _file_sha256(f) == sha
+        elif mode == "quick":
+            ok = _sample_sha256(f, size) == sample_sha
+        else:
+            ok = True
+        if not ok:
+            raise DataError(f"{f} fails its sha256 checksum: the file is corrupted")
+    return meta
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sample_sha256(path: Path, size: int) -> str:
+    """sha256 of the size and a few fixed, evenly spaced chunks: cheap to check on huge files."""
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for offset in np.linspace(0, max(0, size - SAMPLE_CHUNK_BYTES), SAMPLE_CHUNKS, dtype=np.int64):
+            f.seek(int(offset))
+            h.update(f.read(SAMPLE_CHUNK_BYTES))
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    # makes a rename durable; some filesystems refuse to open a directory, which is harmless
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
