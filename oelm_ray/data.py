@@ -198,7 +198,8 @@ def _hub_docs(cfg: DataConfig, spec: HubSpec) -> Iterator[tuple[str, str]]:
         splits = [("val", ds[spec.val_split]), ("train", ds["train"])] if spec.val_split else [("train", ds["train"])]
         i = 0
         for split, part in splits:
-            lines = (row[spec.text_field] for batch in part.iter(batch_size=1000) for row in _rows(batch))
+            batches = part.select_columns([spec.text_field]).iter(batch_size=1000)
+            lines = (text for batch in batches for text in batch[spec.text_field])
             texts = _wikitext_articles(lines) if cfg.dataset == "wikitext103" else lines
             for text in texts:
                 if not text.strip():
@@ -209,11 +210,6 @@ def _hub_docs(cfg: DataConfig, spec: HubSpec) -> Iterator[tuple[str, str]]:
                 yield split, text
     except (ConnectionError, OSError, ValueError) as e:
         raise DataError(f"could not read {cfg.dataset} ({kwargs['path']}): {e}. {_hub_help(cfg)}") from e
-
-
-def _rows(batch: dict[str, list]) -> Iterator[dict[str, Any]]:
-    keys = list(batch)
-    return (dict(zip(keys, values)) for values in zip(*batch.values()))
 
 
 def _wikitext_articles(lines: Iterable[str]) -> Iterator[str]:
@@ -429,7 +425,8 @@ def _build(cfg: DataConfig, folder: Path, progress: bool) -> dict:
         "train": _TokenWriter(folder / "train.bin", dtype, cfg.max_train_tokens),
         "val": _TokenWriter(folder / "val.bin", dtype),
     }
-    threads = os.cpu_count() or 1
+    # the cores this process may use (a Ray trial or a batch job may get fewer than the machine)
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     bar = tqdm(desc=f"prepare {prepared_dir(cfg).name}", unit="tok",
                unit_scale=True, total=cfg.max_train_tokens or None, disable=not progress)
 

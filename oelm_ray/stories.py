@@ -1,7 +1,8 @@
 """An embedded offline corpus: short TinyStories-like stories with invented names.
 
 Every story introduces made-up words early (a hero and a friend with syllable-salad names, an
-object such as "a blue frobnet", a place such as "the town of Quenwick") and repeats them later.
+object such as "a blue frobnet" or a creature species, places such as "the town of Quenwick")
+and repeats them later, in one of two plots (a lost object, a journey) with variable middles.
 The invented words are new in every story, so a model can only predict their later mentions by
 copying them from earlier context: the corpus rewards attention (induction heads), which is
 what the OELM experiments probe, while staying small enough to train on a laptop CPU.
@@ -127,6 +128,45 @@ _MORALS = (
     "Now {H} keeps the {C} {N} in a safe place, and {F} comes to visit.",
 )
 
+# the journey plot adds a second place {P2}/{PL2} and a creature species {CR} named {CRN}
+_RUMORS = (
+    "One day, {F} told {H} about a {CR} that lived in {PL2}.",
+    '{H}\'s grandpa said, "Far away in {PL2}, there lives a {CR}."',
+    "Everyone in {P} talked about the {CR} of {P2}.",
+)
+_CREATURE = (
+    "A {CR} is a {adj} animal with {C} fur.",
+    "Nobody in {P} had ever seen a {CR}.",
+    "{H} wanted to see a real {CR} more than anything.",
+)
+_SET_OFF = (
+    "{H} and {F} packed some food and walked to {P2}.",
+    "So {H} asked {F}, {fkind}, to come along, and they set off for {P2}.",
+)
+_ROAD = (
+    "The road to {P2} was long.",
+    '{F} was {bad}, but {H} said, "We will find the {CR}."',
+    "They crossed a river and climbed a hill.",
+    "At night, they slept under the stars and dreamed of the {CR}.",
+    '"Is {P2} far?" asked {F}.',
+    'They met an old owl who said, "The {CR} lives by the lake in {P2}."',
+)
+_MEET = (
+    "At last, in {P2}, they saw the {CR}. It was {adj2} and very {C}.",
+    "When they reached {P2}, a {CR} was waiting for them by a tree.",
+)
+_GREET = (
+    '"Hello, {CR}!" said {H}. The {CR} smiled.',
+    'The {CR} said, "My name is {CRN}. Welcome to {P2}."',
+    '"I am {CRN}," said the {CR}. "Do you want to play?"',
+)
+_JOURNEY_ENDS = (
+    "{H}, {F} and {CRN} played until the sun went down. Then {H} and {F} went home to {P}.",
+    "{CRN} the {CR} gave {H} a {C} stone to take back to {P}.",
+    "From that day on, {H} visited {CRN} the {CR} in {P2} every summer.",
+    "Back in {P}, {H} told everyone about {CRN}, and {F} drew a picture of the {CR}.",
+)
+
 
 def split_seed(seed: int, split: str) -> int:
     """Seed of one split; hashing (seed, split) gives val stories unseen in train."""
@@ -134,30 +174,40 @@ def split_seed(seed: int, split: str) -> int:
 
 
 def story(rng: random.Random) -> str:
-    """One story drawn from rng."""
+    """One story drawn from rng: a lost-object plot or a journey plot."""
     he, his, him, child = rng.choice((("he", "his", "him", "a little boy"), ("she", "her", "her", "a little girl")))
-    place = _word(rng, _PLACE_ENDS).capitalize()
+    place, place2 = (_word(rng, _PLACE_ENDS).capitalize() for _ in range(2))
     w = {
         "H": _word(rng, _NAME_ENDS).capitalize(), "F": _word(rng, _NAME_ENDS).capitalize(),
-        "N": _word(rng, _NOUN_ENDS), "C": rng.choice(_COLORS), "P": place,
-        "PL": rng.choice(_PLACE_FORMS).format(P=place), "kind": rng.choice((child, *_KINDS)),
-        "fkind": rng.choice(("a little boy", "a little girl", *_KINDS)), "act": rng.choice(_ACTIVITIES), "hide": rng.choice(_HIDES),
-        "feel": rng.choice(_FEELINGS), "bad": rng.choice(_WORRIES),
-        "adj": rng.choice(_ADJS), "adj2": rng.choice(_ADJS),
+        "CRN": _word(rng, _NAME_ENDS).capitalize(), "N": _word(rng, _NOUN_ENDS),
+        "CR": _word(rng, _NOUN_ENDS), "C": rng.choice(_COLORS), "P": place, "P2": place2,
+        "PL": rng.choice(_PLACE_FORMS).format(P=place), "PL2": rng.choice(_PLACE_FORMS).format(P=place2),
+        "kind": rng.choice((child, *_KINDS)), "fkind": rng.choice(("a little boy", "a little girl", *_KINDS)),
+        "act": rng.choice(_ACTIVITIES), "hide": rng.choice(_HIDES), "feel": rng.choice(_FEELINGS),
+        "bad": rng.choice(_WORRIES), "adj": rng.choice(_ADJS), "adj2": rng.choice(_ADJS),
         "he": he, "He": he.capitalize(), "his": his, "His": his.capitalize(), "him": him,
     }
     parts = [rng.choice(_OPENINGS)]
-    # optional sentences and a variable middle keep stories from being one fixed template
+    # optional sentences and variable-length middles keep stories from being one fixed template
     if rng.random() < 0.7:
         parts.append(rng.choice(_TRAITS))
-    parts.append(rng.choice(_OBJECTS))
-    parts += rng.sample(_OBJECT_MORE, rng.randint(0, 2))
-    parts.append(rng.choice(_FRIENDS))
-    parts += rng.sample(_TALK, rng.randint(1, 3))
-    parts.append(rng.choice(_PROBLEMS))
-    parts += rng.sample(_MIDDLE, rng.randint(1, 5))
-    parts.append(rng.choice(_ENDINGS))
-    parts += rng.sample(_MORALS, rng.randint(1, 2))
+    if rng.random() < 0.5:
+        parts.append(rng.choice(_OBJECTS))
+        parts += rng.sample(_OBJECT_MORE, rng.randint(0, 2))
+        parts.append(rng.choice(_FRIENDS))
+        parts += rng.sample(_TALK, rng.randint(1, 3))
+        parts.append(rng.choice(_PROBLEMS))
+        parts += rng.sample(_MIDDLE, rng.randint(1, 5))
+        parts.append(rng.choice(_ENDINGS))
+        parts += rng.sample(_MORALS, rng.randint(1, 2))
+    else:
+        parts.append(rng.choice(_RUMORS))
+        parts += rng.sample(_CREATURE, rng.randint(1, 2))
+        parts.append(rng.choice(_SET_OFF))
+        parts += rng.sample(_ROAD, rng.randint(1, 4))
+        parts.append(rng.choice(_MEET))
+        parts += rng.sample(_GREET, rng.randint(1, 3))
+        parts += rng.sample(_JOURNEY_ENDS, rng.randint(1, 2))
     # split into two or three paragraphs at random sentence boundaries
     cut = sorted(rng.sample(range(2, len(parts) - 1), rng.randint(1, 2)))
     paras = [" ".join(parts[a:b]) for a, b in zip([0, *cut], [*cut, len(parts)])]

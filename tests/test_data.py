@@ -103,11 +103,15 @@ def test_gpt2_ranks_wrong_hash(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not os.environ.get("OELM_GPT2_RANKS"), reason="OELM_GPT2_RANKS names no gpt2.tiktoken")
-def test_gpt2_real_ranks():
+def test_gpt2_real_ranks(tmp_path):
     enc = data.get_tokenizer(DataConfig(tokenizer="gpt2"))
     assert enc.n_vocab == 50257 and enc.eot_token == 50256
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert enc.decode(enc.encode_ordinary("Hello world")) == "Hello world"
+    cfg = small_cfg(tmp_path, tokenizer="gpt2", stories_mb=0.05)
+    meta = data.prepare(cfg, progress=False)
+    assert meta["dtype"] == "uint16" and meta["eot_token"] == 50256
+    assert decoded_docs(cfg, "val") == expected_docs(cfg, "val")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +286,21 @@ def test_hub_dir_openwebtext_holds_out_val(tmp_path):
     assert data.prepared_dir(cfg).name == "openwebtext-val0.1-bytes"
 
 
+def test_hub_dir_wikitext_articles(tmp_path):
+    hub = tmp_path / "hub"
+    rows = ["", " = Alpha = \n", "", " Alpha text . \n", " = = Part = = \n", " more . \n",
+            " = Beta = \n", " Beta text . \n"]
+    _hub_parquet(hub / "wikitext-103-raw-v1" / "train-00000-of-00001.parquet", rows)
+    _hub_parquet(hub / "wikitext-103-raw-v1" / "validation-00000-of-00001.parquet", ["", " = Gamma = \n", " g . \n"])
+    cfg = small_cfg(tmp_path, dataset="wikitext103", hub_dir=str(hub))
+    data.prepare(cfg, progress=False)
+    # rows join into one document per top-level heading; empty rows vanish
+    assert decoded_docs(cfg, "train") == [
+        " = Alpha = \n Alpha text . \n = = Part = = \n more . \n", " = Beta = \n Beta text . \n",
+    ]
+    assert decoded_docs(cfg, "val") == [" = Gamma = \n g . \n"]
+
+
 def test_hub_dir_missing_files(tmp_path):
     cfg = small_cfg(tmp_path, dataset="tinystories", hub_dir=str(tmp_path / "empty"))
     with pytest.raises(DataError, match="validation-\\*.parquet|train-\\*.parquet"):
@@ -310,8 +329,3 @@ def test_hub_offline_mode(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert time.perf_counter() - t0 < 20
     assert "DataError:" in out.stdout and "--hub-dir" in out.stdout, out.stdout + out.stderr
-
-
-def test_wikitext_articles():
-    lines = [" = A = \n", "", " = = Sub = = \n", " text a \n", " = B = \n", " text b \n"]
-    assert list(data._wikitext_articles(lines)) == [" = A = \n = = Sub = = \n text a \n", " = B = \n text b \n"]
