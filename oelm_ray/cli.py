@@ -67,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # user errors become one line; anything else is a bug and keeps its traceback
-        if _is_user_error(e):
+        if is_user_error(e):
             print(f"oelm-ray {args.cmd}: error: {e}", file=sys.stderr)
             return 2
         raise
 
 
-def _is_user_error(e: BaseException) -> bool:
+def is_user_error(e: BaseException) -> bool:
     from .checkpoint import CheckpointError
     from .data import DataError
     from .trainer import RunExistsError

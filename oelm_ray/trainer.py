@@ -311,6 +311,8 @@ def train(
             "tokens_per_s": tok_per_step * interval_steps / interval_s,
             "eval_time_s": eval_s,
             "wall_time_s": elapsed + time.perf_counter() - t0,
+            "trainable_params": n_trainable,
+            "total_params": n_total,
         }
         _append_jsonl(metrics_path, metrics)
         checkpoint(val_loss)

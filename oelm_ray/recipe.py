@@ -1,0 +1,122 @@
+"""What every `sweeps/*.py` recipe shares: its command line, and turning it into a `Sweep`.
+
+A recipe declares named presets (which experiments, which seeds, any search space) and calls
+`main(...)`; everything else (resume, resources, data, report, W&B) is the library's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+from . import experiments as E
+from .cli import is_user_error
+from .config import ConfigError
+
+Presets = dict[str, dict[str, Any]]
+
+
+def parser(name: str, presets: Presets, doc: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"sweeps/{name}.py", description=doc)
+    ap.add_argument("--preset", default="embedded", choices=sorted(presets),
+                    help="embedded: local Ray on this machine (CPU, minutes); paper: the research's runs on a cluster")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
+    ap.add_argument("--experiments", default=None, help="comma-separated experiment ids to run (default: the preset's)")
+    ap.add_argument("--max-steps", type=int, default=None, help="override every trial's max_steps")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override any config field for every trial (repeatable), e.g. --set lr=1e-3")
+    ap.add_argument("--storage", default="runs", help="folder (shared on a cluster) or URI for the run and its results")
+    ap.add_argument("--data-dir", default=None, help="prepared data (default: <storage>/data)")
+    ap.add_argument("--name", default=None, help=f"run name (default: {name}-<preset>); the same name resumes")
+    ap.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    ap.add_argument("--gpus-per-trial", type=float, default=None, help="default: 1 where the cluster has GPUs, else 0")
+    ap.add_argument("--cpus-per-trial", type=float, default=None, help="default: 1 without GPUs, 2 with")
+    ap.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint")
+    ap.add_argument("--smoke-test", action="store_true", help="tiny model, few steps: checks every code path in seconds")
+    ap.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
+    ap.add_argument("--wandb-project", default="oelm-ray", help="W&B project")
+    return ap
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r} must be comma-separated whole numbers, e.g. 0,1,2") from None
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r} must look like FIELD=VALUE, e.g. --set lr=1e-3")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def build(name: str, presets: Presets, args: argparse.Namespace, **extra: Any):
+    """The Sweep that a recipe's arguments describe (no Ray started yet)."""
+    from pathlib import Path
+
+    from .sweep import Sweep
+
+    p = presets[args.preset]
+    exps = [E.REGISTRY[i] if isinstance(i, str) else i for i in p["experiments"]]
+    if args.experiments:
+        want = args.experiments.split(",")
+        E.get(want)  # unknown ids -> one clear error
+        exps = [e for e in exps if e.id in want]
+    common: dict[str, Any] = dict(p.get("common", {}))
+    if args.smoke_test:
+        common.update(E.SMOKE)
+    common.update(parse_sets(args.set))
+    if args.max_steps is not None:
+        common["max_steps"] = args.max_steps
+    storage = str(Path(args.storage).resolve()) if "://" not in args.storage else args.storage
+    common["data_dir"] = str(Path(args.data_dir or Path(storage) / "data").resolve())
+    suffix = "smoke" if args.smoke_test else args.preset
+    callbacks = []
+    if not args.no_wandb:
+        from .wandb_adapter import callback as wandb_callback
+
+        cb = wandb_callback(project=args.wandb_project, group=args.name or f"{name}-{suffix}")
+        callbacks += [cb] if cb else []
+    kwargs = dict(
+        name=args.name or f"{name}-{suffix}",
+        experiments=exps,
+        seeds=parse_seeds(args.seeds) if args.seeds else list(p["seeds"]),
+        storage=storage,
+        common=common,
+        search=dict(p.get("search", {})),
+        address=args.address,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial,
+        max_failures=args.max_failures,
+        callbacks=callbacks,
+    )
+    kwargs.update(extra)
+    return Sweep(**kwargs)
+
+
+def main(name: str, presets: Presets, argv: list[str] | None = None,
+         customize: Callable[[Any, argparse.Namespace], Any] | None = None, doc: str | None = None) -> int:
+    """Parse the recipe's arguments, run the sweep (or resume it), write the report."""
+    from . import sweep as S
+
+    args = parser(name, presets, doc).parse_args(argv)
+    try:
+        sw = build(name, presets, args)
+        if customize is not None:
+            sw = customize(sw, args) or sw
+        S.run(sw)
+    except Exception as e:  # user errors become one line; anything else is a bug and keeps its traceback
+        if not is_user_error(e):
+            raise
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,281 @@
+"""Results of a sweep: per-trial records -> trials.parquet, summary.md, val_ppl.png, status table.
+
+The sweep driver keeps one JSON record per trial under `<run>/trials/` (written atomically at every
+report, see `oelm_ray.sweep.Recorder`). Everything here reads only those records, so `oelm-ray
+report` and `oelm-ray status` work on a finished sweep, on a running one, and on a sweep whose
+driver died, and need no Ray.
+
+PPL in the tables is the research's "final perplexity": exp(best validation loss) of a trial.
+The gap of a trial is measured against the baseline of the same dataset and seed (the best one
+where a search ran several); the criterion is OELM PPL <= 1.05 x baseline PPL.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .checkpoint import atomic_write, write_json
+
+CRITERION = 1.05
+TRIALS_DIR = "trials"
+FACTORS = ("qk_freeze_layers", "qk_unfreeze_step", "qk_lr_mult", "qk_random_std")
+
+# ------------------------------------------------------------------------------------------------
+# records
+
+
+def record_path(run: Path, name: str) -> Path:
+    return Path(run) / TRIALS_DIR / f"{name}.json"
+
+
+def read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_record(run: Path, rec: dict) -> None:
+    write_json(record_path(run, rec["name"]), rec)
+
+
+def load_records(run: Path) -> list[dict]:
+    folder = Path(run) / TRIALS_DIR
+    recs = [read_record(p) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+    return [r for r in recs if r]
+
+
+def find_run(storage: str | os.PathLike, run: str | None) -> Path:
+    """A run folder from a path, a name under `storage`, or (None) the newest run under `storage`."""
+    from .config import ConfigError
+
+    if run:
+        for cand in (Path(run), Path(storage) / run):
+            if (cand / TRIALS_DIR).exists() or (cand / "sweep.json").exists():
+                return cand
+        raise ConfigError(f"no sweep run at {run!r} (looked in . and {storage}/): give a run folder or name")
+    runs = [p.parent for p in Path(storage).glob("*/sweep.json")]
+    if not runs:
+        raise ConfigError(f"no sweep runs under {storage}/: start one with `python sweeps/phase3.py`, or pass --storage")
+    return max(runs, key=lambda p: (p / "sweep.json").stat().st_mtime)
+
+
+# ------------------------------------------------------------------------------------------------
+# the table
+
+
+def trials_frame(records: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        hist = r.get("history") or []
+        last = hist[-1] if hist else {}
+        ppls = [h["val/ppl"] for h in hist if _finite(h.get("val/ppl"))]
+        cfg = r.get("config") or {}
+        train, model = cfg.get("train", {}), cfg.get("model", {})
+        steps = [h for h in hist if h.get("step_time_s")]
+        train_s = sum(h["step_time_s"] * _interval(hist, i) for i, h in enumerate(hist) if h.get("step_time_s"))
+        n_steps = last.get("step", 0)
+        rows.append(
+            {
+                "name": r["name"],
+                "experiment_id": r.get("experiment_id"),
+                "dataset": r.get("dataset"),
+                "method": r.get("method"),
+                "seed": r.get("seed"),
+                "lr": train.get("lr"),
+                "warmup_steps": train.get("warmup_steps"),
+                "max_steps": train.get("max_steps"),
+                **{f: model.get(f, train.get(f)) for f in FACTORS},
+                "steps": n_steps,
+                "tokens": last.get("tokens", 0),
+                "best_val_ppl": min(ppls) if ppls else math.nan,
+                "final_val_ppl": ppls[-1] if ppls else math.nan,
+                "trainable_params": last.get("trainable_params", r.get("trainable_params")),
+                "total_params": last.get("total_params", r.get("total_params")),
+                "tokens_per_s": (last.get("tokens", 0) / train_s) if train_s else math.nan,
+                "mean_step_time_s": (train_s / n_steps) if n_steps and steps else math.nan,
+                "wall_time_s": last.get("wall_time_s", math.nan),
+                "status": r.get("status", "unknown"),
+            }
+        )
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    df["gap_vs_baseline_pct"] = math.nan
+    df["meets_criterion"] = pd.NA
+    base = (
+        df[(df.method == "baseline") & df.best_val_ppl.notna()]
+        .groupby(["dataset", "seed"])["best_val_ppl"]
+        .min()
+    )
+    for i, row in df.iterrows():
+        ref = base.get((row.dataset, row.seed))
+        if ref is not None and _finite(row.best_val_ppl):
+            df.at[i, "gap_vs_baseline_pct"] = 100.0 * (row.best_val_ppl / ref - 1.0)
+            df.at[i, "meets_criterion"] = bool(row.best_val_ppl <= CRITERION * ref)
+    df["meets_criterion"] = df["meets_criterion"].astype("boolean")
+    return df.sort_values(["dataset", "experiment_id", "seed", "name"]).reset_index(drop=True)
+
+
+def _interval(hist: list[dict], i: int) -> int:
+    return hist[i]["step"] - (hist[i - 1]["step"] if i else 0)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def summary_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset x experiment: mean and std over seeds, the gap, the criterion."""
+    if df.empty:
+        return df
+    g = df.groupby(["dataset", "experiment_id", "method"], sort=True, dropna=False)
+    out = g.agg(
+        seeds=("seed", "nunique"),
+        ppl_mean=("best_val_ppl", "mean"),
+        ppl_std=("best_val_ppl", "std"),
+        gap_mean=("gap_vs_baseline_pct", "mean"),
+        gap_std=("gap_vs_baseline_pct", "std"),
+        met=("meets_criterion", lambda s: int(s.fillna(False).sum())),
+        trainable_params=("trainable_params", "first"),
+        steps=("steps", "max"),
+        statuses=("status", lambda s: ",".join(sorted(set(s)))),
+    ).reset_index()
+    return out
+
+
+def summary_markdown(df: pd.DataFrame, title: str) -> str:
+    s = summary_frame(df)
+    lines = [f"# {title}", ""]
+    if s.empty:
+        return "\n".join(lines + ["No trial has reported yet.", ""])
+    lines += [
+        f"Val PPL = exp(best validation loss), mean ± std over seeds. Gap vs the baseline of the same "
+        f"dataset and seed; criterion: PPL <= {CRITERION} x baseline.",
+        "",
+        "| dataset | experiment | method | seeds | val PPL | gap vs baseline | meets 1.05 | trainable params | steps | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in s.itertuples():
+        gap = "-" if r.method == "baseline" or not _finite(r.gap_mean) else f"{r.gap_mean:+.1f}% ± {_std(r.gap_std):.1f}"
+        met = "-" if r.method == "baseline" or not _finite(r.gap_mean) else f"{r.met}/{r.seeds}"
+        params = f"{int(r.trainable_params):,}" if _finite(r.trainable_params) else "-"
+        lines.append(
+            f"| {r.dataset} | {r.experiment_id} | {r.method} | {r.seeds} | {r.ppl_mean:.3f} ± {_std(r.ppl_std):.3f} "
+            f"| {gap} | {met} | {params} | {r.steps} | {r.statuses} |"
+        )
+    lines += ["", "Per trial:", "", _trial_table(df), ""]
+    return "\n".join(lines)
+
+
+def _std(x: float) -> float:
+    return x if _finite(x) else 0.0
+
+
+def _trial_table(df: pd.DataFrame) -> str:
+    cols = ["name", "best_val_ppl", "final_val_ppl", "gap_vs_baseline_pct", "trainable_params", "tokens_per_s", "wall_time_s", "status"]
+    buf = io.StringIO()
+    buf.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+    for r in df[cols].itertuples(index=False):
+        buf.write("| " + " | ".join(_fmt(v) for v in r) + " |\n")
+    return buf.getvalue().rstrip()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "-" if not math.isfinite(v) else f"{v:,.3f}" if abs(v) < 1000 else f"{v:,.0f}"
+    return "-" if v is None or v is pd.NA else str(v)
+
+
+# ------------------------------------------------------------------------------------------------
+# the plot
+
+
+def plot_val_ppl(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_ds: dict[str, dict[str, list[list[dict]]]] = {}
+    for r in records:
+        if r.get("history"):
+            by_ds.setdefault(r["dataset"], {}).setdefault(f"{r['experiment_id']} {r['method']}", []).append(r["history"])
+    n = max(1, len(by_ds))
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4), squeeze=False)
+    for ax, (ds, groups) in zip(axes[0], sorted(by_ds.items())):
+        for label, runs in sorted(groups.items()):
+            frame = pd.concat(
+                [pd.DataFrame(h)[["tokens", "val/ppl"]].set_index("tokens")["val/ppl"].rename(i) for i, h in enumerate(runs)],
+                axis=1,
+            ).sort_index()
+            frame = frame.replace([math.inf], math.nan)
+            mean = frame.mean(axis=1)
+            (line,) = ax.plot(frame.index, mean, label=f"{label} ({len(runs)} seeds)")
+            if len(runs) > 1:
+                ax.fill_between(frame.index, frame.min(axis=1), frame.max(axis=1), color=line.get_color(), alpha=0.2)
+        ax.set(title=ds, xlabel="tokens seen", ylabel="validation PPL", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+# ------------------------------------------------------------------------------------------------
+# entry points
+
+
+def write_report(run: str | os.PathLike) -> list[Path]:
+    """Write trials.parquet, summary.md and val_ppl.png into the run folder; return their paths."""
+    run = Path(run)
+    records = load_records(run)
+    df = trials_frame(records)
+    paths = [run / "trials.parquet", run / "summary.md", run / "val_ppl.png"]
+    atomic_write(paths[0], lambda f: df.to_parquet(f, index=False))
+    atomic_write(paths[1], lambda f: f.write(summary_markdown(df, f"Sweep {run.name}")), mode="w")
+    plot_val_ppl(records, paths[2])
+    return paths
+
+
+def status_table(run: str | os.PathLike, now: float | None = None) -> str:
+    """One line per trial: what `oelm-ray status` prints (works while the sweep runs)."""
+    run = Path(run)
+    now = time.time() if now is None else now
+    head = ["trial", "dataset", "method", "seed", "state", "step", "last ppl", "best ppl", "tok/s", "node/gpu", "last report"]
+    rows = []
+    for r in load_records(run):
+        hist = r.get("history") or []
+        last = hist[-1] if hist else {}
+        ppls = [h["val/ppl"] for h in hist if _finite(h.get("val/ppl"))]
+        max_steps = (r.get("config") or {}).get("train", {}).get("max_steps", "?")
+        age = now - r["last_report"] if r.get("last_report") else None
+        rows.append(
+            [
+                r["name"], r.get("dataset", ""), r.get("method", ""), str(r.get("seed", "")), r.get("status", ""),
+                f"{last.get('step', 0)}/{max_steps}",
+                _fmt(ppls[-1]) if ppls else "-", _fmt(min(ppls)) if ppls else "-",
+                f"{last['tokens_per_s']:,.0f}" if _finite(last.get("tokens_per_s")) else "-",
+                f"{last.get('node', r.get('node', '-'))}/{last.get('gpu', '-')}",
+                "-" if age is None else _age(age),
+            ]
+        )
+    if not rows:
+        return f"{run}: no trial has started yet"
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([f"run {run}", fmt.format(*head)] + [fmt.format(*row) for row in rows])
+
+
+def _age(s: float) -> str:
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago"

@@ -1,0 +1,430 @@
+"""The Ray Tune adapter: one trial = one Ray actor running `trainer.train` on one GPU (or CPU slot).
+
+The only library module besides the CLI and the W&B adapter that imports Ray. It turns the
+trainer's report callback into `tune.report(metrics, checkpoint=...)`, restores a retried trial
+from `tune.get_checkpoint()`, and drives a whole sweep:
+
+    validate every trial config -> check the run folder -> connect to Ray -> check resources
+    -> prepare each dataset once -> Tuner(...).fit() or Tuner.restore(...).fit() -> report
+
+Everything that can fail on bad input fails before Ray starts or any data is tokenized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from ray import tune
+
+from . import results
+from .config import ConfigError
+from .experiments import Experiment, trial_name
+
+RUN_DIR_IN_TRIAL = "run"
+METRIC, MODE = "val/loss", "min"
+
+
+# ------------------------------------------------------------------------------------------------
+# the trial
+
+
+def trainable(config: dict) -> None:
+    """Ray Tune function trainable around `trainer.train` (runs inside the trial's actor)."""
+    from .data import load_prepared, prepare
+    from .trainer import train
+
+    exp = Experiment.from_dict(config["exp"])
+    cfg = exp.config(config["seed"], **config.get("common", {}), **config.get("search", {}))
+    if cfg.train.num_threads == 0:  # a CPU slot is a core: threads beyond it only fight each other
+        cfg.train.num_threads = max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
+    out = Path(tune.get_context().get_trial_dir()) / RUN_DIR_IN_TRIAL
+    out.mkdir(parents=True, exist_ok=True)
+    resume = _restore_into(out)
+    prepare(cfg.data, progress=False)  # idempotent: verifies the copy the driver prepared
+    data = load_prepared(cfg.data)
+    node, gpu = ray.util.get_node_ip_address(), os.environ.get("CUDA_VISIBLE_DEVICES", "-") or "-"
+    fault = config.get("_fault")  # test hook: inject a crash once, at a given step
+
+    def report(metrics: dict) -> None:
+        if fault and metrics["step"] >= fault["step"]:
+            _inject_fault(fault)
+        tune.report({**metrics, "node": node, "gpu": gpu}, checkpoint=tune.Checkpoint.from_directory(str(out)))
+
+    with open(out / "train.log", "a") as logf:  # the research's training.log; `oelm-ray status` is the live view
+        def log(line: str) -> None:
+            logf.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+            logf.flush()
+
+        train(cfg, out, report=report, resume=resume, data=data, log=log)
+
+
+def _restore_into(out: Path) -> bool:
+    """Copy Tune's last checkpoint of this trial into `out`; True when there is one to resume."""
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        # a fresh trial: a leftover folder from an attempt that never checkpointed is stale
+        for p in out.iterdir():
+            p.unlink() if p.is_file() else shutil.rmtree(p)
+        return False
+    with ckpt.as_directory() as d:
+        if Path(d).resolve() != out.resolve():
+            for p in Path(d).iterdir():
+                if p.is_file() and p.name != "summary.json":
+                    shutil.copy2(p, out / p.name)
+    return (out / "latest.pt").exists()
+
+
+def _inject_fault(fault: dict) -> None:
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    if fault.get("kind") == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected fault at step >= {fault['step']}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the driver side: one record per trial for `oelm-ray status` and `oelm-ray report`
+
+
+class Recorder(tune.Callback):
+    """Keeps `<run>/trials/<trial>.json` current from the driver, at every report and state change."""
+
+    def __init__(self, run: Path, quiet: bool = False):
+        self.run, self.quiet = Path(run), quiet
+        self.records: dict[str, dict] = {}
+
+    def _rec(self, trial) -> dict:
+        name = str(trial)
+        if name not in self.records:
+            rec = results.read_record(results.record_path(self.run, name))
+            if rec is None:
+                c = trial.config
+                exp = Experiment.from_dict(c["exp"])
+                cfg = exp.config(c["seed"], **c.get("common", {}), **c.get("search", {}))
+                rec = {
+                    "name": name, "trial_id": trial.trial_id, "experiment_id": exp.id,
+                    "dataset": cfg.data.dataset, "method": cfg.model.method, "seed": c["seed"],
+                    "config": cfg.to_dict(), "search": c.get("search", {}), "status": "pending", "history": [],
+                }
+            self.records[name] = rec
+        return self.records[name]
+
+    def _save(self, rec: dict) -> None:
+        results.write_record(self.run, rec)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        rec = self._rec(trial)
+        rec["status"] = "running"
+        self._save(rec)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        rec = self._rec(trial)
+        row = {k: v for k, v in result.items() if k in _KEEP or k.startswith(("val/", "train/"))}
+        # a trial resumed from a checkpoint re-reports the steps after it: keep one row per step
+        rec["history"] = [h for h in rec["history"] if h["step"] < row["step"]] + [row]
+        rec["status"] = "diverged" if result.get("diverged") else "running"
+        rec["last_report"] = time.time()
+        rec.update({k: result[k] for k in ("node", "gpu", "trainable_params", "total_params") if k in result})
+        self._save(rec)
+        if not self.quiet and _finite(result.get("val/ppl")):
+            print(f"  {trial}: step {result['step']:>6}  val ppl {result['val/ppl']:8.3f}  {result.get('tokens_per_s', 0):,.0f} tok/s", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        rec = self._rec(trial)
+        if rec["status"] != "diverged":
+            max_steps = rec["config"]["train"]["max_steps"]
+            done = rec["history"] and rec["history"][-1]["step"] >= max_steps
+            rec["status"] = "completed" if done else "stopped"  # stopped: early-stopped by a scheduler
+        self._save(rec)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        rec = self._rec(trial)
+        rec["status"] = "error"
+        rec["error"] = str(getattr(trial, "error_file", "") or "")
+        self._save(rec)
+
+
+_KEEP = {"step", "tokens", "lr", "step_time_s", "tokens_per_s", "eval_time_s", "wall_time_s", "node", "gpu",
+         "trainable_params", "total_params", "diverged"}
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# the sweep
+
+
+@dataclass
+class Sweep:
+    """A declared sweep: experiments x seeds (x a search space), how to run it, where to keep it."""
+
+    name: str
+    experiments: list[Experiment]
+    seeds: list[int]
+    storage: str = "runs"
+    common: dict[str, Any] = field(default_factory=dict)
+    """Flat config overrides for every trial (max_steps, smoke sizes, data_dir, ...)."""
+    search: dict[str, Any] = field(default_factory=dict)
+    """Flat config overrides that may be Tune domains (tune.loguniform, ...): a search space."""
+    num_samples: int = 1
+    search_alg: Any = None
+    scheduler: Any = None
+    gpus_per_trial: float | None = None
+    """None: 1 where the cluster has GPUs, else 0."""
+    cpus_per_trial: float | None = None
+    """None: 1 without GPUs (one single-thread trial per core), 2 with."""
+    max_concurrent: int | None = None
+    max_failures: int = 2
+    address: str | None = None
+    """Ray cluster address; None uses RAY_ADDRESS or starts a local Ray on 127.0.0.1."""
+    callbacks: list[Any] = field(default_factory=list)
+    extra_config: dict[str, Any] = field(default_factory=dict)
+    """Additional entries in every trial's config (test hooks such as _fault)."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage).resolve() / self.name
+
+    def trial_configs(self) -> list[tuple[Experiment, int]]:
+        return [(e, s) for e in self.experiments for s in self.seeds]
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two invocations the same sweep (compared when a run folder exists)."""
+        return {
+            "name": self.name,
+            "experiments": [e.to_dict() for e in self.experiments],
+            "seeds": list(self.seeds),
+            "common": self.common,
+            "search": {k: repr(v) for k, v in self.search.items()},
+            "num_samples": self.num_samples,
+            "search_alg": type(self.search_alg).__name__ if self.search_alg else None,
+            "scheduler": type(self.scheduler).__name__ if self.scheduler else None,
+        }
+
+
+def validate(sweep: Sweep) -> None:
+    """Build every trial's config (search domains at a sample value); raise ConfigError on the first bad one."""
+    if not sweep.experiments:
+        raise ConfigError("the sweep has no experiments")
+    if not sweep.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in sweep.seeds):
+        raise ConfigError(f"seeds={sweep.seeds!r} must be a non-empty list of whole numbers")
+    sample = {k: _sample_value(v) for k, v in sweep.search.items()}
+    for exp, seed in sweep.trial_configs():
+        try:
+            exp.config(seed, **sweep.common, **sample)
+        except ConfigError as e:
+            raise ConfigError(f"{exp.trial_name(seed)}: {e}") from None
+
+
+def _sample_value(v: Any) -> Any:
+    if isinstance(v, dict) and "grid_search" in v:
+        return v["grid_search"][0]
+    if hasattr(v, "sample"):
+        return v.sample()
+    return v
+
+
+def check_run_dir(sweep: Sweep) -> bool:
+    """True when the run exists and is the same sweep (resume); raise when it is another sweep."""
+    run = sweep.run_dir
+    try:
+        run.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run.parent, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"storage {run.parent} is not writable ({e.strerror}): pass --storage with a writable folder") from None
+    spec = run / "sweep.json"
+    if not spec.exists():
+        if run.exists() and any(run.iterdir()):
+            raise ConfigError(f"{run} exists and is not an oelm-ray sweep: choose another --name (nothing was touched)")
+        return False
+    old = json.loads(spec.read_text())
+    new = json.loads(json.dumps(sweep.identity(), default=str))
+    if old != new:
+        diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        raise ConfigError(
+            f"run {run} exists with a different sweep config (differs in: {', '.join(diffs)}): "
+            "run the same command to resume it, or choose another --name (nothing was touched)"
+        )
+    return True
+
+
+def connect(address: str | None) -> None:
+    """Join a running cluster (address or RAY_ADDRESS) or start a local Ray that listens on 127.0.0.1 only."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address not in ("local", "auto"):
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        if not address.startswith("ray://") and host and port.isdigit():
+            try:
+                socket.create_connection((host, int(port)), timeout=5).close()
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot reach the Ray cluster at {address} ({e.strerror or e}): is the head up (`ray up cluster.yaml`, "
+                    "`ray status`)? unset RAY_ADDRESS to run locally instead"
+                ) from None
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as e:
+            raise ConfigError(
+                f"could not join the Ray cluster at {address}: {e}. If token auth is on (Ray >= 2.59), set "
+                "RAY_AUTH_MODE=token and make the head's token readable (~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            ) from None
+        return
+    # a laptop or CI: keep every Ray process on loopback (see README, "Network")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(address="local" if address == "local" else None, include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=False)
+
+
+def resources(sweep: Sweep) -> dict[str, float]:
+    """Per-trial resources, checked against the cluster: a GPU request on a GPU-less cluster fails now."""
+    have = ray.cluster_resources()
+    gpus_total, cpus_total = have.get("GPU", 0.0), have.get("CPU", 0.0)
+    gpu = sweep.gpus_per_trial if sweep.gpus_per_trial is not None else (1.0 if gpus_total >= 1 else 0.0)
+    cpu = sweep.cpus_per_trial if sweep.cpus_per_trial is not None else (2.0 if gpu else 1.0)
+    if gpu > gpus_total:
+        raise ConfigError(
+            f"each trial asks for {gpu:g} GPU(s) but the Ray cluster has {gpus_total:g}: Ray would leave the trials "
+            "PENDING forever. Pass --gpus-per-trial 0 to train on CPUs, or connect to a GPU cluster (--address)"
+        )
+    if cpu > cpus_total:
+        raise ConfigError(f"each trial asks for {cpu:g} CPUs but the cluster has {cpus_total:g}: lower --cpus-per-trial")
+    return {"cpu": cpu, "gpu": gpu}
+
+
+def prepare_datasets(sweep: Sweep) -> None:
+    """Tokenize each distinct corpus once, before its trials start (trials then only verify it)."""
+    from .data import prepare
+
+    seen = set()
+    for exp, seed in sweep.trial_configs():
+        data = exp.config(seed, **sweep.common, **{k: _sample_value(v) for k, v in sweep.search.items()}).data
+        key = json.dumps(dataclasses.asdict(data), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            meta = prepare(data)
+            print(f"data: {data.dataset} ({data.tokenizer}) ready: {meta['train_tokens']:,} train tokens", flush=True)
+
+
+def param_space(sweep: Sweep) -> dict[str, Any]:
+    exps = [e.to_dict() for e in sweep.experiments]
+    space: dict[str, Any] = {
+        "exp": tune.grid_search(exps) if len(exps) > 1 else exps[0],
+        "seed": tune.grid_search(list(sweep.seeds)) if len(sweep.seeds) > 1 else sweep.seeds[0],
+        "common": sweep.common,
+        "search": sweep.search,
+    }
+    return {**space, **sweep.extra_config}
+
+
+def _name(trial) -> str:
+    c = trial.config
+    base = trial_name(c["exp"]["id"], c["exp"]["overrides"].get("method", "baseline"), c["seed"])
+    return base if not c.get("search") else f"{base}-{trial.trial_id.split('_')[-1]}"
+
+
+def run(sweep: Sweep, report: bool = True) -> Path:
+    """Run (or resume) a sweep to its end and write its report; returns the run folder."""
+    validate(sweep)
+    # checkpoints every eval with num_to_keep=2 trip this warning on tiny runs; it is not actionable here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    resuming = check_run_dir(sweep)
+    connect(sweep.address)
+    res = resources(sweep)
+    if res["gpu"] == 0 and "num_threads" not in sweep.common:
+        sweep.common = {**sweep.common, "num_threads": max(1, int(res["cpu"]))}
+    run_dir = sweep.run_dir
+    if len(ray.nodes()) > 1 and not _is_shared_uri(sweep.storage):
+        _check_shared_storage(run_dir.parent)
+    prepare_datasets(sweep)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        results.write_json(run_dir / "sweep.json", sweep.identity())
+    fn = tune.with_resources(trainable, res)
+    callbacks = [Recorder(run_dir), *sweep.callbacks]
+    run_config = tune.RunConfig(
+        name=sweep.name,
+        storage_path=str(run_dir.parent),
+        failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        callbacks=callbacks,
+        verbose=0,
+    )
+    if resuming and tune.Tuner.can_restore(str(run_dir)):
+        print(f"resuming {run_dir}: finished trials are kept, unfinished ones continue from their checkpoints", flush=True)
+        tuner = tune.Tuner.restore(str(run_dir), fn, resume_unfinished=True, resume_errored=True, param_space=param_space(sweep))
+        # the restored tuner keeps its own RunConfig: re-attach this process's callbacks
+        tuner._local_tuner._run_config.callbacks = callbacks
+    else:
+        tuner = tune.Tuner(
+            fn,
+            param_space=param_space(sweep),
+            tune_config=tune.TuneConfig(
+                metric=METRIC if sweep.scheduler is None else None,
+                mode=MODE if sweep.scheduler is None else None,
+                search_alg=sweep.search_alg,
+                scheduler=sweep.scheduler,
+                num_samples=sweep.num_samples,
+                max_concurrent_trials=sweep.max_concurrent,
+                trial_name_creator=_name,
+                trial_dirname_creator=_name,
+            ),
+            run_config=run_config,
+        )
+    n = len(sweep.trial_configs()) * sweep.num_samples
+    print(f"sweep {sweep.name}: {n} trial(s), each {res['cpu']:g} CPU / {res['gpu']:g} GPU -> {run_dir}", flush=True)
+    grid = tuner.fit()
+    if grid.errors:
+        print(f"{len(grid.errors)} trial(s) ended in error; see `oelm-ray status {run_dir}`", flush=True)
+    if report:
+        paths = results.write_report(run_dir)
+        print((run_dir / "summary.md").read_text())
+        print("results:", *map(str, paths), sep="\n  ")
+    return run_dir
+
+
+def _is_shared_uri(storage: str) -> bool:
+    return "://" in storage
+
+
+def _check_shared_storage(folder: Path) -> None:
+    """Multi-node: every node must see the storage folder; a local path on the head fails fast."""
+    token = f".shared-check-{os.getpid()}-{time.time_ns()}"
+    (folder / token).write_text("x")
+    try:
+        @ray.remote(num_cpus=0)
+        def sees(path: str) -> tuple[str, bool]:
+            return ray.util.get_node_ip_address(), os.path.exists(path)
+
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        refs = [
+            sees.options(scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(folder / token))
+            for n in nodes
+        ]
+        blind = [ip for ip, ok in ray.get(refs, timeout=60) if not ok]
+    finally:
+        (folder / token).unlink(missing_ok=True)
+    if blind:
+        raise ConfigError(
+            f"storage {folder} is not visible from node(s) {', '.join(blind)}: a multi-node sweep needs --storage on "
+            "storage every node mounts (NFS path) or an object-store URI (s3://...), and --data-dir likewise"
+        )

@@ -1,0 +1,17 @@
+"""Phase 3 of the OELM study: baseline / oelm_freeze / oelm_random, every dataset, over seeds.
+
+    python sweeps/phase3.py                  # embedded default: local Ray, cpu preset, stories corpus
+    python sweeps/phase3.py --preset paper   # GPT-01 ... GPT-07 on the running cluster (RAY_ADDRESS)
+
+Run the same command again after an interruption: finished trials are kept, the others resume.
+"""
+
+from oelm_ray import experiments, recipe
+
+PRESETS = {
+    "embedded": dict(experiments=list(experiments.EMBEDDED), seeds=[0, 1]),
+    "paper": dict(experiments=list(experiments.PAPER), seeds=[0]),
+}
+
+if __name__ == "__main__":
+    recipe.main("phase3", PRESETS)
