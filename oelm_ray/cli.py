@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write trials.parquet, summary.md and val_ppl.png for a sweep")
     p.add_argument("run", nargs="?", default=None, help="run folder or name (default: the newest under --storage)")
     p.add_argument("--storage", default="runs", help="storage folder that holds the runs")
+
+    p = sub.add_parser("sync", help="upload a sweep's offline W&B runs, then add its W&B sweep view and results table")
+    p.add_argument("run", nargs="?", default=None, help="run folder or name (default: the newest under --storage)")
+    p.add_argument("--storage", default="runs", help="storage folder that holds the runs")
+    p.add_argument("--project", default=None, help="W&B project (default: the one the sweep logged to)")
+
+    p = sub.add_parser("check-cluster", help="validate a Ray cluster-launcher YAML offline with Ray's own schema")
+    p.add_argument("yaml", nargs="?", default="cluster.yaml", help="cluster config (default: cluster.yaml)")
     return ap
 
 
@@ -108,6 +116,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             for path in results.write_report(run):
                 print(path)
+        return 0
+    if args.cmd == "sync":
+        from . import results, wandb_adapter
+
+        wandb_adapter.sync(results.find_run(args.storage, args.run), project=args.project)
+        return 0
+    if args.cmd == "check-cluster":
+        from . import cluster
+
+        print(cluster.check_cluster(args.yaml))
         return 0
     raise AssertionError(args.cmd)
 
