@@ -370,3 +370,18 @@ def field_docs(cls: type) -> dict[str, str]:
 def section_classes() -> dict[str, type]:
     return {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
 
+
+
+def options_markdown() -> str:
+    """The README's table of config fields, from the field docstrings (`python -m oelm_ray.config`)."""
+    rows = ["| field | section | cpu | medium-512 | meaning |", "|---|---|---|---|---|"]
+    cpu, med = preset("cpu").to_dict(), preset("medium-512").to_dict()
+    for sec, cls in section_classes().items():
+        docs = field_docs(cls)
+        for f in fields(cls):
+            rows.append(f"| `{f.name}` | {sec} | {cpu[sec][f.name]} | {med[sec][f.name]} | {docs[f.name]} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(options_markdown())

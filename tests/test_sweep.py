@@ -1,0 +1,174 @@
+"""The sweep runner on local Ray: smoke matrix, resume, crash recovery, fail-fast checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from oelm_ray import experiments as E
+from oelm_ray import results
+from oelm_ray.config import ConfigError
+from oelm_ray.sweep import Sweep, resources, run
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = [
+    "experiment_id", "dataset", "method", "seed", "lr", "warmup_steps", "max_steps", "best_val_ppl",
+    "final_val_ppl", "gap_vs_baseline_pct", "meets_criterion", "trainable_params", "total_params",
+    "tokens_per_s", "mean_step_time_s", "wall_time_s", "status",
+]
+
+
+def smoke_sweep(tmp: Path, name: str, **kw) -> Sweep:
+    common = {**E.SMOKE, "data_dir": str(tmp / "data"), **kw.pop("common", {})}
+    return Sweep(name=name, experiments=list(E.EMBEDDED.values()), seeds=[0, 1], storage=str(tmp / "runs"),
+                 common=common, **kw)
+
+
+@pytest.mark.slow
+def test_smoke_sweep_runs_the_matrix_and_writes_results(tmp_path, ray_local):
+    run_dir = run(smoke_sweep(tmp_path, "smoke"))
+    df = pd.read_parquet(run_dir / "trials.parquet")
+    assert len(df) == 6 and set(COLUMNS) <= set(df.columns)
+    assert set(df.status) == {"completed"}
+    assert sorted(df.method.unique()) == ["baseline", "oelm_freeze", "oelm_random"]
+    assert (df[df.method == "baseline"].gap_vs_baseline_pct == 0).all()
+    frozen = df[df.method != "baseline"]
+    assert (frozen.trainable_params < df[df.method == "baseline"].trainable_params.iloc[0]).all()
+    assert (df.steps == E.SMOKE["max_steps"]).all()
+    assert "CPU-02" in (run_dir / "summary.md").read_text()
+    assert (run_dir / "val_ppl.png").read_bytes()[:4] == b"\x89PNG"
+    # names are readable and match the registry
+    assert set(df.name) == {e.trial_name(s) for e in E.EMBEDDED.values() for s in (0, 1)}
+
+
+@pytest.mark.slow
+def test_crashed_trial_resumes_from_checkpoint_with_identical_metrics(tmp_path, ray_local):
+    one = [E.EMBEDDED["CPU-02"]]
+    clean = run(Sweep("clean", one, [0], str(tmp_path / "runs"), common={**E.SMOKE, "data_dir": str(tmp_path / "data")}),
+                report=False)
+    marker = tmp_path / "crashed-once"
+    faulty = run(
+        Sweep("faulty", one, [0], str(tmp_path / "runs"), common={**E.SMOKE, "data_dir": str(tmp_path / "data")},
+              extra_config={"_fault": {"step": 20, "marker": str(marker)}}),
+        report=False,
+    )
+    assert marker.exists(), "the fault was never injected"
+    name = one[0].trial_name(0)
+    a = results.read_record(results.record_path(clean, name))
+    b = results.read_record(results.record_path(faulty, name))
+    assert b["status"] == a["status"] == "completed"
+    assert [h["step"] for h in b["history"]] == [10, 20, 30]
+    # resumed from the step-10 checkpoint: the losses after it are bit-for-bit the clean run's
+    assert [h["val/loss"] for h in b["history"]] == [h["val/loss"] for h in a["history"]]
+    assert [h["train/loss"] for h in b["history"]] == [h["train/loss"] for h in a["history"]]
+
+
+def test_gpu_request_on_gpu_less_cluster_fails_fast(tmp_path, ray_local):
+    sw = smoke_sweep(tmp_path, "gpu", gpus_per_trial=1)
+    t = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"asks for 1 GPU\(s\) but the Ray cluster has 0.*--gpus-per-trial 0"):
+        resources(sw)
+    assert time.perf_counter() - t < 5
+    assert not sw.run_dir.exists()
+
+
+def test_existing_run_with_different_config_is_refused(tmp_path):
+    from oelm_ray.sweep import check_run_dir
+    from oelm_ray.checkpoint import write_json
+
+    sw = smoke_sweep(tmp_path, "same")
+    write_json(sw.run_dir / "sweep.json", sw.identity())
+    assert check_run_dir(sw) is True
+    other = smoke_sweep(tmp_path, "same", common={"lr": 1e-3})
+    with pytest.raises(ConfigError, match="exists with a different sweep config .*common"):
+        check_run_dir(other)
+
+
+def test_bad_trial_config_is_caught_before_ray(tmp_path):
+    from oelm_ray.sweep import validate
+
+    with pytest.raises(ConfigError, match="CPU-01-baseline-s0: lr=-1.0"):
+        validate(smoke_sweep(tmp_path, "bad", common={"lr": -1.0}))
+    with pytest.raises(ConfigError, match="seeds"):
+        validate(Sweep("bad", list(E.EMBEDDED.values()), ["a"], str(tmp_path)))
+
+
+def _recipe(tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "sweeps" / "phase3.py"), "--smoke-test", "--no-wandb",
+            "--storage", str(tmp_path / "runs"), *extra]
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_with_the_same_command(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = _recipe(tmp_path, "--seeds", "0,1,2")  # 9 trials: enough that some are unfinished at the interrupt
+    run_dir = tmp_path / "runs" / "phase3-smoke"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    done_before: set[str] = set()
+    while time.time() < deadline:
+        recs = results.load_records(run_dir)
+        done_before = {r["name"] for r in recs if r["status"] == "completed"}
+        if len(done_before) >= 2:
+            break
+        time.sleep(0.5)
+    assert len(done_before) >= 2, "the sweep never got going"
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
+    first_out, _ = proc.communicate(timeout=120)
+    unfinished = {r["name"] for r in results.load_records(run_dir) if r["status"] != "completed"}
+    assert unfinished or len(results.load_records(run_dir)) < 9, first_out[-2000:]
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming" in second.stdout
+    recs = results.load_records(run_dir)
+    assert len(recs) == 9 and {r["status"] for r in recs} == {"completed"}
+    # finished trials were not run again: the second run reported nothing for them
+    reported_again = {n for n in done_before if f"  {n}: step" in second.stdout}
+    assert not reported_again
+    assert len(pd.read_parquet(run_dir / "trials.parquet")) == 9
+
+
+def test_report_from_synthetic_records(tmp_path):
+    run_dir = tmp_path / "synthetic"
+
+    def rec(name, method, seed, ppls, params, status="completed"):
+        hist = [
+            {"step": 100 * (i + 1), "tokens": 1000 * (i + 1), "val/ppl": p, "val/loss": __import__("math").log(p),
+             "step_time_s": 0.1, "tokens_per_s": 1e4, "wall_time_s": 10.0 * (i + 1), "trainable_params": params,
+             "total_params": 1000}
+            for i, p in enumerate(ppls)
+        ]
+        return {"name": name, "experiment_id": name.split("-s")[0], "dataset": "stories", "method": method, "seed": seed,
+                "config": {"train": {"lr": 1e-3, "warmup_steps": 10, "max_steps": 100 * len(ppls)}, "model": {}},
+                "status": status, "history": hist}
+
+    for r in [
+        rec("B-s0", "baseline", 0, [5.0, 4.0], 1000), rec("B-s1", "baseline", 1, [5.0, 4.4], 1000),
+        rec("F-s0", "oelm_freeze", 0, [5.0, 4.1], 900), rec("F-s1", "oelm_freeze", 1, [5.0, 4.84], 900),
+        rec("R-s0", "oelm_random", 0, [6.0, 5.0, float("inf")], 900, status="diverged"),
+    ]:
+        results.write_record(run_dir, r)
+    (run_dir / "sweep.json").write_text("{}")
+    paths = results.write_report(run_dir)
+    df = pd.read_parquet(paths[0]).set_index("name")
+    assert df.loc["F-s0", "gap_vs_baseline_pct"] == pytest.approx(2.5)
+    assert bool(df.loc["F-s0", "meets_criterion"]) is True
+    assert df.loc["F-s1", "gap_vs_baseline_pct"] == pytest.approx(10.0)
+    assert bool(df.loc["F-s1", "meets_criterion"]) is False
+    assert df.loc["R-s0", "status"] == "diverged" and df.loc["R-s0", "best_val_ppl"] == 5.0
+    assert df.loc["B-s0", "tokens_per_s"] == pytest.approx(2000 / 20.0)  # tokens / (0.1 s x 200 steps)
+    md = paths[1].read_text()
+    assert "| stories | F | oelm_freeze | 2 | 4.470 ± 0.523 | +6.2% ± 5.3 | 1/2 | 900 |" in md
+    assert paths[2].stat().st_size > 1000
+    status = results.status_table(run_dir, now=0)
+    assert "F-s1" in status and "diverged" in status
+    assert results.find_run(tmp_path, "synthetic") == run_dir

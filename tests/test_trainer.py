@@ -1,0 +1,163 @@
+"""The trainer on its own: freezing, exact resume, divergence, checkpoints, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from oelm_ray.checkpoint import CheckpointError
+from oelm_ray.config import make_config
+from oelm_ray.data import load_prepared, prepare
+from oelm_ray.trainer import RunExistsError, build_optimizer, train
+
+TINY = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, max_steps=40,
+            warmup_steps=4, eval_interval=10, eval_batches=2, log_interval=10, stories_mb=0.2, num_threads=1,
+            dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    prepare(make_config("cpu", **TINY, data_dir=str(d)).data, progress=False)
+    return str(d)
+
+
+def cfg(data_dir, **kw):
+    return make_config("cpu", **{**TINY, "data_dir": data_dir, **kw})
+
+
+def quiet(_):
+    pass
+
+
+def test_frozen_qk_unchanged_and_absent_from_optimizer(tmp_path, data_dir):
+    c = cfg(data_dir, method="oelm_freeze")
+    torch.manual_seed(c.train.seed)
+    from oelm_ray.model import GPT
+
+    init = {k: v.clone() for k, v in GPT(c.model).qk_params().items()}
+    train(c, tmp_path, log=quiet)
+    final = torch.load(tmp_path / "latest.pt", weights_only=True)["model"]
+    for name, w in init.items():
+        assert torch.equal(final[name], w), name
+    model = GPT(c.model)
+    opt_params = {id(p) for g in build_optimizer(model, c, torch.device("cpu")).param_groups for p in g["params"]}
+    assert not any(id(p) in opt_params for p in model.qk_params().values())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["frozen_params"] == list(init)
+    assert summary["trainable_params"] == summary["total_params"] - sum(v.numel() for v in init.values())
+
+
+def test_baseline_qk_do_train(tmp_path, data_dir):
+    c = cfg(data_dir, method="baseline")
+    torch.manual_seed(c.train.seed)
+    from oelm_ray.model import GPT
+
+    init = {k: v.clone() for k, v in GPT(c.model).qk_params().items()}
+    train(c, tmp_path, log=quiet)
+    final = torch.load(tmp_path / "latest.pt", weights_only=True)["model"]
+    assert all(not torch.equal(final[k], v) for k, v in init.items())
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("baseline", {}),
+    ("oelm_freeze", {"qk_unfreeze_step": 15, "qk_lr_mult": 0.5, "qk_freeze_layers": 1}),
+])
+def test_resume_is_bit_for_bit(tmp_path, data_dir, method, extra):
+    c = cfg(data_dir, method=method, **extra)
+    straight = train(c, tmp_path / "straight", log=quiet)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_20(m):
+        if m["step"] == 20:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(c, tmp_path / "cut", report=stop_at_20, log=quiet)
+    resumed = train(c, tmp_path / "cut", resume=True, log=quiet)
+    a = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [10, 20, 30, 40]
+    assert [(r["train/loss"], r["val/loss"]) for r in a] == [(r["train/loss"], r["val/loss"]) for r in b]
+    assert resumed["best_val_ppl"] == straight["best_val_ppl"]
+    sa = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "cut" / "latest.pt", weights_only=True)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_partial_unfreeze_trains_qk_only_after_the_step(tmp_path, data_dir):
+    c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=20, max_steps=40)
+    snaps = {}
+
+    def grab(m):
+        snaps[m["step"]] = torch.load(tmp_path / "latest.pt", weights_only=True)["model"]["transformer.h.0.attn.c_qk.weight"]
+
+    train(c, tmp_path, report=grab, log=quiet)
+    assert torch.equal(snaps[10], snaps[20])  # frozen through step 20
+    assert not torch.equal(snaps[20], snaps[30])  # trains after it
+    assert json.loads((tmp_path / "summary.json").read_text())["frozen_params"] == []
+
+
+def test_divergence_ends_with_status_diverged(tmp_path, data_dir):
+    c = cfg(data_dir, lr=1e6, grad_clip=0.0, warmup_steps=1)
+    reports = []
+    s = train(c, tmp_path, report=reports.append, log=quiet)
+    assert s["status"] == "diverged"
+    assert reports and reports[-1]["diverged"] == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_checkpoint_refusals(tmp_path, data_dir):
+    c = cfg(data_dir, max_steps=10, warmup_steps=2, eval_interval=10)
+    with pytest.raises(CheckpointError, match="no checkpoint at .*run without --resume"):
+        train(c, tmp_path / "none", resume=True, log=quiet)
+    train(c, tmp_path / "a", log=quiet)
+    before = (tmp_path / "a" / "latest.pt").read_bytes()
+    with pytest.raises(RunExistsError, match="already holds a run: pass --resume"):
+        train(c, tmp_path / "a", log=quiet)
+    other = cfg(data_dir, max_steps=10, warmup_steps=2, eval_interval=10, d_model=48)
+    with pytest.raises(CheckpointError, match=r"another model/corpus \(model.d_model: checkpoint 32 vs config 48"):
+        train(other, tmp_path / "a", resume=True, log=quiet)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "latest.pt").write_bytes(before[: len(before) // 2])  # torn
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        train(c, tmp_path / "b", resume=True, log=quiet)
+    assert (tmp_path / "a" / "latest.pt").read_bytes() == before  # nothing overwritten
+
+
+def test_summary_and_metrics_files(tmp_path, data_dir):
+    s = train(cfg(data_dir), tmp_path, log=quiet)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    for key in ("step", "tokens", "train/loss", "val/loss", "val/ppl", "lr", "step_time_s", "tokens_per_s"):
+        assert key in rows[0]
+    assert rows[-1]["val/ppl"] == pytest.approx(math.exp(rows[-1]["val/loss"]))
+    for key in ("model_type", "init_method", "final_perplexity", "total_wall_time", "mean_step_time", "method",
+                "final_val_ppl", "best_val_ppl", "tokens_per_s", "trainable_params", "total_params", "frozen_params",
+                "status", "config"):
+        assert key in s
+    assert (tmp_path / "best.pt").exists() and (tmp_path / "latest.pt").exists()
+
+
+def test_cli_train_and_resume(tmp_path, data_dir):
+    args = [sys.executable, "-m", "oelm_ray", "train", "--preset", "cpu", "--method", "oelm_freeze", "--seed", "0",
+            "--out-dir", str(tmp_path / "x"), "--data-dir", data_dir, "--stories-mb", "0.2", "--d-model", "32",
+            "--n-layer", "2", "--n-head", "2", "--d-ff", "64", "--block-size", "32", "--batch-size", "4",
+            "--warmup-steps", "2", "--eval-interval", "5", "--eval-batches", "1", "--num-threads", "1"]
+    r = subprocess.run(args + ["--max-steps", "10"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "val ppl" in r.stdout
+    r = subprocess.run(args + ["--max-steps", "20", "--resume"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout
+    assert json.loads((tmp_path / "x" / "summary.json").read_text())["steps"] == 20
+    bad = subprocess.run(args + ["--max-steps", "10", "--lr", "-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["oelm-ray train: error: lr=-1.0 must be a finite number > 0"]
