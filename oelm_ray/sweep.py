@@ -289,8 +289,13 @@ def connect(address: str | None) -> None:
                 "RAY_AUTH_MODE=token and make the head's token readable (~/.ray/auth_token or RAY_AUTH_TOKEN)"
             ) from None
         return
-    # a laptop or CI: keep every Ray process on loopback (see README, "Network")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # a laptop or CI: keep every Ray process on loopback (see README, "Network"). Ray read this
+    # variable when it was imported (above): set it for the processes it starts, and mirror it into
+    # the constant this process already holds, or 127.0.0.1 is rewritten to the outward address
+    if os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0") == "0":
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address="local" if address == "local" else None, include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=False)
 
