@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -13,6 +14,10 @@ import torch
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or from another model; the message says what to do."""
+
+
+class DiskFullError(CheckpointError):
+    """A write ran out of space (ENOSPC, EDQUOT); the file it was to replace is still whole."""
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -29,11 +34,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        full = _disk_full(e)
+        if full is not None:
+            raise DiskFullError(
+                f"no space left on the device while writing {path} ({full.strerror}); the previous "
+                f"{path.name} is untouched: free space, then run the same command again"
+            ) from None
         raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -43,6 +54,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             os.close(dfd)
     except OSError:
         pass
+
+
+def _disk_full(e: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT error in e's chain (writers such as torch.save may wrap it), else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
