@@ -1,0 +1,219 @@
+"""Hyper-parameter search on top of `sweep.run`: a seeded model-based searcher, early stopping, and
+the bookkeeping that says what a search found and what it cost.
+
+    space = Space(lrs=[...], warmup_fracs=[...])        # discrete, log-spaced candidates
+    best = search_cells(base, space, num_samples=8)      # one Tune run per method x dataset cell
+    final = compare_sweep(base, best)                    # each method again at its own best, over seeds
+
+Why one run per cell: Ray 2.60 refuses `grid_search` together with a searcher, so experiments are
+not a grid axis here; each cell is a `Sweep` of one experiment whose samples OptunaSearch (TPE,
+seeded) proposes and ASHA stops early at evaluation points (`time_attr="step"`, `val/loss`).
+
+The candidates are discrete (learning rates evenly spaced in log, warmups as fractions of the
+run): sampled uniformly they are a log-uniform draw, and the full grid over the same candidates is
+well defined, so "the search spent X trial-steps where the grid costs Y" is a fair comparison.
+A trial-step is one optimizer step of one trial: the cost of a trial is the last step it trained.
+
+Resume: the same command again resumes every cell (Tuner.restore; the searcher's state is
+restored, ASHA's is not -- ray#30838 -- so trials unfinished at an interrupt run to the end) and
+skips cells that are done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.search.sample import Categorical
+
+from . import results
+from .experiments import Experiment
+from .sweep import METRIC, MODE, Sweep, run
+
+TERMINAL = ("completed", "stopped", "diverged")
+
+
+class Choice(Categorical):
+    """`tune.choice` with a stable repr: a sweep's identity (sweep.json) then matches on resume."""
+
+    def __repr__(self) -> str:
+        return f"choice({self.categories!r})"
+
+
+def choice(values: list) -> Choice:
+    return Choice(list(values)).uniform()
+
+
+def log_spaced(lo: float, hi: float, n: int) -> list[float]:
+    """n values from lo to hi, evenly spaced in log (rounded to 3 significant digits)."""
+    if n == 1:
+        return [lo]
+    r = (hi / lo) ** (1 / (n - 1))
+    return [float(f"{lo * r**i:.3g}") for i in range(n)]
+
+
+@dataclass
+class Space:
+    """The discrete search space: learning rates x warmups (as fractions of max_steps)."""
+
+    lrs: list[float]
+    warmup_fracs: list[float] = field(default_factory=lambda: [0.1])
+
+    def warmups(self, max_steps: int) -> list[int]:
+        return sorted({min(max_steps - 1, int(round(f * max_steps))) for f in self.warmup_fracs})
+
+    def size(self, max_steps: int) -> int:
+        return len(self.lrs) * len(self.warmups(max_steps))
+
+    def domains(self, max_steps: int) -> dict[str, Any]:
+        """For a searcher: every candidate equally likely until the model has seen results."""
+        return {"lr": choice(self.lrs), "warmup_steps": choice(self.warmups(max_steps))}
+
+    def grid(self, max_steps: int) -> dict[str, Any]:
+        """The full grid over the same candidates (no searcher: Tune expands it)."""
+        return {"lr": tune.grid_search(list(self.lrs)), "warmup_steps": tune.grid_search(self.warmups(max_steps))}
+
+
+def searcher(seed: int, n_startup: int = 4):
+    """Optuna's TPE through Tune, seeded: the same seed proposes the same configurations."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup)
+    return OptunaSearch(metric=METRIC, mode=MODE, sampler=sampler)
+
+
+def early_stopper(max_steps: int, eval_interval: int, grace_frac: float = 0.1, reduction_factor: int = 3):
+    """ASHA on val/loss at evaluation points; rungs at grace, grace*rf, ... (grace >= one eval)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    grace = max(eval_interval, int(round(grace_frac * max_steps / eval_interval)) * eval_interval)
+    return ASHAScheduler(time_attr="step", metric=METRIC, mode=MODE, max_t=max_steps,
+                         grace_period=grace, reduction_factor=reduction_factor)
+
+
+def trial_steps(records: list[dict]) -> int:
+    """Steps actually trained, summed over trials (the last step each one reported)."""
+    return sum((r.get("history") or [{}])[-1].get("step", 0) for r in records)
+
+
+def budget(sw: Sweep, exp: Experiment) -> tuple[int, int]:
+    """(max_steps, eval_interval) of an experiment under the sweep's common overrides."""
+    cfg = exp.config(sw.seeds[0], **sw.common)
+    return cfg.train.max_steps, cfg.train.eval_interval
+
+
+# ------------------------------------------------------------------------------------------------
+# phase 1: one search per cell
+
+
+def cell_name(base: Sweep, exp: Experiment) -> str:
+    return f"{base.name}-search-{exp.dataset}-{exp.method}"
+
+
+def search_cells(base: Sweep, space: Space, num_samples: int, seed: int = 0, n_startup: int = 4,
+                 grace_frac: float = 0.1) -> list[dict]:
+    """Search every experiment of `base` (its own run each); return the best of each cell."""
+    out = []
+    for exp in base.experiments:
+        max_steps, eval_interval = budget(base, exp)
+        domains = space.domains(max_steps)
+        cell = dataclasses.replace(
+            base, name=cell_name(base, exp), experiments=[exp], seeds=[seed], common=_without(base.common, domains),
+            search=domains, num_samples=num_samples, search_alg=searcher(seed, n_startup),
+            scheduler=early_stopper(max_steps, eval_interval, grace_frac),
+        )
+        recs = results.load_records(cell.run_dir)
+        if sum(r["status"] in TERMINAL for r in recs) >= num_samples:
+            print(f"search {cell.name}: done ({len(recs)} trials), kept", flush=True)
+        else:
+            print(f"search {cell.name}: {num_samples} samples of {space.size(max_steps)} candidates", flush=True)
+            run(cell, report=False)
+            results.write_report(cell.run_dir)
+            recs = results.load_records(cell.run_dir)
+        out.append(cell_summary(exp, recs, space.size(max_steps), max_steps, cell.run_dir))
+    return out
+
+
+def cell_summary(exp: Experiment, recs: list[dict], n_candidates: int, max_steps: int, run_dir: Path) -> dict:
+    """The best configuration of a searched cell and what the search spent beside the full grid."""
+    df = results.trials_frame(recs)
+    done = df[(df.steps >= max_steps) & df.best_val_ppl.notna()] if not df.empty else df
+    pick = done if not done.empty else df[df.best_val_ppl.notna()] if not df.empty else df
+    best = pick.loc[pick.best_val_ppl.idxmin()] if not pick.empty else None
+    spent = trial_steps(recs)
+    grid = n_candidates * max_steps
+    return {
+        "experiment_id": exp.id, "dataset": exp.dataset, "method": exp.method, "run": str(run_dir),
+        "best": None if best is None else {
+            "trial": best["name"], "lr": float(best.lr), "warmup_steps": int(best.warmup_steps),
+            "best_val_ppl": float(best.best_val_ppl), "final_val_ppl": float(best.final_val_ppl),
+        },
+        "trials": len(recs), "stopped_early": sum(r["status"] == "stopped" for r in recs),
+        "candidates": n_candidates, "max_steps": max_steps,
+        "trial_steps": spent, "grid_trial_steps": grid, "fraction_of_grid": spent / grid if grid else math.nan,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# phase 2: each method again at its own best, over seeds
+
+
+def compare_sweep(base: Sweep, cells: list[dict]) -> Sweep:
+    """`base` with each experiment replaced by `<id>-best` at its cell's best lr and warmup."""
+    by_id = {c["experiment_id"]: c for c in cells if c["best"]}
+    exps = []
+    for e in base.experiments:
+        b = by_id.get(e.id)
+        if b is None:
+            print(f"no finished trial in the search of {e.id}: left out of the comparison", flush=True)
+            continue
+        over = {**e.overrides, "lr": b["best"]["lr"], "warmup_steps": b["best"]["warmup_steps"]}
+        exps.append(Experiment(f"{e.id}-best", e.preset, over))
+    return dataclasses.replace(base, experiments=exps, common=_without(base.common, ("lr", "warmup_steps")))
+
+
+def _without(common: dict, keys) -> dict:
+    # searched (or tuned) fields must not also come from the common overrides: those win over both
+    return {k: v for k, v in common.items() if k not in keys}
+
+
+def search_markdown(cells: list[dict]) -> str:
+    lines = [
+        "# Learning-rate / warmup search", "",
+        "Best configuration per method (lowest val PPL among the trials trained to max_steps), and the compute",
+        "the search spent in trial-steps (steps actually trained, summed over trials) beside a full grid over",
+        "the same candidates (every candidate trained to max_steps).", "",
+        "| dataset | experiment | method | best lr | best warmup | val PPL | trials | stopped early | trial-steps | full grid | share of grid |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        b = c["best"] or {}
+        lines.append(
+            f"| {c['dataset']} | {c['experiment_id']} | {c['method']} | {b.get('lr', '-'):} | {b.get('warmup_steps', '-')} "
+            f"| {b['best_val_ppl']:.3f} | {c['trials']} | {c['stopped_early']} | {c['trial_steps']:,} "
+            f"| {c['grid_trial_steps']:,} ({c['candidates']} x {c['max_steps']:,}) | {100 * c['fraction_of_grid']:.0f}% |"
+            if b else f"| {c['dataset']} | {c['experiment_id']} | {c['method']} | - | - | - | {c['trials']} | - | - | - | - |"
+        )
+    spent, grid = sum(c["trial_steps"] for c in cells), sum(c["grid_trial_steps"] for c in cells)
+    if grid:
+        lines += ["", f"All cells: {spent:,} trial-steps searched vs {grid:,} for the full grids ({100 * spent / grid:.0f}%)."]
+    lines += ["", "The methods compared again at their own best settings, over fresh seeds: summary.md.", ""]
+    return "\n".join(lines)
+
+
+def write_search_report(run_dir: Path, cells: list[dict]) -> str:
+    """best.json and search.md next to the comparison's summary.md; returns the markdown."""
+    text = search_markdown(cells)
+    results.write_json(Path(run_dir) / "best.json", {"cells": cells})
+    results.atomic_write(Path(run_dir) / "search.md", lambda f: f.write(text), mode="w")
+    return text
+
+
+def load_cells(run_dir: Path) -> list[dict]:
+    return json.loads((Path(run_dir) / "best.json").read_text())["cells"]
