@@ -263,7 +263,7 @@ def _cpu_preset() -> Config:
     return Config(
         ModelConfig(vocab_size=257, n_layer=2, n_head=4, d_model=64, d_ff=256, block_size=128),
         DataConfig(dataset="stories", tokenizer="bytes"),
-        TrainConfig(max_steps=1000, batch_size=16, lr=2e-3, warmup_steps=100, eval_interval=200, eval_batches=8),
+        TrainConfig(max_steps=1000, batch_size=16, lr=2e-3, warmup_steps=100, eval_interval=100, eval_batches=8),
     )
 
 
