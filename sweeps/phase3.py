@@ -14,4 +14,4 @@ PRESETS = {
 }
 
 if __name__ == "__main__":
-    recipe.main("phase3", PRESETS)
+    raise SystemExit(recipe.main("phase3", PRESETS, doc=__doc__))
