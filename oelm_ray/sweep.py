@@ -60,14 +60,20 @@ def trainable(config: dict) -> None:
     def report(metrics: dict) -> None:
         if fault and metrics["step"] >= fault["step"]:
             _inject_fault(fault)
-        tune.report({**metrics, "node": node, "gpu": gpu}, checkpoint=tune.Checkpoint.from_directory(str(out)))
+        # a data-parallel trial's rank 0 reports the GPUs its workers hold
+        tune.report({"node": node, "gpu": gpu, **metrics}, checkpoint=tune.Checkpoint.from_directory(str(out)))
 
     with open(out / "train.log", "a") as logf:  # the research's training.log; `oelm-ray status` is the live view
         def log(line: str) -> None:
             logf.write(f"{time.strftime('%H:%M:%S')} {line}\n")
             logf.flush()
 
-        train(cfg, out, report=report, resume=resume, data=data, log=log)
+        if config.get("ddp"):  # a multi-GPU (or multi-worker) trial: Ray Train workers, DDP
+            from .ddp import train_ddp
+
+            train_ddp(cfg.to_dict(), out, report=report, resume=resume, log=log, **config["ddp"])
+        else:
+            train(cfg, out, report=report, resume=resume, data=data, log=log)
 
 
 def _restore_into(out: Path) -> bool:
@@ -190,6 +196,8 @@ class Sweep:
     """None: 1 where the cluster has GPUs, else 0."""
     cpus_per_trial: float | None = None
     """None: 1 without GPUs (one single-thread trial per core), 2 with."""
+    workers_per_trial: int = 1
+    """>1: each trial trains data-parallel on this many Ray Train workers (also implied by gpus_per_trial > 1)."""
     max_concurrent: int | None = None
     max_failures: int = 2
     address: str | None = None
@@ -303,6 +311,9 @@ def connect(address: str | None) -> None:
 def resources(sweep: Sweep) -> dict[str, float]:
     """Per-trial resources, checked against the cluster: a GPU request on a GPU-less cluster fails now."""
     have = ray.cluster_resources()
+    workers = sweep.workers_per_trial if sweep.workers_per_trial > 1 else int(sweep.gpus_per_trial or 0)
+    if workers > 1:
+        return _ddp_resources(sweep, workers, have)
     gpus_total, cpus_total = have.get("GPU", 0.0), have.get("CPU", 0.0)
     gpu = sweep.gpus_per_trial if sweep.gpus_per_trial is not None else (1.0 if gpus_total >= 1 else 0.0)
     cpu = sweep.cpus_per_trial if sweep.cpus_per_trial is not None else (2.0 if gpu else 1.0)
@@ -314,6 +325,27 @@ def resources(sweep: Sweep) -> dict[str, float]:
     if cpu > cpus_total:
         raise ConfigError(f"each trial asks for {cpu:g} CPUs but the cluster has {cpus_total:g}: lower --cpus-per-trial")
     return {"cpu": cpu, "gpu": gpu}
+
+
+def _ddp_resources(sweep: Sweep, workers: int, have: dict) -> dict[str, Any]:
+    """A data-parallel trial: 1 CPU for the trial (Ray Train's controller) + its workers' own bundles."""
+    gpu = float(sweep.gpus_per_trial or 0)
+    gpw = gpu / workers
+    cpw = sweep.cpus_per_trial / workers if sweep.cpus_per_trial else (2.0 if gpu else 1.0)
+    per_node = max((n["Resources"].get("GPU" if gpw else "CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    need = workers * (gpw or cpw) + (0 if gpw else 1)
+    if need > per_node:
+        raise ConfigError(
+            f"each trial trains on {workers} workers x ({cpw:g} CPU, {gpw:g} GPU), all on one node, but the largest "
+            f"node has {per_node:g} {'GPU' if gpw else 'CPU'}(s): lower --gpus-per-trial / workers_per_trial"
+        )
+    if 1 + workers * cpw > have.get("CPU", 0.0):
+        raise ConfigError(f"each trial needs {1 + workers * cpw:g} CPUs (1 + {workers} workers) but the cluster has "
+                          f"{have.get('CPU', 0.0):g}: lower --cpus-per-trial")
+    if sweep.max_concurrent is None:  # trials must not hold the CPUs their own workers wait for
+        fit = [have.get("CPU", 0.0) // (1 + workers * cpw)] + ([have.get("GPU", 0.0) // (workers * gpw)] if gpw else [])
+        sweep.max_concurrent = max(1, int(min(fit)))
+    return {"cpu": 1.0, "gpu": 0.0, "ddp": {"workers": workers, "cpus_per_worker": cpw, "gpus_per_worker": gpw}}
 
 
 def prepare_datasets(sweep: Sweep) -> None:
@@ -355,8 +387,8 @@ def run(sweep: Sweep, report: bool = True) -> Path:
     resuming = check_run_dir(sweep)
     connect(sweep.address)
     res = resources(sweep)
-    if res["gpu"] == 0 and "num_threads" not in sweep.common:
-        sweep.common = {**sweep.common, "num_threads": max(1, int(res["cpu"]))}
+    if "ddp" in res:  # the trial's config tells the trainable to train data-parallel
+        sweep.extra_config = {**sweep.extra_config, "ddp": res.pop("ddp")}
     run_dir = sweep.run_dir
     if len(ray.nodes()) > 1 and not _is_shared_uri(sweep.storage):
         _check_shared_storage(run_dir.parent)
@@ -390,6 +422,7 @@ def run(sweep: Sweep, report: bool = True) -> Path:
                 scheduler=sweep.scheduler,
                 num_samples=sweep.num_samples,
                 max_concurrent_trials=sweep.max_concurrent,
+                reuse_actors=True,  # a trial's actor keeps torch imported for the next: seconds per trial
                 trial_name_creator=_name,
                 trial_dirname_creator=_name,
             ),
@@ -407,25 +440,33 @@ def run(sweep: Sweep, report: bool = True) -> Path:
     return run_dir
 
 
+def _probe_nodes(path: str) -> list[tuple[str, bool]]:
+    """(node address, whether `path` exists there) from a task pinned to each live node."""
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> tuple[str, bool]:
+        return ray.util.get_node_ip_address(), os.path.exists(path)
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = [
+        sees.options(scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path)
+        for n in nodes
+    ]
+    return ray.get(refs, timeout=60)
+
+
 def _is_shared_uri(storage: str) -> bool:
     return "://" in storage
 
 
-def _check_shared_storage(folder: Path) -> None:
-    """Multi-node: every node must see the storage folder; a local path on the head fails fast."""
+def _check_shared_storage(folder: Path, probe: Callable[[str], list[tuple[str, bool]]] | None = None) -> None:
+    """Multi-node: every node must see the storage folder; a local path on the head fails fast.
+
+    `probe(path)` -> [(node, sees it)] for every node; the default asks each live node (tests inject one).
+    """
     token = f".shared-check-{os.getpid()}-{time.time_ns()}"
     (folder / token).write_text("x")
     try:
-        @ray.remote(num_cpus=0)
-        def sees(path: str) -> tuple[str, bool]:
-            return ray.util.get_node_ip_address(), os.path.exists(path)
-
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        refs = [
-            sees.options(scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(folder / token))
-            for n in nodes
-        ]
-        blind = [ip for ip, ok in ray.get(refs, timeout=60) if not ok]
+        blind = [ip for ip, ok in (probe or _probe_nodes)(str(folder / token)) if not ok]
     finally:
         (folder / token).unlink(missing_ok=True)
     if blind:

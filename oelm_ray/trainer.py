@@ -176,6 +176,9 @@ def train(
             f"the prepared data has vocabulary {data.vocab_size} but vocab_size={cfg.model.vocab_size}"
         )
     device, amp_dtype = resolve_device(cfg)
+    rank, world = _distributed()  # (0, 1) unless oelm_ray.ddp runs this under torch.distributed
+    if t.batch_size % world:
+        raise ConfigError(f"batch_size={t.batch_size} must be divisible by the {world} data-parallel workers")
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,8 +204,12 @@ def train(
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, step)
+    if rank == 0:
+        _truncate_metrics(metrics_path, step)
     model = torch.compile(raw_model) if t.compile else raw_model
+    eval_model = model
+    if world > 1:  # DDP averages the gradients; each rank trains on its slice of the global batch
+        model = _ddp(eval_model, device)
     val_set = [(x.to(device), y.to(device)) for x, y in val_set]
     autocast = (
         (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
@@ -216,7 +223,7 @@ def train(
     def evaluate() -> float:
         model.eval()
         with torch.no_grad(), autocast():
-            losses = torch.stack([model(x, y)[1] for x, y in val_set])
+            losses = torch.stack([eval_model(x, y)[1] for x, y in val_set])
         model.train()
         return losses.mean().item()
 
@@ -255,11 +262,16 @@ def train(
         if qk_unfrozen_at(step, cfg) and not any(g["name"] == "qk_unfrozen" for g in optimizer.param_groups):
             raw_model.set_qk_trainable(True)
             optimizer.add_param_group(qk_unfrozen_group(raw_model, cfg))
+            if world > 1:  # DDP fixes its parameter set when built: rebuild it with the unfrozen Q/K
+                model = _ddp(eval_model, device)
             log(f"step {step}: Q/K unfrozen in {len(cfg.model.frozen_qk_layers)} block(s)")
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         x, y = sampler.next()
+        if world > 1:  # every rank draws the same global batch (same sampler seed) and keeps its slice
+            b = t.batch_size // world
+            x, y = x[rank * b : (rank + 1) * b], y[rank * b : (rank + 1) * b]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
             _, loss = model(x, y)
@@ -277,6 +289,9 @@ def train(
         tokens += tok_per_step
         is_eval = step % t.eval_interval == 0 or step == t.max_steps
         if step % t.log_interval == 0 or is_eval:
+            if world > 1:  # the global batch's mean loss, as one process would see it
+                torch.distributed.all_reduce(loss_sum)
+                loss_sum /= world
             mean_loss = loss_sum.item() / loss_n  # the one host sync per log interval
             if not math.isfinite(mean_loss):
                 status = "diverged"
@@ -314,8 +329,11 @@ def train(
             "trainable_params": n_trainable,
             "total_params": n_total,
         }
-        _append_jsonl(metrics_path, metrics)
-        checkpoint(val_loss)
+        if rank == 0:  # one writer; the other ranks hold identical weights
+            _append_jsonl(metrics_path, metrics)
+            checkpoint(val_loss)
+        else:
+            best_val = min(best_val, val_loss)
         log(f"step {step}: val loss {val_loss:.4f} | val ppl {metrics['val/ppl']:.3f} | eval {eval_s:.2f}s")
         loss_sum.zero_()
         loss_n, interval_steps = 0, 0
@@ -348,9 +366,23 @@ def train(
     }
     if status == "diverged" and report is not None:
         report({"step": step, "tokens": tokens, "val/loss": math.inf, "val/ppl": math.inf, "diverged": 1})
-    write_json(out / "summary.json", summary)
+    if rank == 0:
+        write_json(out / "summary.json", summary)
     log(f"done ({status}): best val ppl {summary['best_val_ppl']:.3f}, wall {wall:.1f}s -> {out}")
     return summary
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed (oelm_ray.ddp), else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
 
 
 # ------------------------------------------------------------------------------------------------
