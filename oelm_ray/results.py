@@ -173,7 +173,40 @@ def summary_markdown(df: pd.DataFrame, title: str) -> str:
             f"| {gap} | {met} | {params} | {r.steps} | {r.statuses} |"
         )
     lines += ["", "Per trial:", "", _trial_table(df), ""]
+    lines += savings_markdown(df) + compute_markdown(df)
     return "\n".join(lines)
+
+
+def savings_markdown(df: pd.DataFrame) -> list[str]:
+    """Trainable parameters each experiment saves vs the baseline of its dataset, and for how long."""
+    base = df[df.method == "baseline"].groupby("dataset")["trainable_params"].max()
+    rows = df[(df.method != "baseline") & df.dataset.isin(base.index) & df.trainable_params.notna()]
+    if rows.empty:
+        return []
+    lines = [
+        "Trainable parameters vs baseline (Q/K frozen at the start; an unfrozen Q/K saves only until its unfreeze step):",
+        "",
+        "| dataset | experiment | method | qk_freeze_layers | qk_unfreeze_step | qk_lr_mult | trainable params | saved vs baseline | frozen share of steps |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (ds, eid), g in rows.groupby(["dataset", "experiment_id"], sort=True):
+        r = g.iloc[0]
+        saved = int(base[ds] - r.trainable_params)
+        until = r.max_steps if r.qk_unfreeze_step in (-1, None) else min(r.qk_unfreeze_step, r.max_steps)
+        share = until / r.max_steps if saved and r.max_steps else 0.0
+        lines.append(
+            f"| {ds} | {eid} | {r.method} | {_fmt(r.qk_freeze_layers)} | {_fmt(r.qk_unfreeze_step)} | {_fmt(r.qk_lr_mult)} "
+            f"| {int(r.trainable_params):,} | {saved:,} ({100 * saved / base[ds]:.1f}%) | {100 * share:.0f}% |"
+        )
+    return lines + [""]
+
+
+def compute_markdown(df: pd.DataFrame) -> list[str]:
+    """Trial-steps spent (steps actually trained, summed over trials) beside every trial to max_steps."""
+    spent, full = int(df.steps.sum()), int(df.max_steps.fillna(0).sum())
+    stopped = int((df.status == "stopped").sum())
+    return [f"Compute: {spent:,} trial-steps over {len(df)} trial(s) ({stopped} stopped early by the scheduler); "
+            f"every trial to max_steps: {full:,}.", ""]
 
 
 def _std(x: float) -> float:

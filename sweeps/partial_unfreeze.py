@@ -1,0 +1,60 @@
+"""Partial unfreezing of the OELM Q/K, beside the baseline and the full freeze.
+
+    python sweeps/partial_unfreeze.py                  # embedded default: local Ray, cpu preset, stories corpus
+    python sweeps/partial_unfreeze.py --preset paper   # on GPT-01 / GPT-02 (TinyStories) on the running cluster
+
+Variants of the full freeze (oelm_freeze), each an Experiment so tables and folders read:
+  PU-k<k>        Q/K frozen in the lowest k blocks only, 0 < k < L (k = 0 is the baseline's
+                 policy, k = L the full freeze);
+  PU-unf<f>      all Q/K frozen, then trained from step f x max_steps on (f = 0.25, 0.50, 0.75);
+  PU-mult<m>     orthogonal Q/K trained from step 1 at m x the learning rate (a soft freeze).
+summary.md says which meet the 1.05 criterion and how many trainable parameters each saves.
+Run the same command again after an interruption to resume.
+"""
+
+from oelm_ray import experiments as E
+from oelm_ray import recipe
+from oelm_ray.config import make_config
+from oelm_ray.experiments import Experiment
+
+UNFREEZE_FRACS = (0.25, 0.5, 0.75)
+QK_LR_MULTS = (0.1,)
+
+
+def variants(baseline: Experiment, freeze: Experiment, n_layer: int, max_steps: int) -> list[Experiment]:
+    """baseline, full freeze, and the partial variants of `freeze` for a model of n_layer blocks."""
+    f, pre = freeze.overrides, freeze.preset
+    return [
+        baseline, freeze,
+        *[Experiment(f"PU-k{k}", pre, {**f, "qk_freeze_layers": k}) for k in range(1, n_layer)],
+        *[Experiment(f"PU-unf{x:.2f}", pre, {**f, "qk_unfreeze_step": max(1, round(x * max_steps))}) for x in UNFREEZE_FRACS],
+        *[Experiment(f"PU-mult{m:g}", pre, {**f, "qk_unfreeze_step": 1, "qk_lr_mult": m}) for m in QK_LR_MULTS],
+    ]
+
+
+def _defaults(base: str, freeze: str) -> list[Experiment]:
+    cfg = E.REGISTRY[freeze].config(0)
+    return variants(E.REGISTRY[base], E.REGISTRY[freeze], cfg.model.n_layer, cfg.train.max_steps)
+
+
+PRESETS = {
+    "embedded": dict(experiments=_defaults("CPU-01", "CPU-02"), seeds=[0, 1]),
+    "paper": dict(experiments=_defaults("GPT-01", "GPT-02"), seeds=[0]),
+}
+# --experiments PU-... selects variants: make their ids known to the registry
+for _p in PRESETS.values():
+    E.REGISTRY.update({e.id: e for e in _p["experiments"] if e.id.startswith("PU-")})
+
+
+def at_run_size(sw, args):
+    """Re-derive the variants for the trials' real size (--smoke-test, --max-steps, --set n_layer=...)."""
+    base, freeze = PRESETS[args.preset]["experiments"][:2]
+    cfg = make_config(freeze.preset, **{**freeze.overrides, **sw.common})
+    keep = {e.id for e in sw.experiments}
+    sw.experiments = [e for e in variants(base, freeze, cfg.model.n_layer, cfg.train.max_steps)
+                      if e.id in keep or e.id.startswith("PU-k") and not args.experiments]
+    return sw
+
+
+if __name__ == "__main__":
+    raise SystemExit(recipe.main("partial_unfreeze", PRESETS, customize=at_run_size, doc=__doc__))
