@@ -192,13 +192,21 @@ def savings_markdown(df: pd.DataFrame) -> list[str]:
     for (ds, eid), g in rows.groupby(["dataset", "experiment_id"], sort=True):
         r = g.iloc[0]
         saved = int(base[ds] - r.trainable_params)
-        until = r.max_steps if r.qk_unfreeze_step in (-1, None) else min(r.qk_unfreeze_step, r.max_steps)
-        share = until / r.max_steps if saved and r.max_steps else 0.0
+        unf, max_steps = _num(r.qk_unfreeze_step), _num(r.max_steps)
+        until = max_steps if not math.isfinite(unf) or unf == -1 else min(unf, max_steps)
+        share = until / max_steps if saved and max_steps > 0 else 0.0
         lines.append(
             f"| {ds} | {eid} | {r.method} | {_fmt(r.qk_freeze_layers)} | {_fmt(r.qk_unfreeze_step)} | {_fmt(r.qk_lr_mult)} "
             f"| {int(r.trainable_params):,} | {saved:,} ({100 * saved / base[ds]:.1f}%) | {100 * share:.0f}% |"
         )
     return lines + [""]
+
+
+def _num(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def compute_markdown(df: pd.DataFrame) -> list[str]:

@@ -1,0 +1,175 @@
+"""The lr/warmup search and the partial-unfreeze recipe: seeded searcher, early stopping, smoke runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from oelm_ray import results, search
+from oelm_ray.config import make_config
+from oelm_ray.experiments import Experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "sweeps" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_recipe(name: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, str(ROOT / "sweeps" / f"{name}.py"), "--smoke-test", "--no-wandb",
+           "--storage", str(tmp / "runs"), *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+# ------------------------------------------------------------------------------------------------
+# fast: no training
+
+
+def test_seeded_searcher_proposes_the_same_configurations_twice():
+    space = search.Space(lrs=search.log_spaced(5.6e-4, 1e-2, 6), warmup_fracs=[0.02, 0.1, 0.3])
+
+    def proposals(seed: int) -> list[dict]:
+        s = search.searcher(seed, n_startup=4)
+        assert s.set_search_properties(None, None, {"search": space.domains(1000)})
+        return [s.suggest(f"t{i}") for i in range(8)]
+
+    a, b = proposals(0), proposals(0)
+    assert a == b
+    assert all(p["search"]["lr"] in space.lrs and p["search"]["warmup_steps"] in (20, 100, 300) for p in a)
+    assert proposals(1) != a  # the seed, not a constant, fixes them
+
+
+def test_space_grid_and_cost_bookkeeping():
+    space = search.Space(lrs=[1e-3, 2e-3, 4e-3], warmup_fracs=[0.1, 0.3])
+    assert space.size(1000) == 6 and space.warmups(1000) == [100, 300]
+    assert space.grid(1000)["lr"] == {"grid_search": [1e-3, 2e-3, 4e-3]}
+    assert repr(space.domains(1000)["lr"]) == repr(space.domains(1000)["lr"])  # stable: resume compares it
+    assert search.log_spaced(1e-4, 1e-2, 3) == [1e-4, 1e-3, 1e-2]
+    sched = search.early_stopper(1000, 200)
+    assert sched._time_attr == "step" and sched._max_t == 1000
+
+    def rec(name, lr, steps, ppl, status):
+        hist = [{"step": s, "val/ppl": ppl + (steps - s) / 100, "trainable_params": 10} for s in range(200, steps + 1, 200)]
+        return {"name": name, "experiment_id": "CPU-01", "dataset": "stories", "method": "baseline", "seed": 0,
+                "config": {"train": {"lr": lr, "warmup_steps": 100, "max_steps": 1000}, "model": {}},
+                "status": status, "history": hist}
+
+    recs = [rec("a", 1e-3, 1000, 5.0, "completed"), rec("b", 2e-3, 200, 4.0, "stopped"),
+            rec("c", 4e-3, 1000, 4.5, "completed")]
+    assert search.trial_steps(recs) == 2200
+    exp = Experiment("CPU-01", "cpu", {"method": "baseline"})
+    cell = search.cell_summary(exp, recs, n_candidates=6, max_steps=1000, run_dir=Path("x"))
+    # the stopped trial's early PPL is not a finished configuration: the best finished one wins
+    assert cell["best"]["lr"] == 4e-3 and cell["stopped_early"] == 1
+    assert cell["trial_steps"] == 2200 and cell["grid_trial_steps"] == 6000
+    assert "37%" in search.search_markdown([cell])
+
+
+def test_partial_unfreeze_variants_are_valid_and_named():
+    pu = load_recipe("partial_unfreeze")
+    for preset, n_layer in (("embedded", 2), ("paper", 6)):
+        exps = pu.PRESETS[preset]["experiments"]
+        ids = [e.id for e in exps]
+        assert ids[2:] == [f"PU-k{k}" for k in range(1, n_layer)] + ["PU-unf0.25", "PU-unf0.50", "PU-unf0.75", "PU-mult0.1"]
+        for e in exps:
+            e.config(0)  # validates
+    cfgs = {e.id: e.config(0) for e in pu.PRESETS["embedded"]["experiments"]}
+    assert cfgs["PU-k1"].model.frozen_qk_layers == (0,)
+    assert cfgs["PU-unf0.50"].train.qk_unfreeze_step == 500
+    assert cfgs["PU-mult0.1"].train.qk_lr_mult == 0.1
+
+
+def test_recipes_build_their_smoke_specs(tmp_path):
+    from oelm_ray import recipe
+
+    pu = load_recipe("partial_unfreeze")
+    args = recipe.parser("partial_unfreeze", pu.PRESETS).parse_args(["--smoke-test", "--no-wandb", "--storage", str(tmp_path)])
+    sw = pu.at_run_size(recipe.build("partial_unfreeze", pu.PRESETS, args), args)
+    unf = {e.id: e.config(0, **sw.common).train.qk_unfreeze_step for e in sw.experiments if e.id.startswith("PU-unf")}
+    assert unf == {"PU-unf0.25": 8, "PU-unf0.50": 15, "PU-unf0.75": 22}  # fractions of the smoke run's 30 steps
+    lw = load_recipe("lr_warmup")
+    for preset in ("embedded", "paper"):
+        p = lw.PRESETS[preset]
+        for exp in p["experiments"]:
+            exp = search.Experiment.from_dict(recipe.E.REGISTRY[exp].to_dict())
+            steps = exp.config(0).train.max_steps
+            for lr in p["space"].lrs:
+                for w in p["space"].warmups(steps):
+                    exp.config(0, lr=lr, warmup_steps=w)
+
+
+def test_report_shows_params_saved_and_compute():
+    def rec(eid, method, trainable, unfreeze=-1, status="completed", steps=30):
+        return {"name": f"{eid}-{method}-s0", "experiment_id": eid, "dataset": "stories", "method": method, "seed": 0,
+                "config": {"train": {"max_steps": 30, "qk_unfreeze_step": unfreeze}, "model": {}}, "status": status,
+                "history": [{"step": steps, "val/ppl": 10.0, "trainable_params": trainable}]}
+
+    df = results.trials_frame([rec("B", "baseline", 100), rec("F", "oelm_freeze", 80),
+                               rec("U", "oelm_freeze", 80, unfreeze=15), rec("S", "oelm_freeze", 80, status="stopped", steps=10)])
+    text = results.summary_markdown(df, "t")
+    assert "| stories | F | oelm_freeze | - | -1 | - | 80 | 20 (20.0%) | 100% |" in text
+    assert "| stories | U | oelm_freeze | - | 15 | - | 80 | 20 (20.0%) | 50% |" in text
+    assert "Compute: 100 trial-steps over 4 trial(s) (1 stopped early by the scheduler); every trial to max_steps: 120." in text
+
+
+# ------------------------------------------------------------------------------------------------
+# slow: real sweeps on local Ray
+
+
+@pytest.fixture(scope="module")
+def lr_warmup_smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lw")
+    proc = run_recipe("lr_warmup", tmp, "--experiments", "CPU-01,CPU-02")
+    return tmp / "runs", proc
+
+
+@pytest.mark.slow
+def test_lr_warmup_smoke_finds_best_and_compares_again(lr_warmup_smoke):
+    runs, proc = lr_warmup_smoke
+    final = runs / "lr_warmup-smoke"
+    cells = json.loads((final / "best.json").read_text())["cells"]
+    assert [c["method"] for c in cells] == ["baseline", "oelm_freeze"]
+    for c in cells:
+        assert c["best"] and c["trial_steps"] < c["grid_trial_steps"] == 18 * 30
+    for f in ("summary.md", "trials.parquet", "val_ppl.png", "search.md"):
+        assert (final / f).exists(), f
+    df = results.trials_frame(results.load_records(final))
+    assert sorted(df.experiment_id) == ["CPU-01-best", "CPU-02-best"]  # phase 2: each at its own best
+    assert {(r.lr, r.warmup_steps) for r in df.itertuples()} == {(c["best"]["lr"], c["best"]["warmup_steps"]) for c in cells}
+    assert "Learning-rate / warmup search" in proc.stdout and "share of grid" in proc.stdout
+
+
+@pytest.mark.slow
+def test_early_stopping_really_stops_trials(lr_warmup_smoke):
+    runs, _ = lr_warmup_smoke
+    recs = [r for cell in runs.glob("lr_warmup-smoke-search-*") for r in results.load_records(cell)]
+    assert len(recs) == 8
+    stopped = [r for r in recs if r["status"] == "stopped"]
+    assert stopped, [(r["name"], r["status"], r["history"][-1]["step"]) for r in recs]
+    for r in stopped:
+        assert r["history"][-1]["step"] < r["config"]["train"]["max_steps"]
+    assert any(r["status"] == "completed" and r["history"][-1]["step"] == 30 for r in recs)
+
+
+@pytest.mark.slow
+def test_partial_unfreeze_smoke(tmp_path):
+    proc = run_recipe("partial_unfreeze", tmp_path, "--seeds", "0")
+    run_dir = tmp_path / "runs" / "partial_unfreeze-smoke"
+    df = results.trials_frame(results.load_records(run_dir))
+    assert sorted(df.experiment_id) == sorted(["CPU-01", "CPU-02", "PU-k1", "PU-unf0.25", "PU-unf0.50", "PU-unf0.75", "PU-mult0.1"])
+    assert set(df.status) == {"completed"} and df[df.method != "baseline"].meets_criterion.notna().all()
+    assert "Trainable parameters vs baseline" in (run_dir / "summary.md").read_text()
+    assert "saved vs baseline" in proc.stdout
