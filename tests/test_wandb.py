@@ -1,0 +1,227 @@
+"""W&B logging, offline only: mode choice without network, training-step history, resume without
+duplicates, sync and the sweep view. Runs are read back from their `.wandb` files."""
+
+from __future__ import annotations
+
+import queue
+import runpy
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from oelm_ray import experiments as E
+from oelm_ray import recipe, results
+from oelm_ray import wandb_adapter as W
+from oelm_ray.config import ConfigError
+from oelm_ray.sweep import Sweep, run
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = runpy.run_path(str(ROOT / "sweeps" / "phase3.py"))["PRESETS"]
+
+
+@pytest.fixture
+def no_key(monkeypatch, tmp_path):
+    """No WANDB_* settings, HOME without a netrc, and any attempt to reach the network fails the test."""
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+
+    def no_network(*a, **k):
+        raise AssertionError(f"W&B mode check touched the network: {a}")
+
+    monkeypatch.setattr(W, "_reachable", no_network)
+    return home
+
+
+def read_finished(seg: Path, timeout: float = 20.0) -> dict:
+    """One offline run folder read back, once W&B's service has written its exit record."""
+    path = next(seg.glob("*.wandb"))
+    deadline = time.monotonic() + timeout
+    while not any(r.WhichOneof("record_type") == "exit" for r in W.read_records(path)) and time.monotonic() < deadline:
+        time.sleep(0.2)  # finish() can return just before the service flushes the file
+    return W.read_run(path)
+
+
+def steps_of(run_dir: Path, trial_id: str) -> list[int]:
+    """Training steps with val/ppl across every offline segment of one trial, in start order."""
+    out = []
+    for seg in W.offline_runs(run_dir):
+        if seg.name.endswith("-" + trial_id):
+            out += [h["_step"] for h in read_finished(seg)["history"] if "val/ppl" in h]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# mode
+
+
+def test_no_key_means_offline_without_touching_the_network(no_key, capsys):
+    assert not W.has_key()
+    assert W.resolve_mode()[0] == "offline"
+    cb = W.callback(project="p", group="g")
+    assert cb is not None and cb.mode == "offline"
+    out = capsys.readouterr().out
+    assert out.count("W&B: offline") == 1 and "oelm-ray sync" in out
+
+
+def test_user_mode_and_stored_key_are_respected(no_key, monkeypatch):
+    (no_key / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    (no_key / ".netrc").chmod(0o600)
+    assert W.has_key()  # what `wandb login` writes
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert W.resolve_mode()[0] == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert W.callback(project="p", group="g") is None
+    # a key but an unreachable host (a closed loopback port): offline, not a failed sweep
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setattr(W, "_reachable", lambda url, timeout=3.0: False)
+    assert W.resolve_mode() == ("offline", "api.wandb.ai is not reachable")
+    with socket.socket() as s:  # the real probe, on loopback only
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.undo()
+    assert not W._reachable(f"http://127.0.0.1:{port}", timeout=1)
+
+
+def test_recipe_builds_the_callback_unless_no_wandb(tmp_path, no_key):
+    argv = ["--smoke-test", "--storage", str(tmp_path / "runs")]
+    assert [type(c) for c in recipe.build("phase3", PRESETS, recipe.parser("phase3", PRESETS).parse_args(argv)).callbacks] == [W.Callback]
+    assert recipe.build("phase3", PRESETS, recipe.parser("phase3", PRESETS).parse_args(argv + ["--no-wandb"])).callbacks == []
+
+
+# ------------------------------------------------------------------------------------------------
+# the logging actor, without Ray: step = training step, a resumed run adds no duplicate rows
+
+
+def _actor(tmp_path: Path, items: list, **extra):
+    q = queue.Queue()
+    for it in items:
+        q.put(it)
+    q.put((W._QueueItem.END, None))
+    init = dict(id="trial_00000", name="T", project="p", group="g", job_type="oelm_freeze", tags=["stories"],
+                config={"lr": 1e-3}, dir=str(tmp_path), mode="offline", resume="allow", reinit="create_new",
+                last_step_file=str(tmp_path / "wandb" / W.STEPS_DIR / "trial_00000"))
+    return W._LoggingActor(str(tmp_path), q, exclude=["done"], to_config=["trial_id"], **{**init, **extra})
+
+
+def test_actor_logs_at_the_training_step_and_resumes_without_duplicates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the actor chdirs into its logdir
+    res = lambda it, step: (W._QueueItem.RESULT, {"training_iteration": it, "step": step, "val/ppl": 100.0 / step,
+                                                  "trial_id": "trial_00000", "done": False})
+    _actor(tmp_path, [res(1, 10), res(2, 20)]).run()
+    # a restore from the step-10 checkpoint re-reports step 20 with a lower training_iteration
+    _actor(tmp_path, [res(1, 20), res(2, 30)]).run()
+    segs = W.offline_runs(tmp_path)
+    assert len(segs) == 2 and all(s.name.endswith("-trial_00000") for s in segs)
+    assert steps_of(tmp_path, "trial_00000") == [10, 20, 30]
+    first = read_finished(segs[0])
+    assert [h["step"] for h in first["history"]] == [10, 20]
+    assert first["job_type"] == "oelm_freeze" and first["config"]["lr"] == 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# sync and the sweep view (no server: `wandb sync` and `wandb.sweep` are stand-ins)
+
+
+def test_sync_uploads_offline_runs_then_publishes_table_and_sweep(tmp_path, monkeypatch, no_key):
+    run_dir = tmp_path / "run"
+    (run_dir / "wandb").mkdir(parents=True)
+    (run_dir / "wandb" / W.META).write_text('{"project": "proj", "entity": null, "group": "run", "mode": "offline"}')
+    for tid in ("a_00000", "a_00001"):
+        seg = run_dir / "wandb" / f"offline-run-20260101_000000-{tid}"
+        seg.mkdir()
+        (seg / f"run-{tid}.wandb").write_bytes(b":W&B")
+    recs = [{"name": f"CPU-0{i}-m-s0", "trial_id": f"a_0000{i - 1}", "experiment_id": f"CPU-0{i}", "seed": 0,
+             "method": m, "dataset": "stories", "config": {"model": {"method": m, "d_model": 32}, "train": {"lr": 1e-3}},
+             "status": "completed", "history": [{"step": 10, "tokens": 1280, "val/ppl": 9.0, "val/loss": 2.2, "step_time_s": 0.01}]}
+            for i, m in ((1, "baseline"), (2, "oelm_freeze"))]
+    for r in recs:
+        results.write_record(run_dir, r)
+    results.write_report(run_dir)
+
+    with pytest.raises(ConfigError, match="wandb login"):
+        W.sync(run_dir)  # no key: a clear message, nothing uploaded
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    calls, sweeps = [], []
+    monkeypatch.setattr(W.subprocess, "run", lambda cmd, env: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    import wandb
+
+    real_init = wandb.init
+    monkeypatch.setattr(wandb, "init", lambda **kw: real_init(**{**kw, "mode": "offline"}))  # never online in tests
+    monkeypatch.setattr(wandb, "sweep", lambda cfg, **kw: sweeps.append((cfg, kw)) or "swp123")
+    W.sync(run_dir)
+    assert calls and calls[0][2:6] == ["wandb", "sync", "--project", "proj"] and len(calls[0]) == 8
+    (cfg, kw), = sweeps
+    assert kw["prior_runs"] == ["a_00000", "a_00001"] and kw["project"] == "proj"
+    assert cfg["parameters"]["method"] == {"values": ["baseline", "oelm_freeze"]} and "d_model" not in cfg["parameters"]
+    assert W._read_meta(run_dir)["sweep_id"] == "swp123"
+    report = [s for s in W.offline_runs(run_dir) if "report-" in s.name]
+    assert len(report) == 1
+    rows = read_finished(report[0])["history"]
+    assert rows and rows[0]["trials/_type"] == "table-file" and rows[0]["trials/nrows"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end on local Ray
+
+
+@pytest.mark.slow
+def test_smoke_sweep_without_key_logs_one_offline_run_per_trial(tmp_path, ray_local, no_key, capsys):
+    argv = ["--smoke-test", "--storage", str(tmp_path / "runs"), "--experiments", "CPU-01,CPU-02", "--seeds", "0"]
+    sw = recipe.build("phase3", PRESETS, recipe.parser("phase3", PRESETS).parse_args(argv))
+    run_dir = run(sw, report=True)
+    W.finish_sweep(run_dir)
+    out = capsys.readouterr().out
+    assert out.count("W&B: offline (no W&B API key") == 1 and f"oelm-ray sync {run_dir}" in out
+    records = results.load_records(run_dir)
+    segs = W.offline_runs(run_dir)
+    assert len(records) == len(segs) == 2
+    for rec in records:
+        (seg,) = [s for s in segs if s.name.endswith("-" + rec["trial_id"])]
+        r = read_finished(seg)
+        method = rec["method"]
+        assert (r["id"], r["name"], r["group"], r["job_type"]) == (rec["trial_id"], rec["name"], "phase3-smoke", method)
+        assert r["project"] == "oelm-ray" and r["tags"] == ["stories", method, "seed=0"]
+        cfg = r["config"]
+        for k in ("method", "dataset", "lr", "warmup_steps", "max_steps", "seed", "qk_freeze_layers",
+                  "qk_unfreeze_step", "qk_lr_mult", "qk_random_std", "d_model", "n_layer", "n_head"):
+            assert k in cfg, k
+        assert (cfg["experiment_id"], cfg["method"], cfg["d_model"], cfg["max_steps"]) == (rec["experiment_id"], method, 32, 30)
+        hist = [h for h in r["history"] if "val/ppl" in h]
+        assert [h["_step"] for h in hist] == [h["step"] for h in hist] == [10, 20, 30]  # the training step, not training_iteration
+        assert [h["val/ppl"] for h in hist] == pytest.approx([h["val/ppl"] for h in rec["history"]])
+
+
+@pytest.mark.slow
+def test_retried_and_restored_trials_continue_their_run(tmp_path, ray_local, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    one = [E.EMBEDDED["CPU-02"]]
+    common = {**E.SMOKE, "data_dir": str(tmp_path / "data")}
+
+    def sweep(name, fault=None, max_failures=2):
+        return Sweep(name, one, [0], str(tmp_path / "runs"), common=common, max_failures=max_failures,
+                     callbacks=[W.callback(project="p", group=name)],
+                     extra_config={"_fault": {"step": 20, "marker": str(tmp_path / f"{name}.crashed")}} if fault else {})
+
+    # crash at step 20, retried in the same Tuner from the step-10 checkpoint: one run, one history
+    retried = run(sweep("retried", fault=True), report=False)
+    (rec,) = results.load_records(retried)
+    assert rec["status"] == "completed" and (tmp_path / "retried.crashed").exists()
+    assert len(W.offline_runs(retried)) == 1
+    assert steps_of(retried, rec["trial_id"]) == [10, 20, 30]
+
+    # crash with no retries left, then the same command again: Tuner.restore continues the same W&B run
+    restored = run(sweep("restored", fault=True, max_failures=0), report=False)
+    (rec,) = results.load_records(restored)
+    assert rec["status"] == "error" and steps_of(restored, rec["trial_id"]) == [10]
+    run(sweep("restored", fault=True, max_failures=0), report=False)  # same param_space; the fault fired already
+    (rec2,) = results.load_records(restored)
+    assert rec2["status"] == "completed" and rec2["trial_id"] == rec["trial_id"]
+    segs = W.offline_runs(restored)
+    assert len(segs) == 2 and all(s.name.endswith("-" + rec["trial_id"]) for s in segs)  # two segments, one run id
+    assert steps_of(restored, rec["trial_id"]) == [10, 20, 30]  # `wandb sync` replays them in order: no duplicates
