@@ -119,6 +119,7 @@ def cell_name(base: Sweep, exp: Experiment) -> str:
 def search_cells(base: Sweep, space: Space, num_samples: int, seed: int = 0, n_startup: int = 4,
                  grace_frac: float = 0.1) -> list[dict]:
     """Search every experiment of `base` (its own run each); return the best of each cell."""
+    pin_threads(base)
     out = []
     for exp in base.experiments:
         max_steps, eval_interval = budget(base, exp)
@@ -157,6 +158,11 @@ def cell_summary(exp: Experiment, recs: list[dict], n_candidates: int, max_steps
         "trials": len(recs), "stopped_early": sum(r["status"] == "stopped" for r in recs),
         "candidates": n_candidates, "max_steps": max_steps,
         "trial_steps": spent, "grid_trial_steps": grid, "fraction_of_grid": spent / grid if grid else math.nan,
+        "tried": [] if df.empty else [
+            {"trial": r.name, "lr": float(r.lr), "warmup_steps": int(r.warmup_steps), "steps": int(r.steps),
+             "best_val_ppl": float(r.best_val_ppl), "status": r.status}
+            for r in df.sort_values(["lr", "warmup_steps"]).itertuples()
+        ],
     }
 
 
@@ -176,6 +182,14 @@ def compare_sweep(base: Sweep, cells: list[dict]) -> Sweep:
         over = {**e.overrides, "lr": b["best"]["lr"], "warmup_steps": b["best"]["warmup_steps"]}
         exps.append(Experiment(f"{e.id}-best", e.preset, over))
     return dataclasses.replace(base, experiments=exps, common=_without(base.common, ("lr", "warmup_steps")))
+
+
+def pin_threads(sw: Sweep) -> Sweep:
+    """num_threads=0 in common (the trial then uses one thread per CPU it holds, as `run` would set):
+    `run` otherwise adds num_threads after comparing the sweep's identity and writes it into
+    sweep.json, and the same command could never resume."""
+    sw.common = {**sw.common, "num_threads": sw.common.get("num_threads", 0)}
+    return sw
 
 
 def _without(common: dict, keys) -> dict:
@@ -203,6 +217,12 @@ def search_markdown(cells: list[dict]) -> str:
     spent, grid = sum(c["trial_steps"] for c in cells), sum(c["grid_trial_steps"] for c in cells)
     if grid:
         lines += ["", f"All cells: {spent:,} trial-steps searched vs {grid:,} for the full grids ({100 * spent / grid:.0f}%)."]
+    for c in cells:
+        if c.get("tried"):
+            lines += ["", f"{c['experiment_id']} ({c['method']}, {c['dataset']}): the trials of the search", "",
+                      "| trial | lr | warmup | steps | val PPL | status |", "|---|---|---|---|---|---|"]
+            lines += [f"| {t['trial']} | {t['lr']:g} | {t['warmup_steps']} | {t['steps']} | {t['best_val_ppl']:.3f} | {t['status']} |"
+                      for t in c["tried"]]
     lines += ["", "The methods compared again at their own best settings, over fresh seeds: summary.md.", ""]
     return "\n".join(lines)
 

@@ -26,7 +26,8 @@ def load_recipe(name: str):
 
 
 def run_recipe(name: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    # RAY_ADDRESS=local: a Ray of its own, never a cluster some other process left running on this machine
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "RAY_ADDRESS": "local"}
     cmd = [sys.executable, str(ROOT / "sweeps" / f"{name}.py"), "--smoke-test", "--no-wandb",
            "--storage", str(tmp / "runs"), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
