@@ -200,7 +200,9 @@ class Callback(WandbLoggerCallback):
         self.run_dir = Path(run_dir) if run_dir else None
 
     def setup(self, *args, **kwargs):
-        if self.mode == "online":
+        # resolve_mode() found a key already (env or netrc, which the driver-node actors read too);
+        # Ray's own check only matters for an explicit api_key / api_key_file
+        if self.mode == "online" and (self.api_key or self.api_key_path):
             _set_api_key(self.api_key_path and os.path.expanduser(self.api_key_path), self.api_key)
 
     def log_trial_start(self, trial):
@@ -266,6 +268,8 @@ def finish_sweep(run_dir: str | os.PathLike, project: str | None = None) -> None
         print(f"W&B: {n} offline run(s) in {run_dir / 'wandb'}; `oelm-ray sync {run_dir}` uploads them "
               "and adds the sweep view and results table", flush=True)
         return
+    if offline_runs(run_dir):  # an actor fell back to offline mid-sweep
+        print(f"W&B: some runs were kept offline; `oelm-ray sync {run_dir}` uploads them", flush=True)
     try:
         publish(run_dir, project=project or meta["project"], entity=meta.get("entity"), group=meta["group"])
     except Exception as e:  # the sweep itself is done and reported: never fail it here
