@@ -63,6 +63,12 @@ def smoke(tmp: Path, **kw) -> dict:
     return {**E.SMOKE, "data_dir": str(tmp / "data"), **kw}
 
 
+def final_log(run_dir: Path, trial: str) -> str:
+    """The trial's train.log as of its last checkpoint (its working folder may be node-local)."""
+    last = max((run_dir / trial).glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[1]))
+    return (last / "train.log").read_text()
+
+
 def losses(history: list[dict]) -> list[tuple]:
     return [tuple(h.get(k) for k in LOSS_KEYS) for h in history]
 
@@ -95,9 +101,8 @@ def test_trial_sigkilled_at_a_random_step_resumes_bit_exact(tmp_path, ray_local)
     assert clean["status"] == killed["status"] == "completed"
     assert [h["step"] for h in killed["history"]] == [10, 20, 30]
     assert losses(killed["history"]) == losses(clean["history"])  # bit for bit
-    log = (run_dir / twins[1].trial_name(0) / "run" / "train.log").read_text()
-    assert "resumed from" in log, "the killed trial restarted from scratch instead of its checkpoint"
-    assert "resumed from" not in (run_dir / twins[0].trial_name(0) / "run" / "train.log").read_text()
+    assert "resumed from" in final_log(run_dir, twins[1].trial_name(0)), "the killed trial restarted from scratch"
+    assert "resumed from" not in final_log(run_dir, twins[0].trial_name(0))
 
 
 def _proc_table() -> dict[int, tuple[int, str, str]]:
@@ -205,7 +210,7 @@ def test_node_death_moves_its_trial_to_another_node(tmp_path):
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         exps = [E.EMBEDDED["CPU-01"], E.EMBEDDED["CPU-02"]]
-        common = smoke(tmp_path, max_steps=60)
+        common = smoke(tmp_path, max_steps=120)
         sw = Sweep("nodes", exps, [0], str(tmp_path / "runs"), common=common, max_failures=3)
         removed = threading.Event()
 
@@ -213,7 +218,9 @@ def test_node_death_moves_its_trial_to_another_node(tmp_path):
             deadline = time.time() + 400
             while time.time() < deadline:
                 recs = results.load_records(sw.run_dir)
-                if len(recs) == 2 and all(r.get("history") and r["status"] == "running" for r in recs):
+                # once both trials are past their second report, their first checkpoint is surely registered
+                if len(recs) == 2 and all(r.get("history") and r["history"][-1]["step"] >= 20 and r["status"] == "running"
+                                          for r in recs):
                     cluster.remove_node(workers[0], allow_graceful=False)  # both nodes are busy: one trial dies
                     removed.set()
                     return
@@ -225,12 +232,12 @@ def test_node_death_moves_its_trial_to_another_node(tmp_path):
         killer.join(5)
         assert removed.is_set(), "no moment with both trials running was seen"
         df = pd.read_parquet(run_dir / "trials.parquet")
-        assert len(df) == 2 and set(df.status) == {"completed"} and (df.steps == 60).all()
-        logs = [(run_dir / e.trial_name(0) / "run" / "train.log").read_text() for e in exps]
-        assert any("resumed from" in log for log in logs), "no trial continued from its checkpoint"
+        assert len(df) == 2 and set(df.status) == {"completed"} and (df.steps == 120).all()
+        logs = [final_log(run_dir, e.trial_name(0)) for e in exps]
+        assert sum("resumed from" in log for log in logs) == 1, f"one trial must continue from its checkpoint: {logs}"
         for e in exps:
             hist = results.read_record(results.record_path(run_dir, e.trial_name(0)))["history"]
-            assert [h["step"] for h in hist] == [10, 20, 30, 40, 50, 60]
+            assert [h["step"] for h in hist] == list(range(10, 121, 10))
     finally:
         ray.shutdown()
         cluster.shutdown()
