@@ -84,10 +84,13 @@ def _restore_into(out: Path) -> bool:
         for p in out.iterdir():
             p.unlink() if p.is_file() else shutil.rmtree(p)
         return False
+    # the temp file of a checkpoint write the last attempt was killed in: it would ride along in every later checkpoint
+    for p in out.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
     with ckpt.as_directory() as d:
         if Path(d).resolve() != out.resolve():
             for p in Path(d).iterdir():
-                if p.is_file() and p.name != "summary.json":
+                if p.is_file() and p.name != "summary.json" and not (p.name.startswith(".") and p.name.endswith(".tmp")):
                     shutil.copy2(p, out / p.name)
     return (out / "latest.pt").exists()
 
