@@ -318,6 +318,26 @@ def test_sigkill_while_writing_a_checkpoint_leaves_one_whole(tmp_path):
         assert load_checkpoint(path)["step"] == -attempt
 
 
+def test_retried_trial_drops_the_temp_file_of_a_killed_checkpoint_write(tmp_path, monkeypatch):
+    """A trial killed inside a checkpoint write leaves `.latest.pt.*.tmp` in its working folder; the
+    retry must not carry that (possibly GBs) into every later checkpoint."""
+    from ray import tune
+
+    from oelm_ray import sweep
+
+    ck = tmp_path / "checkpoint_000001"
+    save_checkpoint(ck / "latest.pt", {"format": 1, "config": {}, "model": {}, "step": 10})
+    (ck / "train.log").write_text("step 10\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".latest.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    (out / "latest.pt").write_bytes(b"newer, never registered")
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(ck)))
+    assert sweep._restore_into(out) is True
+    assert sorted(p.name for p in out.iterdir()) == ["latest.pt", "train.log"]
+    assert load_checkpoint(out / "latest.pt")["step"] == 10
+
+
 # ================================================================================================
 # 2. bad input: one line, exit 2, before any training, nothing overwritten
 
