@@ -55,13 +55,14 @@ def trainable(config: dict) -> None:
     prepare(cfg.data, progress=False)  # idempotent: verifies the copy the driver prepared
     data = load_prepared(cfg.data)
     node, gpu = ray.util.get_node_ip_address(), os.environ.get("CUDA_VISIBLE_DEVICES", "-") or "-"
+    node_id = ray.get_runtime_context().get_node_id()[:12]  # tells apart nodes that share an address
     fault = config.get("_fault")  # test hook: inject a crash once, at a given step
 
     def report(metrics: dict) -> None:
         if fault and metrics["step"] >= fault["step"]:
             _inject_fault(fault)
         # a data-parallel trial's rank 0 reports the GPUs its workers hold
-        tune.report({"node": node, "gpu": gpu, **metrics}, checkpoint=tune.Checkpoint.from_directory(str(out)))
+        tune.report({"node": node, "node_id": node_id, "gpu": gpu, **metrics}, checkpoint=tune.Checkpoint.from_directory(str(out)))
 
     with open(out / "train.log", "a") as logf:  # the research's training.log; `oelm-ray status` is the live view
         def log(line: str) -> None:
@@ -168,7 +169,7 @@ class Recorder(tune.Callback):
         self._save(rec)
 
 
-_KEEP = {"step", "tokens", "lr", "step_time_s", "tokens_per_s", "eval_time_s", "wall_time_s", "node", "gpu",
+_KEEP = {"step", "tokens", "lr", "step_time_s", "tokens_per_s", "eval_time_s", "wall_time_s", "node", "node_id", "gpu",
          "trainable_params", "total_params", "diverged"}
 
 

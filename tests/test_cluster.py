@@ -4,8 +4,17 @@ simulated multi-node GPU cluster."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +115,202 @@ def test_cli_check_cluster_exits_2_with_one_line(tmp_path):
     assert r.stderr.startswith("oelm-ray check-cluster: error:") and "provider.head_ip is missing" in r.stderr
     ok = subprocess.run([sys.executable, "-m", "oelm_ray", "check-cluster", str(SHIPPED)], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "valid for Ray" in ok.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# shared storage: a multi-node sweep refuses storage that some node cannot see
+
+
+def test_storage_only_one_node_can_see_is_reported(tmp_path):
+    from oelm_ray.sweep import _check_shared_storage
+
+    seen = []
+
+    def probe(path):  # the head sees the token file, the second server has its own local disk
+        seen.append(path)
+        return [("10.0.0.1", Path(path).exists()), ("10.0.0.2", False)]
+
+    with pytest.raises(ConfigError, match=r"storage .* is not visible from node\(s\) 10.0.0.2: .*NFS path.*s3://"):
+        _check_shared_storage(tmp_path, probe=probe)
+    assert seen and not Path(seen[0]).exists()  # the token file is cleaned up
+    _check_shared_storage(tmp_path, probe=lambda p: [("10.0.0.1", True), ("10.0.0.2", Path(p).exists())])
+
+
+# ------------------------------------------------------------------------------------------------
+# a simulated multi-node GPU cluster (logical GPUs on CPU)
+
+
+@pytest.mark.slow
+def test_trials_spread_over_nodes_one_gpu_each(tmp_path, ray_local):
+    import ray
+    from ray import tune
+    from ray.cluster_utils import Cluster
+
+    from oelm_ray import experiments as E, sweep as S
+    from oelm_ray.results import load_records
+
+    class Times(tune.Callback):
+        def __init__(self):
+            self.spans = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.spans[str(trial)] = [time.time(), None]
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.spans[str(trial)][1] = time.time()
+
+    ray.shutdown()  # a Cluster needs its own Ray
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2})
+    cluster.add_node(num_cpus=2, num_gpus=2)
+    cluster.wait_for_nodes()
+    probed = []
+    real_probe = S._probe_nodes
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        assert ray.cluster_resources()["GPU"] == 4
+        S._probe_nodes = lambda p: probed.append(real_probe(p)) or probed[-1]  # the real probe, on both nodes
+        times = Times()
+        sw = S.Sweep(name="multi", experiments=list(E.EMBEDDED.values()), seeds=[0, 1], storage=str(tmp_path / "runs"),
+                     common={**E.SMOKE, "data_dir": str(tmp_path / "data")}, cpus_per_trial=1, callbacks=[times])
+        run_dir = S.run(sw, report=False)
+    finally:
+        S._probe_nodes = real_probe
+        ray.shutdown()
+        cluster.shutdown()
+    assert len(probed[0]) == 2 and all(ok for _, ok in probed[0])  # both nodes saw the storage (one disk here)
+    recs = load_records(run_dir)
+    assert len(recs) == 6 and all(r["status"] == "completed" for r in recs), [r["status"] for r in recs]
+    slot = {}
+    for r in recs:
+        places = {(h["node_id"], h["gpu"]) for h in r["history"]}
+        assert len(places) == 1 and r["gpu"] in ("0", "1"), places  # one GPU id, for the trial's whole life
+        slot[r["name"]] = places.pop()
+    assert len({node for node, _ in slot.values()}) == 2  # trials ran on both nodes
+    spans = times.spans
+    events = sorted([(a, 1) for a, b in spans.values()] + [(b, -1) for a, b in spans.values()])
+    running = peak = 0
+    for _, d in events:
+        running += d
+        peak = max(peak, running)
+    assert 1 < peak <= 4  # concurrent, never more trials than GPUs
+    names = list(spans)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            (a0, a1), (b0, b1) = spans[a], spans[b]
+            if a0 < b1 and b0 < a1:  # ran at the same time: never on the same GPU of the same node
+                assert slot[a] != slot[b], (a, b, slot[a])
+
+
+# ------------------------------------------------------------------------------------------------
+# drivers joining a running Ray head: RAY_ADDRESS, `ray job submit`, an unreachable address
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**kw) -> dict:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", **kw}
+    env.pop("RAY_ADDRESS", None)
+    env.update({k: v for k, v in kw.items()})
+    return env
+
+
+@pytest.fixture
+def ray_head(tmp_path_factory):
+    """A Ray head on 127.0.0.1 with token auth (its own token file) and the dashboard on loopback.
+
+    Stopped by killing exactly the processes of its own temp dir: `ray stop` would end every Ray
+    session on this machine, other people's included.
+    """
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+    temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    token = tmp_path_factory.mktemp("auth") / "auth_token"
+    token.write_text(generate_new_authentication_token())
+    port, dash = _free_port(), _free_port()
+    env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    cmd = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+           "--disable-usage-stats", f"--temp-dir={temp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+            pids = _pids_of(temp)
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
+            deadline = time.time() + wait
+            while pids and time.time() < deadline and _pids_of(temp):
+                time.sleep(0.5)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _pids_of(temp: Path) -> list[int]:
+    """Processes whose command line names this head's temp dir: its GCS, raylet, dashboard, workers."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if str(temp).encode() in (d / "cmdline").read_bytes():
+                    out.append(int(d.name))
+    return out
+
+
+def _phase3(*args, env, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "sweeps" / "phase3.py"), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_driver_joins_a_running_head_by_ray_address_and_by_job_submit(tmp_path, ray_head):
+    env = {**ray_head["env"], "RAY_ADDRESS": ray_head["address"]}
+    r = _phase3("--smoke-test", "--seeds", "0", "--storage", str(tmp_path / "a"), "--no-wandb", env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    run = tmp_path / "a" / "phase3-smoke"
+    assert (run / "summary.md").exists()
+    statuses = [json.loads(p.read_text())["status"] for p in (run / "trials").glob("*.json")]
+    assert statuses == ["completed"] * 3, statuses
+
+    # `ray job submit --no-wait`: the entrypoint runs on the head, the driver inherits its address
+    job_env = {**ray_head["env"], "RAY_ADDRESS": ray_head["dashboard"]}
+    entry = f"{sys.executable} {ROOT / 'sweeps' / 'phase3.py'} --smoke-test --seeds 0 --experiments CPU-02 " \
+            f"--storage {tmp_path / 'b'} --no-wandb"
+    sub = subprocess.run(["ray", "job", "submit", "--no-wait", "--", *entry.split()], env=job_env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    job_id = re.search(r"raysubmit_\w+", sub.stdout + sub.stderr).group(0)
+    deadline, status = time.time() + 600, ""
+    while time.time() < deadline:
+        st = subprocess.run(["ray", "job", "status", job_id], env=job_env, capture_output=True, text=True, timeout=120)
+        status = st.stdout + st.stderr
+        if re.search(r"succeeded|failed|stopped", status, re.I):
+            break
+        time.sleep(3)
+    logs = subprocess.run(["ray", "job", "logs", job_id], env=job_env, capture_output=True, text=True, timeout=120).stdout
+    assert re.search(r"succeeded", status, re.I), status + logs[-3000:]
+    rec = json.loads((tmp_path / "b" / "phase3-smoke" / "trials" / "CPU-02-oelm_freeze-s0.json").read_text())
+    assert rec["status"] == "completed" and (tmp_path / "b" / "phase3-smoke" / "summary.md").exists()
+
+
+@pytest.mark.slow
+def test_driver_without_the_token_is_refused_with_a_clear_message(tmp_path, ray_head):
+    env = {**ray_head["env"], "RAY_ADDRESS": ray_head["address"], "RAY_AUTH_TOKEN_PATH": str(tmp_path / "wrong")}
+    (tmp_path / "wrong").write_text("0" * 32)
+    r = _phase3("--smoke-test", "--storage", str(tmp_path / "a"), "--no-wandb", env=env, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "could not join the Ray cluster at" in r.stderr and "RAY_AUTH_MODE=token" in r.stderr
+
+
+def test_unreachable_ray_address_fails_fast(tmp_path):
+    env = _env(RAY_ADDRESS=f"127.0.0.1:{_free_port()}", RAY_AUTH_MODE="disabled")  # nothing listens there
+    t0 = time.time()
+    r = _phase3("--smoke-test", "--storage", str(tmp_path), "--no-wandb", env=env, timeout=300)
+    assert r.returncode == 2 and time.time() - t0 < 120
+    assert "cannot reach the Ray cluster at 127.0.0.1:" in r.stderr and "ray up cluster.yaml" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
