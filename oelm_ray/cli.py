@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-cluster", help="validate a Ray cluster-launcher YAML offline with Ray's own schema")
     p.add_argument("yaml", nargs="?", default="cluster.yaml", help="cluster config (default: cluster.yaml)")
+    p.add_argument("--strict", action="store_true", help="placeholder hosts (*_TODO) are an error, as right before `ray up`")
     return ap
 
 
@@ -125,7 +126,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "check-cluster":
         from . import cluster
 
-        print(cluster.check_cluster(args.yaml))
+        print(cluster.check_cluster(args.yaml, allow_placeholders=not args.strict))
         return 0
     raise AssertionError(args.cmd)
 
