@@ -29,24 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
-from ray.tune.search.sample import Categorical
 
 from . import results
 from .experiments import Experiment
 from .sweep import METRIC, MODE, Sweep, run
 
 TERMINAL = ("completed", "stopped", "diverged")
-
-
-class Choice(Categorical):
-    """`tune.choice` with a stable repr: a sweep's identity (sweep.json) then matches on resume."""
-
-    def __repr__(self) -> str:
-        return f"choice({self.categories!r})"
-
-
-def choice(values: list) -> Choice:
-    return Choice(list(values)).uniform()
 
 
 def log_spaced(lo: float, hi: float, n: int) -> list[float]:
@@ -72,7 +60,7 @@ class Space:
 
     def domains(self, max_steps: int) -> dict[str, Any]:
         """For a searcher: every candidate equally likely until the model has seen results."""
-        return {"lr": choice(self.lrs), "warmup_steps": choice(self.warmups(max_steps))}
+        return {"lr": tune.choice(self.lrs), "warmup_steps": tune.choice(self.warmups(max_steps))}
 
     def grid(self, max_steps: int) -> dict[str, Any]:
         """The full grid over the same candidates (no searcher: Tune expands it)."""
@@ -119,7 +107,6 @@ def cell_name(base: Sweep, exp: Experiment) -> str:
 def search_cells(base: Sweep, space: Space, num_samples: int, seed: int = 0, n_startup: int = 4,
                  grace_frac: float = 0.1) -> list[dict]:
     """Search every experiment of `base` (its own run each); return the best of each cell."""
-    pin_threads(base)
     out = []
     for exp in base.experiments:
         max_steps, eval_interval = budget(base, exp)
@@ -182,14 +169,6 @@ def compare_sweep(base: Sweep, cells: list[dict]) -> Sweep:
         over = {**e.overrides, "lr": b["best"]["lr"], "warmup_steps": b["best"]["warmup_steps"]}
         exps.append(Experiment(f"{e.id}-best", e.preset, over))
     return dataclasses.replace(base, experiments=exps, common=_without(base.common, ("lr", "warmup_steps")))
-
-
-def pin_threads(sw: Sweep) -> Sweep:
-    """num_threads=0 in common (the trial then uses one thread per CPU it holds, as `run` would set):
-    `run` otherwise adds num_threads after comparing the sweep's identity and writes it into
-    sweep.json, and the same command could never resume."""
-    sw.common = {**sw.common, "num_threads": sw.common.get("num_threads", 0)}
-    return sw
 
 
 def _without(common: dict, keys) -> dict:

@@ -224,11 +224,24 @@ class Sweep:
             "experiments": [e.to_dict() for e in self.experiments],
             "seeds": list(self.seeds),
             "common": self.common,
-            "search": {k: repr(v) for k, v in self.search.items()},
+            "search": {k: _describe(v) for k, v in self.search.items()},
             "num_samples": self.num_samples,
             "search_alg": type(self.search_alg).__name__ if self.search_alg else None,
             "scheduler": type(self.scheduler).__name__ if self.scheduler else None,
         }
+
+
+def _describe(v: Any) -> Any:
+    """A Tune search domain as plain, stable data (its repr holds a memory address)."""
+    if not isinstance(v, tune.search.sample.Domain):
+        return v
+    sampler = getattr(v, "sampler", None)
+    return {
+        "domain": type(v).__name__,
+        **{k: getattr(v, k) for k in ("categories", "lower", "upper") if hasattr(v, k)},
+        "sampler": type(sampler).__name__ if sampler is not None else None,
+        **{k: getattr(sampler, k) for k in ("base", "q") if hasattr(sampler, k)},
+    }
 
 
 def validate(sweep: Sweep) -> None:
@@ -308,7 +321,8 @@ def connect(address: str | None) -> None:
         from ray._private import ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address="local" if address == "local" else None, include_dashboard=False,
+    # address="local": always a Ray of our own, never one that another process left running here
+    ray.init(address="local", include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=False)
 
 

@@ -13,7 +13,7 @@ Run the same command again after an interruption to resume.
 """
 
 from oelm_ray import experiments as E
-from oelm_ray import recipe, search
+from oelm_ray import recipe
 from oelm_ray.config import make_config
 from oelm_ray.experiments import Experiment
 
@@ -53,7 +53,7 @@ def at_run_size(sw, args):
     keep = {e.id for e in sw.experiments}
     sw.experiments = [e for e in variants(base, freeze, cfg.model.n_layer, cfg.train.max_steps)
                       if e.id in keep or e.id.startswith("PU-k") and not args.experiments]
-    return search.pin_threads(sw)  # so that the same command resumes
+    return sw
 
 
 if __name__ == "__main__":

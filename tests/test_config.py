@@ -45,7 +45,7 @@ BAD = [
     (dict(dropout=1.0), "dropout=1.0 must be in [0, 1)"),
     (dict(vocab_size=100), "vocab_size=100 is smaller than the bytes tokenizer's vocabulary (257)"),
     (dict(qk_unfreeze_step=10), "method=baseline with qk_freeze_layers=-1 freezes no Q/K"),
-    (dict(method="oelm_freeze", qk_freeze_layers=9), "qk_freeze_layers=9 must be -1 (all) or between 0 and n_layer=4"),
+    (dict(method="oelm_freeze", qk_freeze_layers=9), "qk_freeze_layers=9 must be -1 (all) or between 0 and n_layer=2"),
     (dict(qk_lr_mult=0), "qk_lr_mult=0"),
     (dict(device="tpu"), "device='tpu' is unknown"),
     (dict(no_such_field=1), "unknown config field 'no_such_field'"),

@@ -57,7 +57,11 @@ def test_space_grid_and_cost_bookkeeping():
     space = search.Space(lrs=[1e-3, 2e-3, 4e-3], warmup_fracs=[0.1, 0.3])
     assert space.size(1000) == 6 and space.warmups(1000) == [100, 300]
     assert space.grid(1000)["lr"] == {"grid_search": [1e-3, 2e-3, 4e-3]}
-    assert repr(space.domains(1000)["lr"]) == repr(space.domains(1000)["lr"])  # stable: resume compares it
+    from oelm_ray.sweep import _describe
+
+    # stable across calls (and processes): the same command resumes only if sweep.json matches
+    assert _describe(space.domains(1000)["lr"]) == _describe(space.domains(1000)["lr"])
+    assert _describe(space.domains(1000)["lr"])["categories"] == [1e-3, 2e-3, 4e-3]
     assert search.log_spaced(1e-4, 1e-2, 3) == [1e-4, 1e-3, 1e-2]
     sched = search.early_stopper(1000, 200)
     assert sched._time_attr == "step" and sched._max_t == 1000
