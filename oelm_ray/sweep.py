@@ -296,7 +296,7 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address and address not in ("local", "auto"):
+    if address and address != "local":  # "auto" joins the cluster that `ray start` left running here
         host, _, port = address.removeprefix("ray://").rpartition(":")
         if not address.startswith("ray://") and host and port.isdigit():
             try:
