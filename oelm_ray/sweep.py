@@ -12,6 +12,7 @@ Everything that can fail on bad input fails before Ray starts or any data is tok
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,8 +32,9 @@ from ray import tune
 from . import results
 from .config import ConfigError
 from .experiments import Experiment, trial_name
+from .trainer import read_metrics
 
-RUN_DIR_IN_TRIAL = "run"
+STATE_DIR = "state"
 METRIC, MODE = "val/loss", "min"
 
 
@@ -49,9 +51,9 @@ def trainable(config: dict) -> None:
     cfg = exp.config(config["seed"], **config.get("common", {}), **config.get("search", {}))
     if cfg.train.num_threads == 0:  # a CPU slot is a core: threads beyond it only fight each other
         cfg.train.num_threads = max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
-    out = Path(tune.get_context().get_trial_dir()) / RUN_DIR_IN_TRIAL
+    out, in_storage = _state_dir()
     out.mkdir(parents=True, exist_ok=True)
-    resume = _restore_into(out)
+    resume, known_step = _restore_into(out, in_storage)
     prepare(cfg.data, progress=False)  # idempotent: verifies the copy the driver prepared
     data = load_prepared(cfg.data)
     node, gpu = ray.util.get_node_ip_address(), os.environ.get("CUDA_VISIBLE_DEVICES", "-") or "-"
@@ -62,7 +64,16 @@ def trainable(config: dict) -> None:
         if fault and metrics["step"] >= fault["step"]:
             _inject_fault(fault)
         # a data-parallel trial's rank 0 reports the GPUs its workers hold
-        tune.report({"node": node, "node_id": node_id, "gpu": gpu, **metrics}, checkpoint=tune.Checkpoint.from_directory(str(out)))
+        with _checkpoint_dir(out, in_storage, metrics["step"]) as ckpt_dir:
+            tune.report({"node": node, "node_id": node_id, "gpu": gpu, **metrics},
+                        checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+
+    if resume:
+        # evaluations the state holds but Tune never heard of (the trial died between writing its
+        # state and reporting, or Tune's experiment state is older): report them first, in order
+        for metrics in read_metrics(out / "metrics.jsonl"):
+            if metrics["step"] > known_step:
+                report(metrics)
 
     with open(out / "train.log", "a") as logf:  # the research's training.log; `oelm-ray status` is the live view
         def log(line: str) -> None:
@@ -77,23 +88,57 @@ def trainable(config: dict) -> None:
             train(cfg, out, report=report, resume=resume, data=data, log=log)
 
 
-def _restore_into(out: Path) -> bool:
-    """Copy Tune's last checkpoint of this trial into `out`; True when there is one to resume."""
-    ckpt = tune.get_checkpoint()
-    if ckpt is None:
-        # a fresh trial: a leftover folder from an attempt that never checkpointed is stale
-        for p in out.iterdir():
-            p.unlink() if p.is_file() else shutil.rmtree(p)
-        return False
+def _state_dir() -> tuple[Path, bool]:
+    """Where the trial's trainer keeps latest.pt, best.pt, metrics.jsonl, summary.json and train.log.
+
+    On a filesystem storage (a local folder, NFS) that is `<run>/<trial>/state/`: it outlives the
+    driver and every retry, and always holds the newest state, written atomically. Tune's own
+    checkpoints then only point at it (a few bytes each, all kept): Ray 2.60 may restore a killed
+    driver's sweep from experiment state older than its newest checkpoints, and with `num_to_keep`
+    the checkpoint it names may already be gone. On object storage (s3://...) the state lives in
+    the trial's working folder and travels inside Tune's checkpoints instead.
+    """
+    storage = tune.get_context().get_storage()
+    if storage.storage_filesystem.type_name == "local":
+        return Path(storage.trial_fs_path) / STATE_DIR, True
+    return Path(tune.get_context().get_trial_dir()) / STATE_DIR, False
+
+
+@contextlib.contextmanager
+def _checkpoint_dir(out: Path, in_storage: bool, step: int):
+    """The folder handed to tune.report: the state itself, or a pointer to it in shared storage."""
+    if not in_storage:
+        yield str(out)
+        return
+    with tempfile.TemporaryDirectory(prefix="oelm-ckpt-") as d:
+        (Path(d) / "state.json").write_text(json.dumps({"state_dir": str(out), "step": step}))
+        yield d
+
+
+def _restore_into(out: Path, in_storage: bool) -> tuple[bool, int]:
+    """Bring the trial's newest state into `out`: (whether to resume, the last step Tune knows of)."""
     # the temp file of a checkpoint write the last attempt was killed in: it would ride along in every later checkpoint
     for p in out.glob(".*.tmp"):
         p.unlink(missing_ok=True)
-    with ckpt.as_directory() as d:
-        if Path(d).resolve() != out.resolve():
-            for p in Path(d).iterdir():
-                if p.is_file() and p.name != "summary.json" and not (p.name.startswith(".") and p.name.endswith(".tmp")):
-                    shutil.copy2(p, out / p.name)
-    return (out / "latest.pt").exists()
+    ckpt = tune.get_checkpoint()
+    known_step = 0
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            pointer = Path(d) / "state.json"
+            if pointer.exists():
+                known_step = json.loads(pointer.read_text())["step"]
+            elif not in_storage and Path(d).resolve() != out.resolve():  # it carries the state: copy it in
+                for p in Path(d).iterdir():
+                    if p.is_file() and p.name != "summary.json" and not (p.name.startswith(".") and p.name.endswith(".tmp")):
+                        shutil.copy2(p, out / p.name)
+                known_step = read_metrics(out / "metrics.jsonl")[-1]["step"] if (out / "metrics.jsonl").exists() else 0
+    if (out / "latest.pt").exists() and (in_storage or ckpt is not None):
+        # in storage: the newest state, whichever (possibly older) checkpoint Tune's experiment state names
+        return True, known_step
+    # a fresh trial: a leftover folder from an attempt that never checkpointed is stale
+    for p in out.iterdir():
+        p.unlink() if p.is_file() else shutil.rmtree(p)
+    return False, 0
 
 
 def _inject_fault(fault: dict) -> None:
@@ -146,12 +191,13 @@ class Recorder(tune.Callback):
         rec = self._rec(trial)
         row = {k: v for k, v in result.items() if k in _KEEP or k.startswith(("val/", "train/"))}
         # a trial resumed from a checkpoint re-reports the steps after it: keep one row per step
+        new = not rec["history"] or row["step"] > rec["history"][-1]["step"]
         rec["history"] = [h for h in rec["history"] if h["step"] < row["step"]] + [row]
         rec["status"] = "diverged" if result.get("diverged") else "running"
         rec["last_report"] = time.time()
         rec.update({k: result[k] for k in ("node", "gpu", "trainable_params", "total_params") if k in result})
         self._save(rec)
-        if not self.quiet and _finite(result.get("val/ppl")):
+        if new and not self.quiet and _finite(result.get("val/ppl")):
             print(f"  {trial}: step {result['step']:>6}  val ppl {result['val/ppl']:8.3f}  {result.get('tokens_per_s', 0):,.0f} tok/s", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -420,7 +466,9 @@ def run(sweep: Sweep, report: bool = True) -> Path:
         name=sweep.name,
         storage_path=str(run_dir.parent),
         failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # on filesystem storage checkpoints are pointers (bytes): keep them all, so that any one Tune's
+        # experiment state names still exists; on object storage they carry the state: keep two
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2 if _is_shared_uri(sweep.storage) else None),
         callbacks=callbacks,
         verbose=0,
     )
