@@ -190,9 +190,11 @@ class Recorder(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         rec = self._rec(trial)
         row = {k: v for k, v in result.items() if k in _KEEP or k.startswith(("val/", "train/"))}
-        # a trial resumed from a checkpoint re-reports the steps after it: keep one row per step
-        new = not rec["history"] or row["step"] > rec["history"][-1]["step"]
-        rec["history"] = [h for h in rec["history"] if h["step"] < row["step"]] + [row]
+        # a trial resumed from a checkpoint re-reports the steps after it: keep one row per step, the newest
+        by_step = {h["step"]: h for h in rec["history"]}
+        new = row["step"] not in by_step  # a re-report is not news
+        by_step[row["step"]] = row
+        rec["history"] = [by_step[k] for k in sorted(by_step)]
         rec["status"] = "diverged" if result.get("diverged") else "running"
         rec["last_report"] = time.time()
         rec.update({k: result[k] for k in ("node", "gpu", "trainable_params", "total_params") if k in result})

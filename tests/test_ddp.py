@@ -96,7 +96,7 @@ def test_ddp_trial_in_a_sweep_matches_a_single_process_run(tmp_path, ray_local):
         cfg = E.EMBEDDED["CPU-02"].config(0, **common)
         train(cfg, tmp_path / "single", log=lambda s: None)
         _close(rec["history"], read_metrics(tmp_path / "single" / "metrics.jsonl"))
-        trial_run = next(run_dir.glob("CPU-02-oelm_freeze-s0/run"))
+        trial_run = run_dir / "CPU-02-oelm_freeze-s0" / "state"
         assert (trial_run / "latest.pt").exists() and "[ddp]" in (trial_run / "train.log").read_text()
         assert not [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"]
     finally:
