@@ -1,6 +1,6 @@
 """Trainer throughput against a plain PyTorch loop doing the same math, and eval's share of wall time.
 
-    python benchmarks/trainer_speed.py                 # cpu preset, 1 thread, 3 repeats
+    python benchmarks/trainer_speed.py                 # cpu preset, 1 thread, 5 repeats
     python benchmarks/trainer_speed.py --preset medium-512 --steps 300 --threads 0   # on a GPU
 
 Prints, per method, the median training tokens/s of `trainer.train` and of a bare loop (same model,
@@ -65,7 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     ap.add_argument("--data-dir", default="runs/data")
     args = ap.parse_args()
@@ -78,19 +78,22 @@ def main() -> None:
     print(f"preset {args.preset}, {args.steps} steps x {args.repeats} repeats, device {resolve_device(cfg0)[0]}, "
           f"threads {torch.get_num_threads()}")
     print(f"{'method':<12} {'trainer tok/s':>14} {'plain tok/s':>12} {'ratio':>6}")
-    medians = {}
-    for method in METHODS:
-        # one evaluation at the very end, so the timed part is training only, as in the plain loop
-        cfg = make_config(args.preset, **base, method=method, max_steps=args.steps,
-                          warmup_steps=min(cfg0.train.warmup_steps, args.steps // 2),
-                          eval_interval=args.steps, log_interval=args.steps)
-        tr, pl = [], []
-        for _ in range(args.repeats):  # interleaved so drift in machine load hits both alike
-            tr.append(trainer_tps(cfg, data))
-            pl.append(plain_loop(cfg, data, args.steps))
-        medians[method] = statistics.median(tr)
-        print(f"{method:<12} {statistics.median(tr):>14,.0f} {statistics.median(pl):>12,.0f} "
-              f"{statistics.median(tr) / statistics.median(pl):>6.3f}")
+    tr: dict[str, list[float]] = {m: [] for m in METHODS}
+    pl: dict[str, list[float]] = {m: [] for m in METHODS}
+    cfgs = {  # one evaluation at the very end, so the timed part is training only, as in the plain loop
+        m: make_config(args.preset, **base, method=m, max_steps=args.steps,
+                       warmup_steps=min(cfg0.train.warmup_steps, args.steps // 2),
+                       eval_interval=args.steps, log_interval=args.steps)
+        for m in METHODS
+    }
+    for _ in range(args.repeats):  # methods and loops interleaved: drift in machine speed hits all alike
+        for m in METHODS:
+            tr[m].append(trainer_tps(cfgs[m], data))
+            pl[m].append(plain_loop(cfgs[m], data, args.steps))
+    medians = {m: statistics.median(tr[m]) for m in METHODS}
+    for m in METHODS:
+        print(f"{m:<12} {medians[m]:>14,.0f} {statistics.median(pl[m]):>12,.0f} "
+              f"{medians[m] / statistics.median(pl[m]):>6.3f}")
     for m in METHODS[1:]:
         print(f"{m} vs baseline (trainer tok/s): {medians[m] / medians['baseline']:.3f}x")
     # eval share at the preset's own eval settings (a shortened run keeps the same interval/batches)
