@@ -76,15 +76,15 @@ def build(name: str, presets: Presets, args: argparse.Namespace, **extra: Any):
         common["max_steps"] = args.max_steps
     storage = str(Path(args.storage).resolve()) if "://" not in args.storage else args.storage
     common["data_dir"] = str(Path(args.data_dir or Path(storage) / "data").resolve())
-    suffix = "smoke" if args.smoke_test else args.preset
+    run_name = args.name or f"{name}-{'smoke' if args.smoke_test else args.preset}"
     callbacks = []
     if not args.no_wandb:
         from .wandb_adapter import callback as wandb_callback
 
-        cb = wandb_callback(project=args.wandb_project, group=args.name or f"{name}-{suffix}")
+        cb = wandb_callback(project=args.wandb_project, group=run_name)
         callbacks += [cb] if cb else []
     kwargs = dict(
-        name=args.name or f"{name}-{suffix}",
+        name=run_name,
         experiments=exps,
         seeds=parse_seeds(args.seeds) if args.seeds else list(p["seeds"]),
         storage=storage,

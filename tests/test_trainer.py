@@ -13,6 +13,7 @@ import torch
 from oelm_ray.checkpoint import CheckpointError
 from oelm_ray.config import make_config
 from oelm_ray.data import load_prepared, prepare
+from oelm_ray.model import GPT
 from oelm_ray.trainer import RunExistsError, build_optimizer, train
 
 TINY = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, max_steps=40,
@@ -35,14 +36,17 @@ def quiet(_):
     pass
 
 
+def _train_keeping_qk(c, out):
+    """Train; return (the Q/K weights at init, the final weights)."""
+    torch.manual_seed(c.train.seed)
+    init = {k: v.clone() for k, v in GPT(c.model).qk_params().items()}
+    train(c, out, log=quiet)
+    return init, torch.load(out / "latest.pt", weights_only=True)["model"]
+
+
 def test_frozen_qk_unchanged_and_absent_from_optimizer(tmp_path, data_dir):
     c = cfg(data_dir, method="oelm_freeze")
-    torch.manual_seed(c.train.seed)
-    from oelm_ray.model import GPT
-
-    init = {k: v.clone() for k, v in GPT(c.model).qk_params().items()}
-    train(c, tmp_path, log=quiet)
-    final = torch.load(tmp_path / "latest.pt", weights_only=True)["model"]
+    init, final = _train_keeping_qk(c, tmp_path)
     for name, w in init.items():
         assert torch.equal(final[name], w), name
     model = GPT(c.model)
@@ -54,13 +58,7 @@ def test_frozen_qk_unchanged_and_absent_from_optimizer(tmp_path, data_dir):
 
 
 def test_baseline_qk_do_train(tmp_path, data_dir):
-    c = cfg(data_dir, method="baseline")
-    torch.manual_seed(c.train.seed)
-    from oelm_ray.model import GPT
-
-    init = {k: v.clone() for k, v in GPT(c.model).qk_params().items()}
-    train(c, tmp_path, log=quiet)
-    final = torch.load(tmp_path / "latest.pt", weights_only=True)["model"]
+    init, final = _train_keeping_qk(cfg(data_dir, method="baseline"), tmp_path)
     assert all(not torch.equal(final[k], v) for k, v in init.items())
 
 
