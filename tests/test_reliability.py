@@ -220,7 +220,9 @@ def test_node_death_moves_its_trial_to_another_node(tmp_path):
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         exps = [E.EMBEDDED["CPU-01"], E.EMBEDDED["CPU-02"]]
-        common = smoke(tmp_path, max_steps=120)
+        # long enough (about 10 s a trial) that the node dies well inside training, not after it:
+        # Tune hears of a report a moment after the trainer makes it
+        common = smoke(tmp_path, max_steps=1500, eval_interval=100, log_interval=100)
         sw = Sweep("nodes", exps, [0], str(tmp_path / "runs"), common=common, max_failures=3)
         removed = threading.Event()
 
@@ -229,7 +231,7 @@ def test_node_death_moves_its_trial_to_another_node(tmp_path):
             while time.time() < deadline:
                 recs = results.load_records(sw.run_dir)
                 # once both trials are past their second report, their first checkpoint is surely registered
-                if len(recs) == 2 and all(r.get("history") and r["history"][-1]["step"] >= 20 and r["status"] == "running"
+                if len(recs) == 2 and all(r.get("history") and r["history"][-1]["step"] >= 200 and r["status"] == "running"
                                           for r in recs):
                     cluster.remove_node(workers[0], allow_graceful=False)  # both nodes are busy: one trial dies
                     removed.set()
@@ -242,12 +244,12 @@ def test_node_death_moves_its_trial_to_another_node(tmp_path):
         killer.join(5)
         assert removed.is_set(), "no moment with both trials running was seen"
         df = pd.read_parquet(run_dir / "trials.parquet")
-        assert len(df) == 2 and set(df.status) == {"completed"} and (df.steps == 120).all()
+        assert len(df) == 2 and set(df.status) == {"completed"} and (df.steps == 1500).all()
         logs = [final_log(run_dir, e.trial_name(0)) for e in exps]
         assert sum("resumed from" in log for log in logs) == 1, f"one trial must continue from its checkpoint: {logs}"
         for e in exps:
             hist = results.read_record(results.record_path(run_dir, e.trial_name(0)))["history"]
-            assert [h["step"] for h in hist] == list(range(10, 121, 10))
+            assert [h["step"] for h in hist] == list(range(100, 1501, 100))
     finally:
         ray.shutdown()
         cluster.shutdown()
