@@ -13,10 +13,11 @@ the search spent beside a full grid). Run the same command again to resume eithe
 from oelm_ray import experiments, recipe, search
 
 PRESETS = {
-    # 6 lrs x 3 warmups = 18 candidates per method; 6 samples each (3 random, then TPE) with ASHA (rungs
-    # at 200, 600): ~4 full trials per method + 6 to compare, ~10 min on 2 cores
+    # 6 lrs (1e-3 ... 3.2e-2, doubling) x 3 warmups = 18 candidates per method, around the cpu preset's
+    # 1e-2 and up into the range where training blows up; 6 samples each (3 random, then TPE) with ASHA
+    # (rungs at 200, 600): ~4 full trials per method + 6 to compare, ~10 min on 2 cores
     "embedded": dict(experiments=list(experiments.EMBEDDED), seeds=[1, 2], search_seed=0, num_samples=6, n_startup=3,
-                     space=search.Space(lrs=search.log_spaced(5.6e-4, 1e-2, 6), warmup_fracs=[0.02, 0.1, 0.3])),
+                     space=search.Space(lrs=search.log_spaced(1e-3, 3.2e-2, 6), warmup_fracs=[0.02, 0.1, 0.3])),
     # quarter-decade lrs around the research's 3e-4 / 1e-3; warmups 1% (theirs) to 10%
     "paper": dict(experiments=["GPT-01", "GPT-02", "GPT-03"], seeds=[1, 2, 3], search_seed=0, num_samples=16, n_startup=6,
                   space=search.Space(lrs=search.log_spaced(1e-4, 3.2e-3, 7), warmup_fracs=[0.01, 0.03, 0.1])),
