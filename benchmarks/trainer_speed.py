@@ -5,8 +5,10 @@
 
 Prints, per method, the median training tokens/s of `trainer.train` and of a bare loop (same model,
 same AdamW groups, same clipping and batch sampling, no evaluation, checkpoints or logging), their
-ratio (target >= 0.95), the frozen methods against baseline (target: not slower), and the share
-of wall time that evaluation takes in a run at the preset's default eval settings (target <= 10%).
+ratio (target >= 0.95) and the median and range of the paired ratios (each repeat runs the trainer
+and the loop back to back, so a slow spell of a shared machine hits both), the frozen methods
+against baseline (target: not slower), and the share of wall time that evaluation takes in a run
+at the preset's default eval settings (target <= 10%).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def main() -> None:
     data = load_prepared(cfg0.data)
     print(f"preset {args.preset}, {args.steps} steps x {args.repeats} repeats, device {resolve_device(cfg0)[0]}, "
           f"threads {torch.get_num_threads()}")
-    print(f"{'method':<12} {'trainer tok/s':>14} {'plain tok/s':>12} {'ratio':>6}")
+    print(f"{'method':<12} {'trainer tok/s':>14} {'plain tok/s':>12} {'ratio':>6} {'paired ratio: median [min, max]':>32}")
     tr: dict[str, list[float]] = {m: [] for m in METHODS}
     pl: dict[str, list[float]] = {m: [] for m in METHODS}
     cfgs = {  # one evaluation at the very end, so the timed part is training only, as in the plain loop
@@ -92,8 +94,10 @@ def main() -> None:
             pl[m].append(plain_loop(cfgs[m], data, args.steps))
     medians = {m: statistics.median(tr[m]) for m in METHODS}
     for m in METHODS:
+        paired = [t / p for t, p in zip(tr[m], pl[m])]
         print(f"{m:<12} {medians[m]:>14,.0f} {statistics.median(pl[m]):>12,.0f} "
-              f"{medians[m] / statistics.median(pl[m]):>6.3f}")
+              f"{medians[m] / statistics.median(pl[m]):>6.3f} "
+              f"{statistics.median(paired):>16.3f} [{min(paired):.3f}, {max(paired):.3f}]")
     for m in METHODS[1:]:
         print(f"{m} vs baseline (trainer tok/s): {medians[m] / medians['baseline']:.3f}x")
     # eval share at the preset's own eval settings (a shortened run keeps the same interval/batches)
