@@ -15,7 +15,7 @@ from oelm_ray import experiments, recipe, search
 PRESETS = {
     # 6 lrs (1e-3 ... 3.2e-2, doubling) x 3 warmups = 18 candidates per method, around the cpu preset's
     # 1e-2 and up into the range where training blows up; 6 samples each (3 random, then TPE) with ASHA
-    # (rungs at 200, 600): ~4 full trials per method + 6 to compare, ~10 min on 2 cores
+    # (rungs at 200, 600): ~4 full trials per method + 6 to compare, ~13 min on 2 cores
     "embedded": dict(experiments=list(experiments.EMBEDDED), seeds=[1, 2], search_seed=0, num_samples=6, n_startup=3,
                      space=search.Space(lrs=search.log_spaced(1e-3, 3.2e-2, 6), warmup_fracs=[0.02, 0.1, 0.3])),
     # quarter-decade lrs around the research's 3e-4 / 1e-3; warmups 1% (theirs) to 10%
