@@ -1,4 +1,4 @@
-"""The experiment registry: the research's GPT-01 ... GPT-07 and the embedded CPU matrix.
+"""The experiment registry: the research's GPT-01 ... GPT-07, controls for its confounds, the embedded CPU matrix.
 
 An `Experiment` is a named, reproducible point: a preset plus flat config overrides. Seeds are a
 separate grid axis, so one experiment over three seeds is three trials named
@@ -22,6 +22,12 @@ class Experiment:
     """Config preset the overrides apply to."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Flat config overrides (dataset, method, lr, max_steps, ...)."""
+    isolates: str = ""
+    """For a control: what it isolates, in a sentence; empty for the protocol's own arms."""
+
+    @property
+    def role(self) -> str:
+        return "control" if self.isolates else "protocol"
 
     @property
     def method(self) -> str:
@@ -39,11 +45,12 @@ class Experiment:
         return make_config(self.preset, **{**self.overrides, **extra, "seed": seed})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "preset": self.preset, "overrides": dict(self.overrides)}
+        d = {"id": self.id, "preset": self.preset, "overrides": dict(self.overrides)}
+        return d | ({"isolates": self.isolates} if self.isolates else {})  # protocol arms: as before
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Experiment":
-        return cls(d["id"], d["preset"], dict(d["overrides"]))
+        return cls(d["id"], d["preset"], dict(d["overrides"]), d.get("isolates", ""))
 
 
 def trial_name(experiment_id: str, method: str, seed: int) -> str:
@@ -61,18 +68,55 @@ _PAPER_ROWS = [
     ("GPT-07", "wikitext103", "oelm_freeze", 1e-3, 200_000),
 ]
 
+def _split(dataset: str) -> dict[str, Any]:
+    # OpenWebText has no validation split: hold out 0.05% of its documents (nanoGPT's share, ~4M
+    # tokens, the size of TinyStories' validation split), small enough to score whole at every
+    # evaluation; the other corpora have their own
+    return {"val_fraction": 0.0005} if dataset == "openwebtext" else {}
+
+
 PAPER = {
-    eid: Experiment(eid, "medium-512", {"dataset": ds, "method": m, "lr": lr, "max_steps": steps})
+    eid: Experiment(eid, "medium-512", {"dataset": ds, "method": m, "lr": lr, "max_steps": steps, **_split(ds)})
     for eid, ds, m, lr, steps in _PAPER_ROWS
 }
 
+# controls for the two confounds of the research's design, per dataset at the frozen arms' rate
+# and budget: each differs from a protocol arm in the one thing it isolates
+LR_CONTROL = (
+    "learning rate: baseline at the frozen arms' 1e-3 (the protocol's baseline runs at 3e-4), "
+    "so oelm_freeze vs this row compares the methods at one rate"
+)
+SCALE_CONTROL = (
+    "init scale: random frozen Q/K at the orthogonal rows' std 1/sqrt(d_model) (the research's random "
+    "arm used 0.02), so oelm_freeze vs this row compares orthogonal with random at one scale"
+)
+_CONTROL_ROWS = [
+    ("CTL-01", "tinystories", "baseline", {}, LR_CONTROL),
+    ("CTL-02", "tinystories", "oelm_random", {"qk_random_std": 0.0}, SCALE_CONTROL),
+    ("CTL-03", "openwebtext", "baseline", {}, LR_CONTROL),
+    ("CTL-04", "openwebtext", "oelm_random", {"qk_random_std": 0.0}, SCALE_CONTROL),
+    ("CTL-05", "wikitext103", "baseline", {}, LR_CONTROL),
+    ("CTL-06", "wikitext103", "oelm_random", {"qk_random_std": 0.0}, SCALE_CONTROL),
+]
+_STEPS = {ds: steps for _, ds, _, _, steps in _PAPER_ROWS}
+CONTROLS = {
+    eid: Experiment(
+        eid, "medium-512",
+        {"dataset": ds, "method": m, "lr": 1e-3, "max_steps": _STEPS[ds], **_split(ds), **extra}, isolates,
+    )
+    for eid, ds, m, extra, isolates in _CONTROL_ROWS
+}
+
 # the embedded default: the three methods on the generated stories corpus, one learning rate for
-# all (at this scale the research's split learning rates would dominate what freezing Q/K does)
+# all (at this scale the research's split learning rates would dominate what freezing Q/K does),
+# and the scale-matched random control: at d_model 64 the research's 0.02 is 1/6 of the
+# orthogonal rows' std, so its attention logits start ~40x smaller
 EMBEDDED = {
     f"CPU-{i:02d}": Experiment(f"CPU-{i:02d}", "cpu", {"method": m}) for i, m in enumerate(METHODS, start=1)
 }
+EMBEDDED["CPU-04"] = Experiment("CPU-04", "cpu", {"method": "oelm_random", "qk_random_std": 0.0}, SCALE_CONTROL)
 
-REGISTRY = {**PAPER, **EMBEDDED}
+REGISTRY = {**PAPER, **CONTROLS, **EMBEDDED}
 
 # what --smoke-test shrinks every trial to: a few seconds each, every code path still runs
 SMOKE = dict(

@@ -5,7 +5,13 @@ projections are initialised and whether they train (`ModelConfig.method`):
 
 - baseline:    N(0, 0.02) like every other weight, trained.
 - oelm_freeze: head-wise orthogonal (each head's slice from its own QR of a Gaussian), frozen.
-- oelm_random: N(0, qk_random_std^2), frozen.
+- oelm_random: N(0, qk_std^2), frozen (qk_random_std, or 1/sqrt(d_model) where that is 0).
+
+Everything else is the research's model (RESEARCH.md): pre-LayerNorm blocks, Q/K/V/output
+projections without bias, a GELU MLP whose Linears have biases, learned positions, dropout after
+the embeddings, the attention output, the GELU and the MLP output, all weights N(0, 0.02), and the
+token embedding tied to the LM head. At Medium-512 that is 44,896,768 parameters, of which the
+frozen methods freeze 3,145,728 (Q/K) and train 41,751,040: the counts the research reports.
 
 Q and K live in one `c_qk` projection per block, separate from V, so that freezing them is a
 `requires_grad=False` on one tensor: autograd then computes only the input gradient of that matmul
@@ -50,14 +56,18 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    # the research's MLP: both Linears carry biases (zero-initialised, trained) and dropout follows
+    # the GELU as well as the output projection
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.c_fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=True)
+        self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=True)
+        self.act_drop = nn.Dropout(cfg.dropout)
+        self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x))))
+        h = self.act_drop(F.gelu(self.c_fc(x)))  # (B, T, d_ff)
+        return self.resid_drop(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -111,6 +121,11 @@ class GPT(nn.Module):
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
+    def param_counts(self) -> dict[str, int]:
+        """{"total", "trainable", "frozen"} parameter counts (tied weights once), as the research reports them."""
+        total, trainable = self.num_params(), self.num_params(trainable_only=True)
+        return {"total": total, "trainable": trainable, "frozen": total - trainable}
+
     # -- forward ----------------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
@@ -141,7 +156,7 @@ def _init_weights(m: nn.Module) -> None:
 def init_qk(weight: torch.Tensor, cfg: ModelConfig) -> None:
     """Initialise one block's [W_q; W_k] (2*d_model, d_model) by the method's policy."""
     if cfg.method == "oelm_random":
-        weight.normal_(0.0, cfg.qk_random_std)
+        weight.normal_(0.0, cfg.qk_std)
         return
     assert cfg.method == "oelm_freeze", cfg.method
     d, hs = cfg.d_model, cfg.d_model // cfg.n_head

@@ -20,7 +20,8 @@ Presets = dict[str, dict[str, Any]]
 def parser(name: str, presets: Presets, doc: str | None = None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"sweeps/{name}.py", description=doc)
     ap.add_argument("--preset", default="embedded", choices=sorted(presets),
-                    help="embedded: local Ray on this machine (CPU, minutes); paper: the research's runs on a cluster")
+                    help="embedded: local Ray on this machine (CPU, minutes); paper: the research's runs on a cluster; "
+                         "others: see the recipe's docstring")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
     ap.add_argument("--experiments", default=None, help="comma-separated experiment ids to run (default: the preset's)")
     ap.add_argument("--max-steps", type=int, default=None, help="override every trial's max_steps")

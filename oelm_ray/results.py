@@ -72,8 +72,19 @@ def find_run(storage: str | os.PathLike, run: str | None) -> Path:
 # the table
 
 
+ALWAYS = ("d_model", "lr", "warmup_steps", "max_steps", "eval_batches")  # columns even where all trials agree
+
+
+def _flat_config(cfg: dict) -> dict[str, Any]:
+    """{field: value} over the config's sections, with qk_random_std as the std oelm_random used."""
+    flat = {k: v for sec in cfg.values() if isinstance(sec, dict) for k, v in sec.items()}
+    if flat.get("qk_random_std") == 0 and flat.get("d_model"):
+        flat["qk_random_std"] = flat["d_model"] ** -0.5  # 0 means scale-matched: 1/sqrt(d_model)
+    return flat
+
+
 def trials_frame(records: list[dict]) -> pd.DataFrame:
-    rows = []
+    rows, flats = [], []
     for r in records:
         hist = r.get("history") or []
         last = hist[-1] if hist else {}
@@ -83,18 +94,20 @@ def trials_frame(records: list[dict]) -> pd.DataFrame:
         steps = [h for h in hist if h.get("step_time_s")]
         train_s = sum(h["step_time_s"] * _interval(hist, i) for i, h in enumerate(hist) if h.get("step_time_s"))
         n_steps = last.get("step", 0)
+        flat = _flat_config(cfg)
+        flats.append(flat)
         rows.append(
             {
                 "name": r["name"],
                 "experiment_id": r.get("experiment_id"),
+                "role": "control" if r.get("isolates") else "protocol",
+                "isolates": r.get("isolates", ""),
                 "dataset": r.get("dataset"),
                 "method": r.get("method"),
                 "seed": r.get("seed"),
-                "lr": train.get("lr"),
-                "warmup_steps": train.get("warmup_steps"),
-                "max_steps": train.get("max_steps"),
-                **{f: model.get(f, train.get(f)) for f in FACTORS},
+                **{f: flat.get(f) for f in ALWAYS + FACTORS},
                 "steps": n_steps,
+                "val_tokens": last.get("val/tokens"),
                 "tokens": last.get("tokens", 0),
                 "best_val_ppl": min(ppls) if ppls else math.nan,
                 "final_val_ppl": ppls[-1] if ppls else math.nan,
@@ -109,20 +122,35 @@ def trials_frame(records: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
+    # every other config field in which the trials differ (a search's, a control's, a --set's)
+    for f in sorted({k for fl in flats for k in fl}):
+        values = [fl.get(f) for fl in flats]
+        if f not in df.columns and any(v != values[0] for v in values):
+            df[f] = values
     df["gap_vs_baseline_pct"] = math.nan
     df["meets_criterion"] = pd.NA
-    base = (
-        df[(df.method == "baseline") & df.best_val_ppl.notna()]
-        .groupby(["dataset", "seed"])["best_val_ppl"]
-        .min()
-    )
+    df["gap_vs_freeze_pct"] = math.nan
+    base, freeze = _reference(df, "baseline"), _reference(df, "oelm_freeze")
     for i, row in df.iterrows():
+        if not _finite(row.best_val_ppl):
+            continue
         ref = base.get((row.dataset, row.seed))
-        if ref is not None and _finite(row.best_val_ppl):
+        if ref is not None:
             df.at[i, "gap_vs_baseline_pct"] = 100.0 * (row.best_val_ppl / ref - 1.0)
             df.at[i, "meets_criterion"] = bool(row.best_val_ppl <= CRITERION * ref)
+        ref = freeze.get((row.dataset, row.seed))
+        if ref is not None and not (row.method == "oelm_freeze" and row.role == "protocol"):
+            df.at[i, "gap_vs_freeze_pct"] = 100.0 * (row.best_val_ppl / ref - 1.0)
     df["meets_criterion"] = df["meets_criterion"].astype("boolean")
     return df.sort_values(["dataset", "experiment_id", "seed", "name"]).reset_index(drop=True)
+
+
+def _reference(df: pd.DataFrame, method: str) -> pd.Series:
+    """(dataset, seed) -> best PPL of the method's protocol arms (of any arm where no protocol arm ran)."""
+    rows = df[(df.method == method) & df.best_val_ppl.notna()]
+    ref = rows.groupby(["dataset", "seed"])["best_val_ppl"].min()
+    protocol = rows[rows.role == "protocol"].groupby(["dataset", "seed"])["best_val_ppl"].min()
+    return pd.concat([ref[~ref.index.isin(protocol.index)], protocol])
 
 
 def _interval(hist: list[dict], i: int) -> int:
@@ -139,11 +167,18 @@ def summary_frame(df: pd.DataFrame) -> pd.DataFrame:
         return df
     g = df.groupby(["dataset", "experiment_id", "method"], sort=True, dropna=False)
     out = g.agg(
+        role=("role", "first"),
+        isolates=("isolates", "first"),
+        lr=("lr", "first"),
+        qk_random_std=("qk_random_std", "first"),
         seeds=("seed", "nunique"),
         ppl_mean=("best_val_ppl", "mean"),
         ppl_std=("best_val_ppl", "std"),
         gap_mean=("gap_vs_baseline_pct", "mean"),
         gap_std=("gap_vs_baseline_pct", "std"),
+        freeze_gap_mean=("gap_vs_freeze_pct", "mean"),
+        freeze_gap_std=("gap_vs_freeze_pct", "std"),
+        val_tokens=("val_tokens", "max"),
         met=("meets_criterion", lambda s: int(s.fillna(False).sum())),
         trainable_params=("trainable_params", "first"),
         steps=("steps", "max"),
@@ -158,23 +193,60 @@ def summary_markdown(df: pd.DataFrame, title: str) -> str:
     if s.empty:
         return "\n".join(lines + ["No trial has reported yet.", ""])
     lines += [
-        f"Val PPL = exp(best validation loss), mean ± std over seeds. Gap vs the baseline of the same "
-        f"dataset and seed; criterion: PPL <= {CRITERION} x baseline.",
+        f"Val PPL = exp(best validation loss) on {_val_scope(df)}, mean ± std over seeds. Gap vs the "
+        f"protocol baseline of the same dataset and seed; criterion: PPL <= {CRITERION} x baseline. "
+        "Rows are the research's protocol unless marked control (see Controls below).",
         "",
-        "| dataset | experiment | method | seeds | val PPL | gap vs baseline | meets 1.05 | trainable params | steps | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | experiment | role | method | seeds | val PPL | gap vs baseline | meets 1.05 | trainable params | steps | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in s.itertuples():
-        gap = "-" if r.method == "baseline" or not _finite(r.gap_mean) else f"{r.gap_mean:+.1f}% ± {_std(r.gap_std):.1f}"
-        met = "-" if r.method == "baseline" or not _finite(r.gap_mean) else f"{r.met}/{r.seeds}"
+        is_ref = r.method == "baseline" and r.role == "protocol"
+        met = "-" if is_ref or not _finite(r.gap_mean) else f"{r.met}/{r.seeds}"
         params = f"{int(r.trainable_params):,}" if _finite(r.trainable_params) else "-"
         lines.append(
-            f"| {r.dataset} | {r.experiment_id} | {r.method} | {r.seeds} | {r.ppl_mean:.3f} ± {_std(r.ppl_std):.3f} "
-            f"| {gap} | {met} | {params} | {r.steps} | {r.statuses} |"
+            f"| {r.dataset} | {r.experiment_id} | {r.role} | {r.method} | {r.seeds} | {r.ppl_mean:.3f} ± {_std(r.ppl_std):.3f} "
+            f"| {'-' if is_ref else _gap(r.gap_mean, r.gap_std)} | {met} | {params} | {r.steps} | {r.statuses} |"
         )
+    lines += controls_markdown(s)
     lines += ["", "Per trial:", "", _trial_table(df), ""]
     lines += savings_markdown(df) + compute_markdown(df)
     return "\n".join(lines)
+
+
+def _gap(mean: float, std: float) -> str:
+    return "-" if not _finite(mean) else f"{mean:+.1f}% ± {_std(std):.1f}"
+
+
+def _val_scope(df: pd.DataFrame) -> str:
+    scopes = set()
+    for eb, tok in zip(df.eval_batches, df.val_tokens):
+        tokens = f"{int(tok):,} tokens" if _finite(tok) else "tokens not recorded"
+        scopes.add(f"the whole validation split ({tokens})" if eb == 0 else f"a fixed sample of {eb} validation batches ({tokens})")
+    return " / ".join(sorted(scopes)) or "the validation split"
+
+
+def controls_markdown(s: pd.DataFrame) -> list[str]:
+    """What each control isolates, and its paired gaps (same dataset and seed)."""
+    ctl = s[s.role == "control"]
+    if ctl.empty:
+        return []
+    lines = [
+        "",
+        "Controls: not part of the research's protocol; each changes one thing of a protocol arm to "
+        "isolate a confound of the research's design. Gaps are paired (same dataset and seed) against "
+        "the protocol's baseline and oelm_freeze.",
+        "",
+        "| dataset | experiment | method | lr | Q/K std | val PPL | vs baseline | vs oelm_freeze | isolates |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in ctl.itertuples():
+        std = f"{r.qk_random_std:.4g}" if r.method == "oelm_random" and _finite(r.qk_random_std) else "-"
+        lines.append(
+            f"| {r.dataset} | {r.experiment_id} | {r.method} | {r.lr:g} | {std} | {r.ppl_mean:.3f} ± {_std(r.ppl_std):.3f} "
+            f"| {_gap(r.gap_mean, r.gap_std)} | {_gap(r.freeze_gap_mean, r.freeze_gap_std)} | {r.isolates} |"
+        )
+    return lines
 
 
 def savings_markdown(df: pd.DataFrame) -> list[str]:

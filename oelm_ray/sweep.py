@@ -172,7 +172,7 @@ class Recorder(tune.Callback):
                 exp = Experiment.from_dict(c["exp"])
                 cfg = exp.config(c["seed"], **c.get("common", {}), **c.get("search", {}))
                 rec = {
-                    "name": name, "trial_id": trial.trial_id, "experiment_id": exp.id,
+                    "name": name, "trial_id": trial.trial_id, "experiment_id": exp.id, "isolates": exp.isolates,
                     "dataset": cfg.data.dataset, "method": cfg.model.method, "seed": c["seed"],
                     "config": cfg.to_dict(), "search": c.get("search", {}), "status": "pending", "history": [],
                 }

@@ -7,7 +7,8 @@ produces exactly the losses of one never interrupted (bit-for-bit on CPU).
 
 Speed notes: no host sync per step (the loss is accumulated on the device and read at log and
 eval points only), fused AdamW and bf16 autocast on CUDA, SDPA's flash kernels, optional
-torch.compile; evaluation runs on a fixed, pre-staged set of validation batches.
+torch.compile; evaluation runs on a fixed, pre-staged set of validation batches (a sample, or the
+whole split with eval_batches=0).
 """
 
 from __future__ import annotations
@@ -79,13 +80,34 @@ def windows(tokens: np.ndarray, starts: list[int], T: int) -> tuple[torch.Tensor
 
 
 def eval_batches(val: np.ndarray, cfg: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The fixed validation set: `eval_batches` batches of windows drawn once from EVAL_SEED."""
+    """The validation set every evaluation scores, in a fixed order.
+
+    eval_batches > 0: that many batches of windows drawn once from EVAL_SEED (a sample).
+    eval_batches = 0: the whole split, the research's definition: consecutive windows of
+    block_size targets, batch_size at a time, then one shorter window for the remainder, so every
+    token after the first is predicted exactly once.
+    """
     T, B = cfg.model.block_size, cfg.train.batch_size
     if len(val) <= T + 1:
         raise ConfigError(f"the validation split has {len(val)} tokens, fewer than block_size+2={T + 2}")
+    if cfg.train.eval_batches == 0:
+        return list(_whole_split(val, T, B))
     gen = torch.Generator().manual_seed(EVAL_SEED)
     starts = torch.randint(len(val) - T - 1, (cfg.train.eval_batches, B), generator=gen).tolist()
     return [windows(val, row, T) for row in starts]
+
+
+def _whole_split(val: np.ndarray, T: int, B: int):
+    n_full, rest = divmod(len(val) - 1, T)  # targets are val[1:]
+    for i in range(0, n_full, B):
+        yield windows(val, [s * T for s in range(i, min(i + B, n_full))], T)
+    if rest:
+        yield windows(val, [n_full * T], rest)
+
+
+def scored_tokens(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Targets an evaluation over these batches scores."""
+    return sum(y.numel() for _, y in batches)
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -139,7 +161,7 @@ def qk_init_name(cfg: Config) -> str:
     return {
         "baseline": "normal(0.02), trained",
         "oelm_freeze": "head-wise orthogonal (QR per head), frozen",
-        "oelm_random": f"normal({cfg.model.qk_random_std:g}), frozen",
+        "oelm_random": f"normal({cfg.model.qk_std:.4g}), frozen",
     }[cfg.model.method]
 
 
@@ -214,18 +236,27 @@ def train(
     autocast = (
         (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     )
-    n_trainable, n_total = raw_model.num_params(trainable_only=True), raw_model.num_params()
+    counts = raw_model.param_counts()
+    n_trainable, n_total = counts["trainable"], counts["total"]
     log(
-        f"{cfg.model.method}: {n_trainable:,} trainable of {n_total:,} parameters on {device}"
-        f"{' (bf16 autocast)' if amp_dtype else ''}; steps {step} -> {t.max_steps}"
+        f"{cfg.model.method}: {n_trainable:,} trainable + {counts['frozen']:,} frozen = {n_total:,} parameters "
+        f"on {device}{' (bf16 autocast)' if amp_dtype else ''}; steps {step} -> {t.max_steps}"
     )
 
+    val_tokens = scored_tokens(val_set)
+    main_shape = val_set[0][0].shape
+
     def evaluate() -> float:
+        """Mean loss per scored token over the validation set (one host sync)."""
         model.eval()
+        total = torch.zeros((), device=device)
         with torch.no_grad(), autocast():
-            losses = torch.stack([eval_model(x, y)[1] for x, y in val_set])
+            for x, y in val_set:
+                # the whole split's last, smaller batches run uncompiled: no recompile for two shapes
+                m = eval_model if x.shape == main_shape else raw_model
+                total += m(x, y)[1].float() * y.numel()
         model.train()
-        return losses.mean().item()
+        return total.item() / val_tokens
 
     def checkpoint(val_loss: float) -> None:
         nonlocal best_val
@@ -325,6 +356,7 @@ def train(
             "step_time_s": interval_s / interval_steps,
             "tokens_per_s": tok_per_step * interval_steps / interval_s,
             "eval_time_s": eval_s,
+            "val/tokens": val_tokens,
             "wall_time_s": elapsed + time.perf_counter() - t0,
             "trainable_params": n_trainable,
             "total_params": n_total,
@@ -359,8 +391,11 @@ def train(
         "tokens_per_s": tokens / train_time if train_time else math.nan,
         "eval_time_s": sum(h["eval_time_s"] for h in history),
         "trainable_params": n_trainable,
+        "frozen_param_count": counts["frozen"],
         "total_params": n_total,
         "frozen_params": raw_model.frozen_param_names(),
+        "val_tokens": val_tokens,
+        "val_scope": "whole split" if t.eval_batches == 0 else f"{t.eval_batches} sampled batches",
         "device": str(device),
         "config": cfg.to_dict(),
     }

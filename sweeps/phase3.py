@@ -2,6 +2,7 @@
 
     python sweeps/phase3.py                  # embedded default: local Ray, cpu preset, stories corpus
     python sweeps/phase3.py --preset paper   # GPT-01 ... GPT-07 on the running cluster (RAY_ADDRESS)
+    python sweeps/phase3.py --preset paper-controls   # ... and CTL-01 ... CTL-06, the confound controls
 
 Run the same command again after an interruption: finished trials are kept, the others resume.
 """
@@ -11,6 +12,7 @@ from oelm_ray import experiments, recipe
 PRESETS = {
     "embedded": dict(experiments=list(experiments.EMBEDDED), seeds=[0, 1]),
     "paper": dict(experiments=list(experiments.PAPER), seeds=[0]),
+    "paper-controls": dict(experiments=list(experiments.PAPER) + list(experiments.CONTROLS), seeds=[0]),
 }
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def test_trials_spread_over_nodes_one_gpu_each(tmp_path, ray_local):
         cluster.shutdown()
     assert len(probed[0]) == 2 and all(ok for _, ok in probed[0])  # both nodes saw the storage (one disk here)
     recs = load_records(run_dir)
-    assert len(recs) == 6 and all(r["status"] == "completed" for r in recs), [r["status"] for r in recs]
+    assert len(recs) == 8 and all(r["status"] == "completed" for r in recs), [r["status"] for r in recs]
     slot = {}
     for r in recs:
         places = {(h["node_id"], h["gpu"]) for h in r["history"]}

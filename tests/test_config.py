@@ -62,3 +62,33 @@ def test_bad_values_give_one_clear_error(overrides, message):
 def test_unknown_preset():
     with pytest.raises(C.ConfigError, match="preset='gpu' is unknown: choose one of cpu, medium-512"):
         C.preset("gpu")
+
+
+def test_eval_batches_zero_means_whole_split_and_negative_is_refused():
+    assert C.make_config("cpu", eval_batches=0).train.eval_batches == 0
+    with pytest.raises(C.ConfigError, match=r"eval_batches=-1 must be a whole number >= 0 \(0 = the whole validation split\)"):
+        C.make_config("cpu", eval_batches=-1)
+
+
+def test_paper_preset_scores_the_whole_validation_split():
+    assert C.preset("medium-512").train.eval_batches == 0
+
+
+def test_controls_differ_from_a_protocol_arm_in_exactly_what_they_isolate():
+    from oelm_ray import experiments as E
+
+    def diff(a, b):
+        fa, fb = (a.config(0).to_dict(), b.config(0).to_dict())
+        return {k for sec in fa for k in fa[sec] if fa[sec][k] != fb[sec][k]}
+
+    for ds in ("tinystories", "openwebtext", "wikitext103"):
+        proto = {e.method: e for e in E.PAPER.values() if e.dataset == ds}
+        ctl = {e.method: e for e in E.CONTROLS.values() if e.dataset == ds}
+        assert set(ctl) == {"baseline", "oelm_random"} and all(e.role == "control" for e in ctl.values())
+        assert diff(ctl["baseline"], proto["baseline"]) == {"lr"}
+        assert ctl["baseline"].config(0).train.lr == proto["oelm_freeze"].config(0).train.lr
+        assert diff(ctl["oelm_random"], proto["oelm_freeze"]) == {"method", "qk_random_std"}
+        assert ctl["oelm_random"].config(0).model.qk_std == 512**-0.5
+    assert all(e.role == "protocol" for e in E.PAPER.values())
+    cpu_ctl = [e for e in E.EMBEDDED.values() if e.role == "control"]
+    assert [e.config(0).model.qk_std for e in cpu_ctl] == [64**-0.5]

@@ -75,3 +75,37 @@ def test_same_seed_same_init_and_methods_share_everything_but_qk():
     for name in sa:
         same = torch.equal(sa[name], sb[name])
         assert same != (".c_qk." in name), name
+
+
+@pytest.mark.parametrize(
+    "method, trainable, frozen",
+    [("baseline", 44_896_768, 0), ("oelm_freeze", 41_751_040, 3_145_728), ("oelm_random", 41_751_040, 3_145_728)],
+)
+def test_medium_512_parameter_counts_are_the_research_s(method, trainable, frozen):
+    from oelm_ray.config import make_config
+
+    with torch.device("meta"):  # counts only: no 45M-parameter init
+        m = GPT(make_config("medium-512", method=method).model)
+    assert m.param_counts() == {"total": 44_896_768, "trainable": trainable, "frozen": frozen}
+
+
+def test_mlp_has_zero_init_biases_and_dropout_after_the_gelu():
+    m = make(dropout=0.5)
+    mlp = m.transformer.h[0].mlp
+    assert torch.equal(mlp.c_fc.bias, torch.zeros_like(mlp.c_fc.bias))
+    assert torch.equal(mlp.c_proj.bias, torch.zeros_like(mlp.c_proj.bias))
+    assert mlp.c_fc.bias.requires_grad and mlp.c_proj.bias.requires_grad
+    seen = []
+    mlp.c_proj.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    x = torch.randint(0, SMALL["vocab_size"], (4, 16))
+    m.train()(x)
+    m.eval()(x)
+    dropped, kept = (h.eq(0).float().mean().item() for h in seen)
+    assert kept < 0.01 and 0.4 < dropped < 0.6  # half the GELU outputs are dropped in training only
+
+
+def test_scale_matched_random_std_is_one_over_sqrt_d_model():
+    m = make("oelm_random", qk_random_std=0.0, d_model=256, n_head=4)
+    assert m.cfg.qk_std == 256**-0.5
+    w = m.transformer.h[0].attn.c_qk.weight
+    assert abs(w.std().item() - 256**-0.5) < 0.003

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -35,9 +36,13 @@ def smoke_sweep(tmp: Path, name: str, **kw) -> Sweep:
 def test_smoke_sweep_runs_the_matrix_and_writes_results(tmp_path, ray_local):
     run_dir = run(smoke_sweep(tmp_path, "smoke"))
     df = pd.read_parquet(run_dir / "trials.parquet")
-    assert len(df) == 6 and set(COLUMNS) <= set(df.columns)
+    assert len(df) == 8 and set(COLUMNS) <= set(df.columns)
     assert set(df.status) == {"completed"}
     assert sorted(df.method.unique()) == ["baseline", "oelm_freeze", "oelm_random"]
+    # the scale-matched control follows the smoke model's d_model, and the table says it is a control
+    ctl = df[df.experiment_id == "CPU-04"]
+    assert set(ctl.role) == {"control"} and set(ctl.qk_random_std) == {E.SMOKE["d_model"] ** -0.5}
+    assert set(df[df.experiment_id == "CPU-03"].qk_random_std) == {0.02}
     assert (df[df.method == "baseline"].gap_vs_baseline_pct == 0).all()
     frozen = df[df.method != "baseline"]
     assert (frozen.trainable_params < df[df.method == "baseline"].trainable_params.iloc[0]).all()
@@ -108,7 +113,7 @@ def _recipe(tmp_path: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_with_the_same_command(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = _recipe(tmp_path, "--seeds", "0,1,2")  # 9 trials: enough that some are unfinished at the interrupt
+    cmd = _recipe(tmp_path, "--seeds", "0,1,2", "--experiments", "CPU-01,CPU-02,CPU-03")  # 9 trials: some unfinished at the interrupt
     run_dir = tmp_path / "runs" / "phase3-smoke"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -140,21 +145,25 @@ def test_interrupted_sweep_resumes_with_the_same_command(tmp_path):
 def test_report_from_synthetic_records(tmp_path):
     run_dir = tmp_path / "synthetic"
 
-    def rec(name, method, seed, ppls, params, status="completed"):
+    def rec(name, method, seed, ppls, params, status="completed", lr=1e-3, qk_std=0.02, isolates=""):
         hist = [
             {"step": 100 * (i + 1), "tokens": 1000 * (i + 1), "val/ppl": p, "val/loss": __import__("math").log(p),
              "step_time_s": 0.1, "tokens_per_s": 1e4, "wall_time_s": 10.0 * (i + 1), "trainable_params": params,
-             "total_params": 1000}
+             "total_params": 1000, "val/tokens": 4096}
             for i, p in enumerate(ppls)
         ]
         return {"name": name, "experiment_id": name.split("-s")[0], "dataset": "stories", "method": method, "seed": seed,
-                "config": {"train": {"lr": 1e-3, "warmup_steps": 10, "max_steps": 100 * len(ppls)}, "model": {}},
-                "status": status, "history": hist}
+                "config": {"train": {"lr": lr, "warmup_steps": 10, "max_steps": 100 * len(ppls), "eval_batches": 0},
+                           "model": {"d_model": 64, "qk_random_std": qk_std}},
+                "status": status, "history": hist, "isolates": isolates}
 
     for r in [
-        rec("B-s0", "baseline", 0, [5.0, 4.0], 1000), rec("B-s1", "baseline", 1, [5.0, 4.4], 1000),
+        rec("B-s0", "baseline", 0, [5.0, 4.0], 1000, lr=3e-4), rec("B-s1", "baseline", 1, [5.0, 4.4], 1000, lr=3e-4),
         rec("F-s0", "oelm_freeze", 0, [5.0, 4.1], 900), rec("F-s1", "oelm_freeze", 1, [5.0, 4.84], 900),
         rec("R-s0", "oelm_random", 0, [6.0, 5.0, float("inf")], 900, status="diverged"),
+        # controls: a better baseline at the frozen arms' rate must not become the reference
+        rec("L-s0", "baseline", 0, [5.0, 3.9], 1000, isolates="learning rate"),
+        rec("S-s0", "oelm_random", 0, [5.0, 4.52], 900, qk_std=0.0, isolates="init scale"),
     ]:
         results.write_record(run_dir, r)
     (run_dir / "sweep.json").write_text("{}")
@@ -166,8 +175,18 @@ def test_report_from_synthetic_records(tmp_path):
     assert bool(df.loc["F-s1", "meets_criterion"]) is False
     assert df.loc["R-s0", "status"] == "diverged" and df.loc["R-s0", "best_val_ppl"] == 5.0
     assert df.loc["B-s0", "tokens_per_s"] == pytest.approx(2000 / 20.0)  # tokens / (0.1 s x 200 steps)
+    assert df.loc["L-s0", "gap_vs_baseline_pct"] == pytest.approx(-2.5) and df.loc["L-s0", "role"] == "control"
+    assert df.loc["L-s0", "gap_vs_freeze_pct"] == pytest.approx(100 * (3.9 / 4.1 - 1))
+    assert df.loc["S-s0", "gap_vs_freeze_pct"] == pytest.approx(100 * (4.52 / 4.1 - 1))
+    assert math.isnan(df.loc["F-s0", "gap_vs_freeze_pct"]) and df.loc["F-s0", "role"] == "protocol"
+    # the config fields that differ between trials, with the scale-matched std resolved
+    assert df.loc["B-s0", "lr"] == 3e-4 and df.loc["S-s0", "qk_random_std"] == 64**-0.5 and df.loc["S-s0", "d_model"] == 64
+    assert df.loc["B-s0", "val_tokens"] == 4096
     md = paths[1].read_text()
-    assert "| stories | F | oelm_freeze | 2 | 4.470 ± 0.523 | +6.2% ± 5.3 | 1/2 | 900 |" in md
+    assert "| stories | F | protocol | oelm_freeze | 2 | 4.470 ± 0.523 | +6.2% ± 5.3 | 1/2 | 900 |" in md
+    assert "whole validation split (4,096 tokens)" in md
+    assert "| stories | L | baseline | 0.001 | - | 3.900 ± 0.000 | -2.5% ± 0.0 | -4.9% ± 0.0 | learning rate |" in md
+    assert "| stories | S | oelm_random | 0.001 | 0.125 | 4.520 ± 0.000 | +13.0% ± 0.0 | +10.2% ± 0.0 | init scale |" in md
     assert paths[2].stat().st_size > 1000
     status = results.status_table(run_dir, now=0)
     assert "F-s1" in status and "diverged" in status

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from oelm_ray.checkpoint import CheckpointError
 from oelm_ray.config import make_config
 from oelm_ray.data import load_prepared, prepare
 from oelm_ray.model import GPT
-from oelm_ray.trainer import RunExistsError, build_optimizer, train
+from oelm_ray.trainer import RunExistsError, build_optimizer, eval_batches, train
 
 TINY = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, max_steps=40,
             warmup_steps=4, eval_interval=10, eval_batches=2, log_interval=10, stories_mb=0.2, num_threads=1,
@@ -159,3 +160,41 @@ def test_cli_train_and_resume(tmp_path, data_dir):
     bad = subprocess.run(args + ["--max-steps", "10", "--lr", "-1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["oelm-ray train: error: lr=-1.0 must be a finite number > 0"]
+
+
+def test_whole_split_scores_every_target_exactly_once():
+    T, B = 32, 4
+    n_full, rest = 11, 17  # 11 full windows -> batches of 4, 4, 3; then one window of 17 targets
+    val = np.arange(n_full * T + rest + 1) % 50000
+    batches = eval_batches(val, make_config("cpu", block_size=T, batch_size=B, eval_batches=0))
+    assert [tuple(y.shape) for _, y in batches] == [(4, T), (4, T), (3, T), (1, rest)]
+    targets = torch.cat([y.reshape(-1) for _, y in batches])
+    inputs = torch.cat([x.reshape(-1) for x, _ in batches])
+    assert torch.equal(targets, torch.from_numpy(val[1:]).long())  # in order, none skipped or repeated
+    assert torch.equal(inputs, torch.from_numpy(val[:-1]).long())  # each target's input is its predecessor
+
+
+@pytest.mark.parametrize("n_batches", [0, 2])
+def test_val_loss_is_the_token_mean_over_what_val_tokens_says(tmp_path, data_dir, n_batches):
+    c = cfg(data_dir, eval_batches=n_batches, max_steps=10, eval_interval=10, dropout=0.0)
+    train(c, tmp_path, log=quiet)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    val = load_prepared(c.data).val
+    want_tokens = len(val) - 1 if n_batches == 0 else n_batches * c.train.batch_size * c.model.block_size
+    assert row["val/tokens"] == want_tokens
+    model = GPT(c.model)
+    model.load_state_dict(torch.load(tmp_path / "latest.pt", weights_only=True)["model"])
+    with torch.no_grad():
+        total = sum(
+            torch.nn.functional.cross_entropy(model.eval()(x)[0].reshape(-1, c.model.vocab_size), y.reshape(-1), reduction="sum").item()
+            for x, y in eval_batches(val, c)
+        )
+    assert row["val/loss"] == pytest.approx(total / want_tokens, rel=1e-5)
+
+
+def test_summary_reports_trainable_frozen_and_total(tmp_path, data_dir):
+    lines = []
+    s = train(cfg(data_dir, method="oelm_freeze", max_steps=10, eval_interval=10), tmp_path, log=lines.append)
+    n_qk = 2 * 2 * 32 * 32  # n_layer x [W_q; W_k] x d_model^2
+    assert s["frozen_param_count"] == n_qk and s["trainable_params"] + n_qk == s["total_params"]
+    assert f"{s['trainable_params']:,} trainable + {n_qk:,} frozen = {s['total_params']:,} parameters" in lines[0]
