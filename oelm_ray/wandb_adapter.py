@@ -106,10 +106,10 @@ def trial_init(trial_config: dict, trial_id: str, trial_name: str) -> dict[str, 
     for section in cfg.to_dict().values():  # field names are unique across sections
         flat.update(section)
     flat.update(experiment_id=exp.id, preset=exp.preset, trial_name=trial_name, trial_id=trial_id,
-                search=sorted(c.get("search", {})))
+                search=sorted(c.get("search", {})), role=exp.role, qk_std=cfg.model.qk_std)
     return dict(
         id=trial_id, name=trial_name, job_type=cfg.model.method,
-        tags=[cfg.data.dataset, cfg.model.method, f"seed={c['seed']}"], config=_clean_log(flat),
+        tags=[cfg.data.dataset, cfg.model.method, f"seed={c['seed']}", exp.role], config=_clean_log(flat),
     )
 
 

@@ -186,12 +186,13 @@ def test_smoke_sweep_without_key_logs_one_offline_run_per_trial(tmp_path, ray_lo
         r = read_finished(seg)
         method = rec["method"]
         assert (r["id"], r["name"], r["group"], r["job_type"]) == (rec["trial_id"], rec["name"], "phase3-smoke", method)
-        assert r["project"] == "oelm-ray" and r["tags"] == ["stories", method, "seed=0"]
+        assert r["project"] == "oelm-ray" and r["tags"] == ["stories", method, "seed=0", "protocol"]
         cfg = r["config"]
         for k in ("method", "dataset", "lr", "warmup_steps", "max_steps", "seed", "qk_freeze_layers",
                   "qk_unfreeze_step", "qk_lr_mult", "qk_random_std", "d_model", "n_layer", "n_head"):
             assert k in cfg, k
         assert (cfg["experiment_id"], cfg["method"], cfg["d_model"], cfg["max_steps"]) == (rec["experiment_id"], method, 32, 30)
+        assert cfg["role"] == "protocol" and cfg["qk_std"] == 0.02
         hist = [h for h in r["history"] if "val/ppl" in h]
         assert [h["_step"] for h in hist] == [h["step"] for h in hist] == [10, 20, 30]  # the training step, not training_iteration
         assert [h["val/ppl"] for h in hist] == pytest.approx([h["val/ppl"] for h in rec["history"]])
