@@ -102,13 +102,12 @@ def test_gpt2_ranks_wrong_hash(tmp_path, monkeypatch):
         data.get_tokenizer(DataConfig(tokenizer="gpt2"))
 
 
-@pytest.mark.skipif(not os.environ.get("OELM_GPT2_RANKS"), reason="OELM_GPT2_RANKS names no gpt2.tiktoken")
-def test_gpt2_real_ranks(tmp_path):
-    enc = data.get_tokenizer(DataConfig(tokenizer="gpt2"))
+def test_gpt2_real_ranks(tmp_path, gpt2_ranks):
+    enc = data.get_tokenizer(DataConfig(tokenizer="gpt2", gpt2_ranks=str(gpt2_ranks)))
     assert enc.n_vocab == 50257 and enc.eot_token == 50256
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert enc.decode(enc.encode_ordinary("Hello world")) == "Hello world"
-    cfg = small_cfg(tmp_path, tokenizer="gpt2", stories_mb=0.05)
+    cfg = small_cfg(tmp_path, tokenizer="gpt2", stories_mb=0.05, gpt2_ranks=str(gpt2_ranks))
     meta = data.prepare(cfg, progress=False)
     assert meta["dtype"] == "uint16" and meta["eot_token"] == 50256
     assert decoded_docs(cfg, "val") == expected_docs(cfg, "val")

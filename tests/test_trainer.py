@@ -159,3 +159,60 @@ def test_cli_train_and_resume(tmp_path, data_dir):
     bad = subprocess.run(args + ["--max-steps", "10", "--lr", "-1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["oelm-ray train: error: lr=-1.0 must be a finite number > 0"]
+
+
+# ------------------------------------------------------------------------------------------------
+# bf16 autocast and torch.compile, on CPU: the paths a GPU run takes (dtype auto = bf16 on CUDA)
+
+
+def _evals(out) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _learns(rows: list[dict]) -> None:
+    losses = [(r["train/loss"], r["val/loss"]) for r in rows]
+    assert all(math.isfinite(x) for pair in losses for x in pair), losses
+    assert rows[-1]["val/loss"] < rows[0]["val/loss"] and rows[-1]["train/loss"] < rows[0]["train/loss"], losses
+    assert rows[-1]["val/loss"] < math.log(257) - 1.5, losses  # far below chance (uniform over the bytes)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, data_dir):
+    lines = []
+    train(cfg(data_dir, dtype="bf16", max_steps=30), tmp_path / "bf16", log=lines.append)
+    assert any("on cpu (bf16 autocast)" in l for l in lines), lines[:3]
+    bf16 = _evals(tmp_path / "bf16")
+    assert [r["step"] for r in bf16] == [10, 20, 30]
+    _learns(bf16)
+    train(cfg(data_dir, dtype="fp32", max_steps=30), tmp_path / "fp32", log=quiet)
+    fp32 = _evals(tmp_path / "fp32")
+    # bf16 really ran (other numbers than fp32) and learns about as well (same data, same init)
+    assert [r["val/loss"] for r in bf16] != [r["val/loss"] for r in fp32]
+    assert abs(bf16[-1]["val/loss"] - fp32[-1]["val/loss"]) < 0.1
+
+
+@pytest.mark.slow
+def test_compile_trains_and_resumes_bit_for_bit_on_cpu(tmp_path, data_dir):
+    c = cfg(data_dir, compile=True, method="oelm_freeze", max_steps=20, eval_interval=5, warmup_steps=2)
+    torch._dynamo.reset()
+    straight = train(c, tmp_path / "straight", log=quiet)
+    rows = _evals(tmp_path / "straight")
+    _learns(rows)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_10(m):
+        if m["step"] == 10:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(c, tmp_path / "cut", report=stop_at_10, log=quiet)
+    resumed = train(c, tmp_path / "cut", resume=True, log=quiet)
+    cut = _evals(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [5, 10, 15, 20]
+    assert [(r["train/loss"], r["val/loss"]) for r in cut] == [(r["train/loss"], r["val/loss"]) for r in rows]
+    assert resumed["best_val_ppl"] == straight["best_val_ppl"]
+    sa = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "cut" / "latest.pt", weights_only=True)["model"]
+    assert not any(k.startswith("_orig_mod.") for k in sa)  # checkpoints hold the plain model's names
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
