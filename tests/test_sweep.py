@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -192,3 +194,36 @@ def test_report_from_synthetic_records(tmp_path):
     status = results.status_table(run_dir, now=0)
     assert "F-s1" in status and "diverged" in status
     assert results.find_run(tmp_path, "synthetic") == run_dir
+
+
+@pytest.mark.slow
+def test_paper_recipe_smoke_on_cpu_through_gpt2_tokens(tmp_path, ray_local, gpt2_ranks, capsys):
+    """`sweeps/phase3.py --preset paper --smoke-test --gpus-per-trial 0 --set dataset=stories`, in-process on
+    the shared local Ray. The dataset override turns every paper experiment into a stories one (GPT-04..07
+    too); `--experiments` keeps the TinyStories three, GPT-01..03, each with the paper's method and lr."""
+    from test_reliability import _phase3_presets
+
+    argv = ["--preset", "paper", "--smoke-test", "--gpus-per-trial", "0", "--set", "dataset=stories",
+            "--set", f"gpt2_ranks={gpt2_ranks}", "--experiments", "GPT-01,GPT-02,GPT-03", "--no-wandb",
+            "--storage", str(tmp_path / "runs")]
+    rc = recipe.main("phase3", _phase3_presets(), argv)
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    run_dir = tmp_path / "runs" / "phase3-smoke"
+    df = pd.read_parquet(run_dir / "trials.parquet").set_index("name")
+    assert sorted(df.index) == ["GPT-01-baseline-s0", "GPT-02-oelm_freeze-s0", "GPT-03-oelm_random-s0"]
+    assert set(df.status) == {"completed"} and (df.steps == E.SMOKE["max_steps"]).all()
+    assert df.lr.to_dict() == {"GPT-01-baseline-s0": 3e-4, "GPT-02-oelm_freeze-s0": 1e-3, "GPT-03-oelm_random-s0": 1e-3}
+    for name in df.index:
+        cfg = results.read_record(results.record_path(run_dir, name))["config"]
+        assert cfg["data"]["tokenizer"] == "gpt2" and cfg["data"]["dataset"] == "stories"
+        assert cfg["model"]["vocab_size"] == 50257
+        assert " on cpu;" in (run_dir / name / "state" / "train.log").read_text()
+    # the tokens the trials trained on are GPT-2's (ids beyond the 257 bytes), prepared once
+    (prepared,) = [p for p in (tmp_path / "runs" / "data").iterdir() if p.is_dir()]
+    assert prepared.name.endswith("-gpt2")
+    meta = json.loads((prepared / "meta.json").read_text())
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
+    assert np.fromfile(prepared / "train.bin", dtype=np.uint16).max() > 256
+    # the frozen methods train fewer parameters than the baseline of the same (vocab 50257) model
+    assert (df.total_params > 50257 * E.SMOKE["d_model"]).all()
+    assert (df.trainable_params[["GPT-02-oelm_freeze-s0", "GPT-03-oelm_random-s0"]] < df.trainable_params["GPT-01-baseline-s0"]).all()

@@ -216,3 +216,37 @@ def test_compile_trains_and_resumes_bit_for_bit_on_cpu(tmp_path, data_dir):
     sb = torch.load(tmp_path / "cut" / "latest.pt", weights_only=True)["model"]
     assert not any(k.startswith("_orig_mod.") for k in sa)  # checkpoints hold the plain model's names
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------------------------
+# the research's model: medium-512 on GPT-2 tokens
+
+
+@pytest.mark.slow
+def test_medium_512_takes_an_optimizer_step_on_gpt2_tokens(tmp_path, gpt2_ranks):
+    """The real Medium-512 (d_model 512, 6 layers, 8 heads, d_ff 2048, context 512, vocab 50257) on
+    GPT-2 tokens: one optimizer step, on CPU. Only the batch is smaller than the research's (8)."""
+    c = make_config("medium-512", dataset="stories", stories_mb=0.3, gpt2_ranks=str(gpt2_ranks),
+                    data_dir=str(tmp_path / "data"), method="oelm_freeze", lr=1e-3, batch_size=2, max_steps=1,
+                    warmup_steps=0, eval_interval=1, eval_batches=1, log_interval=1, num_threads=2)
+    assert (c.model.d_model, c.model.n_layer, c.model.n_head, c.model.d_ff, c.model.block_size) == (512, 6, 8, 2048, 512)
+    assert c.model.vocab_size == 50257 and c.data.tokenizer == "gpt2"
+    meta = prepare(c.data, progress=False)
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
+    assert int(load_prepared(c.data).train.max()) > 256  # GPT-2 tokens, not bytes
+    threads = torch.get_num_threads()
+    try:
+        summary = train(c, tmp_path / "run", log=quiet)
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = _evals(tmp_path / "run")
+    assert row["step"] == 1 and summary["status"] == "completed"
+    # at init the model predicts close to uniformly over the 50257 tokens
+    assert abs(row["train/loss"] - math.log(50257)) < 0.5 and math.isfinite(row["val/loss"])
+    ckpt = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
+    assert ckpt["step"] == 1 and all(int(s["step"]) == 1 for s in ckpt["optimizer"]["state"].values())
+    qk = [w for k, w in ckpt["model"].items() if ".attn.c_qk." in k]
+    assert len(qk) == 6 and summary["trainable_params"] < summary["total_params"]
+    for w in qk:  # still the head-wise orthogonal init: each head's 64 rows orthonormal (a step would break it)
+        heads = w.reshape(16, 64, 512)  # (2 * n_head, d_head, d_model): Q heads, then K heads
+        assert torch.allclose(heads @ heads.transpose(1, 2), torch.eye(64).expand(16, 64, 64), atol=1e-5)
