@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -231,3 +233,35 @@ def test_paper_recipe_smoke_on_cpu_through_gpt2_tokens(tmp_path, ray_local, gpt2
     # the frozen methods train fewer parameters than the baseline of the same (vocab 50257) model
     assert (df.total_params > 50257 * E.SMOKE["d_model"]).all()
     assert (df.trainable_params[["GPT-02-oelm_freeze-s0", "GPT-03-oelm_random-s0"]] < df.trainable_params["GPT-01-baseline-s0"]).all()
+
+
+_GPU_NODE_PROBE = """
+import json, os, ray
+from oelm_ray.sweep import trial_device
+ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+
+def probe():
+    ids, visible = ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")
+    return {"ids": [str(i) for i in ids], "visible": visible, "device": trial_device("auto", ids, visible)}
+
+one, zero = (ray.get(ray.remote(num_cpus=1, num_gpus=g)(probe).remote()) for g in (1, 0))
+print(json.dumps({"one": one, "zero": zero}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_trial_device_on_a_node_with_logical_gpus(tmp_path):
+    """On a Ray node that declares 2 (logical) GPUs: a 1-GPU task sees its GPU as CUDA_VISIBLE_DEVICES and
+    trains on cuda; a 0-GPU task on the same node trains on CPU. Its own Ray, in a subprocess."""
+    ray_tmp = tempfile.mkdtemp(prefix="rg", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    try:
+        r = subprocess.run([sys.executable, "-c", _GPU_NODE_PROBE], env={**os.environ, "RAY_TMPDIR": ray_tmp},
+                           capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["one"]["ids"]) == 1 and out["one"]["visible"] == out["one"]["ids"][0], out
+    assert out["one"]["device"] == "cuda"
+    assert out["zero"]["ids"] == [] and out["zero"]["device"] == "cpu", out
