@@ -171,7 +171,9 @@ def test_trials_spread_over_nodes_one_gpu_each(tmp_path, ray_local):
         S._probe_nodes = lambda p: probed.append(real_probe(p)) or probed[-1]  # the real probe, on both nodes
         times = Times()
         sw = S.Sweep(name="multi", experiments=list(E.EMBEDDED.values()), seeds=[0, 1], storage=str(tmp_path / "runs"),
-                     common={**E.SMOKE, "data_dir": str(tmp_path / "data")}, cpus_per_trial=1, callbacks=[times])
+                     # logical GPUs: a trial would take the GPU Ray assigns it as cuda; train on CPU on purpose
+                     common={**E.SMOKE, "data_dir": str(tmp_path / "data"), "device": "cpu"}, cpus_per_trial=1,
+                     callbacks=[times])
         run_dir = S.run(sw, report=False)
     finally:
         S._probe_nodes = real_probe
