@@ -169,7 +169,8 @@ def test_ray_up_exec_job_submit_status_down_over_real_ssh():
         for trial in ("CPU-01-baseline-s0", "CPU-02-oelm_freeze-s0", "CPU-03-oelm_random-s0"):
             assert re.search(rf"{trial} .* completed ", out), out[-3000:]
 
-        code, out = ray("down", "-y", str(cfg))
+        code, out = ray("down", "-y", "-v", str(cfg))
+        Path("/tmp/h14-down.log").write_text(out)
         assert code == 0, out[-3000:]
         deadline = time.time() + 60
         while True:  # `ray stop` gives Ray's processes a grace period
