@@ -40,13 +40,18 @@ def _which(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
 
+# the namespace's init: it reaps every orphan (Ray's daemons end up its children), so a stopped Ray
+# process is gone, not a zombie
+REAPER = "import os, time\nwhile True:\n    try: os.wait()\n    except ChildProcessError: time.sleep(0.2)"
+
+
 class Namespace:
     """A process that owns fresh net, pid and mount namespaces; `run` executes a command inside."""
 
     def __init__(self):
         self.proc = subprocess.Popen(
             ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--mount", "sh", "-c",
-             "ip link set lo up && exec sleep 100000"],
+             f"ip link set lo up && exec {sys.executable} -c '{REAPER}'"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 30
         self.pid = None
@@ -155,6 +160,10 @@ def test_ray_up_exec_job_submit_status_down_over_real_ssh():
         assert code == 0 and "AuthenticationError" not in out, out[-4000:]
         assert re.search(r"(Active|Idle):\s*\n\s*1 local\.cluster\.node", out) and re.search(r"/\d+\.0 CPU", out), out[-3000:]
 
+        # ... and that is what makes it work: without RAY_AUTH_MODE the same command is refused
+        code, out = ray("exec", str(cfg), "env -u RAY_AUTH_MODE ray status")
+        assert "AuthenticationError" in out, out[-3000:]
+
         # the README's job submission (over the dashboard on the head's loopback: the same loopback here)
         runs = server / "runs"
         t1 = time.time()
@@ -169,12 +178,17 @@ def test_ray_up_exec_job_submit_status_down_over_real_ssh():
         for trial in ("CPU-01-baseline-s0", "CPU-02-oelm_freeze-s0", "CPU-03-oelm_random-s0"):
             assert re.search(rf"{trial} .* completed ", out), out[-3000:]
 
-        code, out = ray("down", "-y", "-v", str(cfg))
-        Path("/tmp/h14-down.log").write_text(out)
+        # the doctor on the head: joins the cluster in token mode, sees no GPU here, exits 2
+        code, out = ray("exec", str(cfg), f"oelm-ray doctor --storage {runs}; echo doctor exit $?")
+        assert "ok    Ray token mode: on" in out and re.search(r"Ray cluster: 1 node\(s\), \d+ CPUs, 0 GPUs", out), out[-3000:]
+        assert "GPUs torch sees: none" in out and "doctor exit 2" in out, out[-3000:]
+
+        code, out = ray("down", "-y", str(cfg))
         assert code == 0, out[-3000:]
         deadline = time.time() + 60
         while True:  # `ray stop` gives Ray's processes a grace period
-            left = ns.run("ps -eo comm=", env=env, cwd=base, timeout=60).stdout.split()
+            left = [line.split()[1] for line in ns.run("ps -eo stat=,comm=", env=env, cwd=base, timeout=60).stdout.splitlines()
+                    if not line.startswith("Z")]
             if not {"raylet", "gcs_server"} & set(left) or time.time() > deadline:
                 break
             time.sleep(2)
