@@ -63,24 +63,30 @@ def test_baseline_qk_do_train(tmp_path, data_dir):
     assert all(not torch.equal(final[k], v) for k, v in init.items())
 
 
+def _straight_and_cut(c, tmp_path, at: int):
+    """Train c straight through into straight/, and into cut/ interrupted after the evaluation at step
+    `at`, then resumed; returns both summaries."""
+    straight = train(c, tmp_path / "straight", log=quiet)
+
+    class Stop(Exception):
+        pass
+
+    def stop(m):
+        if m["step"] == at:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(c, tmp_path / "cut", report=stop, log=quiet)
+    return straight, train(c, tmp_path / "cut", resume=True, log=quiet)
+
+
 @pytest.mark.parametrize("method,extra", [
     ("baseline", {}),
     ("oelm_freeze", {"qk_unfreeze_step": 15, "qk_lr_mult": 0.5, "qk_freeze_layers": 1}),
 ])
 def test_resume_is_bit_for_bit(tmp_path, data_dir, method, extra):
     c = cfg(data_dir, method=method, **extra)
-    straight = train(c, tmp_path / "straight", log=quiet)
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_20(m):
-        if m["step"] == 20:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(c, tmp_path / "cut", report=stop_at_20, log=quiet)
-    resumed = train(c, tmp_path / "cut", resume=True, log=quiet)
+    straight, resumed = _straight_and_cut(c, tmp_path, at=20)
     a = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in b] == [10, 20, 30, 40]
@@ -231,20 +237,9 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, data_dir):
 def test_compile_trains_and_resumes_bit_for_bit_on_cpu(tmp_path, data_dir):
     c = cfg(data_dir, compile=True, method="oelm_freeze", max_steps=20, eval_interval=5, warmup_steps=2)
     torch._dynamo.reset()
-    straight = train(c, tmp_path / "straight", log=quiet)
+    straight, resumed = _straight_and_cut(c, tmp_path, at=10)
     rows = _evals(tmp_path / "straight")
     _learns(rows)
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_10(m):
-        if m["step"] == 10:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(c, tmp_path / "cut", report=stop_at_10, log=quiet)
-    resumed = train(c, tmp_path / "cut", resume=True, log=quiet)
     cut = _evals(tmp_path / "cut")
     assert [r["step"] for r in cut] == [5, 10, 15, 20]
     assert [(r["train/loss"], r["val/loss"]) for r in cut] == [(r["train/loss"], r["val/loss"]) for r in rows]
