@@ -160,7 +160,7 @@ class TrainConfig:
     qk_lr_mult: float = 1.0
     """Learning-rate multiplier for the Q/K projections whenever they train."""
     device: str = "auto"
-    """auto (cuda when available), cpu or cuda."""
+    """auto (cuda when available; in a Ray trial, cuda only if Ray assigned it a GPU), cpu or cuda."""
     dtype: str = "auto"
     """auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16."""
     compile: bool = False
