@@ -8,8 +8,9 @@ every lr x warmup candidate (log-spaced lrs, warmups as fractions of the run) st
 the search seed shuffles, and ASHA stops poor trials at evaluation points: successive halving over
 the whole grid, chosen by benchmarks/search_efficiency.py (seeded TPE missed the best candidate for
 some seeds; a preset with searcher="tpe" still runs it). Every search trial trains with seed 0.
-Phase 2: each method at its own best lr and warmup over fresh seeds, in `<name>` (summary.md as phase 3, plus search.md and best.json: the best settings and the compute
-the search spent beside a full grid). Run the same command again to resume either phase.
+Phase 2: each method at its own best lr and warmup over fresh seeds, in `<name>` (summary.md as
+phase 3, plus search.md and best.json: the best settings and the compute the search spent beside a
+full grid). Run the same command again to resume either phase.
 """
 
 from oelm_ray import experiments, recipe, search
