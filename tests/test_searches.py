@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from oelm_ray import results, search
-from oelm_ray.config import make_config
+from oelm_ray.config import ConfigError, make_config
 from oelm_ray.experiments import Experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +96,20 @@ def test_partial_unfreeze_variants_are_valid_and_named():
     assert cfgs["PU-k1"].model.frozen_qk_layers == (0,)
     assert cfgs["PU-unf0.50"].train.qk_unfreeze_step == 500
     assert cfgs["PU-mult0.1"].train.qk_lr_mult == 0.1
+
+
+def test_partial_unfreeze_takes_each_arms_searched_lr(tmp_path):
+    pu = load_recipe("partial_unfreeze")
+    cell = lambda method, lr, w: {"method": method, "dataset": "stories", "best": {"lr": lr, "warmup_steps": w}}
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"cells": [cell("baseline", 1.6e-2, 30), cell("oelm_freeze", 8e-3, 300)]}))
+    exps = pu.tuned(pu.PRESETS["embedded"]["experiments"], str(best), {})
+    got = {e.id: (e.config(0).train.lr, e.config(0).train.warmup_steps) for e in exps}
+    assert got.pop("CPU-01") == (1.6e-2, 30)
+    assert set(got.values()) == {(8e-3, 300)} and "PU-unf0.50" in got  # the freeze and every variant: oelm_freeze's
+    best.write_text(json.dumps({"cells": [cell("baseline", 1.6e-2, 30)]}))
+    with pytest.raises(ConfigError, match="no finished oelm_freeze search"):
+        pu.tuned(pu.PRESETS["embedded"]["experiments"], str(best), {})
 
 
 def test_recipes_build_their_smoke_specs(tmp_path):
