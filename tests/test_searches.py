@@ -54,6 +54,16 @@ def test_seeded_searcher_proposes_the_same_configurations_twice():
     assert proposals(1) != a  # the seed, not a constant, fixes them
 
 
+def test_asha_grid_starts_every_candidate_in_a_seeded_order():
+    space = search.Space(lrs=search.log_spaced(2e-3, 3.2e-2, 5), warmup_fracs=[0.03, 0.1, 0.3, 0.6])
+    a, b, c = (search.grid_order(space, 300, s) for s in (0, 0, 1))
+    key = lambda cands: [(x["lr"], x["warmup_steps"]) for x in cands]
+    assert key(a) == key(b) and key(a) != key(c)  # the seed, and only the seed, fixes the order
+    assert sorted(key(a)) == sorted(key(c)) == sorted((lr, w) for lr in space.lrs for w in space.warmups(300))
+    gen = search.every_candidate(space, 300, 0)
+    assert [p["search"] for p in gen._points_to_evaluate] == a
+
+
 def test_space_grid_and_cost_bookkeeping():
     space = search.Space(lrs=[1e-3, 2e-3, 4e-3], warmup_fracs=[0.1, 0.3])
     assert space.size(1000) == 6 and space.warmups(1000) == [100, 300]
