@@ -38,7 +38,7 @@ SPACE = search.Space(lrs=search.log_spaced(2e-3, 3.2e-2, 5), warmup_fracs=[0.03,
 SHRINK = dict(max_steps=300, eval_interval=30, log_interval=30)
 TRAIN_SEED = 0
 PPL_TOL, STEPS_MAX = 1.02, 0.40
-GRACE_FRAC = 0.1  # first ASHA rung at 30 steps
+GRACE_FRAC = 0.3  # ASHA rungs at 90 and 270 steps (0.1: 30, 90, 270 -- cuts long warmups while they warm up)
 
 MEASURED = """(filled in from the run recorded in the README)"""
 
@@ -62,15 +62,15 @@ def grid_frame(exp, storage: str, common: dict):
     return results.trials_frame(results.load_records(grid.run_dir))
 
 
-def one_search(exp, storage: str, common: dict, seed: int, searcher: str, samples: int | None) -> dict:
-    tag = "" if searcher == "asha-grid" else f"-{searcher}{samples}"
+def one_search(exp, storage: str, common: dict, seed: int, searcher: str, samples: int | None, grace_frac: float) -> dict:
+    tag = f"-g{grace_frac:g}" + ("" if searcher == "asha-grid" else f"-{searcher}{samples}")
     base = Sweep(name=f"search_efficiency{tag}-s{seed}", experiments=[exp], seeds=[TRAIN_SEED], storage=storage,
                  common=common)
     return search.search_cells(base, SPACE, samples, seed=seed, train_seed=TRAIN_SEED, searcher_kind=searcher,
-                               n_startup=4, grace_frac=GRACE_FRAC)[0]
+                               n_startup=4, grace_frac=grace_frac)[0]
 
 
-def replay(exp, seed: int, grid_dir: Path, workers: int = 2) -> dict:
+def replay(exp, seed: int, grid_dir: Path, grace_frac: float = GRACE_FRAC, workers: int = 2) -> dict:
     """The asha-grid search of `seed` replayed on the grid's recorded curves, without training.
 
     Exact up to timing: a search trial's val losses are bit-identical to the grid trial's (tested), and
@@ -84,7 +84,7 @@ def replay(exp, seed: int, grid_dir: Path, workers: int = 2) -> dict:
     for r in results.load_records(grid_dir):
         t = r["config"]["train"]
         curves[(t["lr"], t["warmup_steps"])] = [(h["step"], h["val/loss"]) for h in r["history"]]
-    bracket = search.early_stopper(max_steps, every, GRACE_FRAC)._brackets[0]  # Ray's ASHA, one bracket, fresh
+    bracket = search.early_stopper(max_steps, every, grace_frac)._brackets[0]  # Ray's ASHA, one bracket, fresh
     queue = [(c["lr"], c["warmup_steps"]) for c in search.grid_order(SPACE, max_steps, seed)]
     running: list = []  # (time of its next report, worker, index into its curve, candidate)
     for w in range(min(workers, len(queue))):
@@ -159,6 +159,8 @@ def main(argv=None) -> int:
     one.add_argument("--seeds", help="several searcher seeds against one grid: 0-4 or 0,2,5")
     ap.add_argument("--searcher", choices=search.SEARCHERS, default="asha-grid")
     ap.add_argument("--samples", type=int, default=10, help="trials per search (tpe only; asha-grid starts every candidate)")
+    ap.add_argument("--grace-frac", type=float, default=GRACE_FRAC,
+                    help="ASHA's first rung as a fraction of the run (rungs then x3); default %(default)s")
     ap.add_argument("--replay", action="store_true",
                     help="asha-grid only: replay each seed's search on the grid's recorded curves instead of training it")
     args = ap.parse_args(argv)
@@ -176,14 +178,15 @@ def main(argv=None) -> int:
         gdf = grid_frame(exp, storage, common)
         for seed in seeds:
             if args.replay:
-                cell = replay(exp, seed, Path(storage) / f"search_efficiency-grid-{exp.id}")
+                cell = replay(exp, seed, Path(storage) / f"search_efficiency-grid-{exp.id}", args.grace_frac)
             else:
-                cell = one_search(exp, storage, common, seed, args.searcher, args.samples if args.searcher == "tpe" else None)
+                cell = one_search(exp, storage, common, seed, args.searcher, args.samples if args.searcher == "tpe" else None,
+                                  args.grace_frac)
             rows.append({**row(exp, seed, cell, gdf), "replayed": args.replay})
     text = table(rows)
     out = Path(storage) / f"search_efficiency{'-replay' if args.replay else ''}.json"
-    results.write_json(out, {"searcher": args.searcher, "rows": rows})
-    print(f"\nsearcher {args.searcher}{' (REPLAYED on the grid, not trained)' if args.replay else ''}, {SPACE.size(SHRINK['max_steps'])} candidates x {SHRINK['max_steps']} steps, "
+    results.write_json(out, {"searcher": args.searcher, "grace_frac": args.grace_frac, "rows": rows})
+    print(f"\nsearcher {args.searcher}{' (REPLAYED on the grid, not trained)' if args.replay else ''}, ASHA grace {args.grace_frac:g}, {SPACE.size(SHRINK['max_steps'])} candidates x {SHRINK['max_steps']} steps, "
           f"training seed {TRAIN_SEED}\n\n{text}")
     ok = all(r["passed"] for r in rows)
     print("\nPASS" if ok else "\nFAIL")

@@ -17,14 +17,14 @@ from oelm_ray import experiments, recipe, search
 
 PRESETS = {
     # 6 lrs (1e-3 ... 3.2e-2, doubling) x 3 warmups = 18 candidates per method, around the cpu preset's
-    # 1e-2 and up into the range where training blows up; every candidate starts, ASHA (rungs at 100,
-    # 300, 900 steps: 10%, 30%, 90% of the run, as in benchmarks/search_efficiency.py) stops the poor ones
+    # 1e-2 and up into the range where training blows up; every candidate starts, ASHA (rungs at 300 and
+    # 900 steps: 30% and 90% of the run, as in benchmarks/search_efficiency.py) stops the poor ones
     "embedded": dict(experiments=list(experiments.EMBEDDED), seeds=[1, 2], searcher="asha-grid", search_seed=0,
-                     train_seed=0, grace_frac=0.1, reduction_factor=3,
+                     train_seed=0, grace_frac=0.3, reduction_factor=3,
                      space=search.Space(lrs=search.log_spaced(1e-3, 3.2e-2, 6), warmup_fracs=[0.02, 0.1, 0.3])),
     # quarter-decade lrs around the research's 3e-4 / 1e-3; warmups 1% (theirs) to 10%
     "paper": dict(experiments=["GPT-01", "GPT-02", "GPT-03"], seeds=[1, 2, 3], searcher="asha-grid", search_seed=0,
-                  train_seed=0, grace_frac=0.1, reduction_factor=3,
+                  train_seed=0, grace_frac=0.3, reduction_factor=3,
                   space=search.Space(lrs=search.log_spaced(1e-4, 3.2e-3, 7), warmup_fracs=[0.01, 0.03, 0.1])),
 }
 # 3 x 2 candidates of 30 steps: ASHA's rung at 10 steps
