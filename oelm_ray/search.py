@@ -11,8 +11,8 @@ not a grid axis here; each cell is a `Sweep` of one experiment.
 The searcher ("asha-grid", the default): every candidate starts, in an order the search seed
 shuffles (Tune's variant generator fed them as points to evaluate), and ASHA stops poor trials at
 evaluation points (`time_attr="step"`, `val/loss`; the recipes put the rungs at 30% and 90% of the
-run). Chosen by benchmarks/search_efficiency.py and an offline replay: seeded TPE sampling 10 of 20 candidates missed the
-best one for most searcher seeds, and so did ASHA with a first rung at 10% of the run (it cuts
+run). Chosen by benchmarks/search_efficiency.py and an offline replay: seeded TPE sampling 10 of
+20 candidates missed the best one for most searcher seeds, and so did ASHA with a first rung at 10% of the run (it cuts
 long-warmup candidates while they are still warming up); ASHA over the grid with rungs at 30% and
 90% found the best candidate for every seed, for about 55% of the grid's trial-steps.
 "tpe" (Optuna's TPE, seeded, + the same ASHA) is still there to compare.
