@@ -10,10 +10,23 @@ Variants of the full freeze (oelm_freeze), each an Experiment so tables and fold
   PU-mult<m>     orthogonal Q/K trained from step 1 at m x the learning rate (a soft freeze).
 summary.md says which meet the 1.05 criterion and how many trainable parameters each saves.
 Run the same command again after an interruption to resume.
+
+    python sweeps/partial_unfreeze.py --best runs/lr_warmup-embedded/best.json
+
+--best trains each arm at the learning rate and warmup that sweeps/lr_warmup.py's search (successive
+halving over every candidate) found: the baseline at the baseline's, the full freeze and every PU-
+variant at oelm_freeze's (same dataset). The run is then named <name>-tuned unless --name is given.
 """
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
 
 from oelm_ray import experiments as E
 from oelm_ray import recipe
+from oelm_ray.config import ConfigError
 from oelm_ray.config import make_config
 from oelm_ray.experiments import Experiment
 
@@ -46,15 +59,46 @@ for _p in PRESETS.values():
     E.REGISTRY.update({e.id: e for e in _p["experiments"] if e.id.startswith("PU-")})
 
 
-def at_run_size(sw, args):
+def tuned(exps: list[Experiment], best_json: str, common: dict) -> list[Experiment]:
+    """Each experiment at its method's searched lr and warmup (PU- variants and the freeze: oelm_freeze's)."""
+    try:
+        cells = json.loads(Path(best_json).read_text())["cells"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"--best {best_json}: not a best.json written by sweeps/lr_warmup.py ({e})") from None
+    out = []
+    for e in exps:
+        cfg = e.config(0, **common)
+        method = "oelm_freeze" if cfg.model.method != "baseline" else "baseline"
+        hit = [c["best"] for c in cells if c["method"] == method and c["dataset"] == cfg.data.dataset and c.get("best")]
+        if not hit:
+            raise ConfigError(f"--best {best_json} has no finished {method} search on {cfg.data.dataset} (needed by {e.id})")
+        out.append(dataclasses.replace(e, overrides={**e.overrides, "lr": hit[0]["lr"], "warmup_steps": hit[0]["warmup_steps"]}))
+    return out
+
+
+def at_run_size(sw, args, best: str | None = None):
     """Re-derive the variants for the trials' real size (--smoke-test, --max-steps, --set n_layer=...)."""
     base, freeze = PRESETS[args.preset]["experiments"][:2]
     cfg = make_config(freeze.preset, **{**freeze.overrides, **sw.common})
     keep = {e.id for e in sw.experiments}
     sw.experiments = [e for e in variants(base, freeze, cfg.model.n_layer, cfg.train.max_steps)
                       if e.id in keep or e.id.startswith("PU-k") and not args.experiments]
+    if best:
+        if {"lr", "warmup_steps"} & set(sw.common):
+            raise ConfigError("--best sets lr and warmup_steps per arm: drop --set lr / --set warmup_steps")
+        sw.experiments = tuned(sw.experiments, best, sw.common)
+        if not args.name:
+            sw.name = f"{sw.name}-tuned"
     return sw
 
 
+def main(argv=None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)  # --best is this recipe's own; the rest are every recipe's
+    pre.add_argument("--best", default=None)
+    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return recipe.main("partial_unfreeze", PRESETS, rest, customize=lambda sw, args: at_run_size(sw, args, known.best),
+                       doc=__doc__)
+
+
 if __name__ == "__main__":
-    raise SystemExit(recipe.main("partial_unfreeze", PRESETS, customize=at_run_size, doc=__doc__))
+    raise SystemExit(main())

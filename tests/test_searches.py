@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from oelm_ray import results, search
-from oelm_ray.config import make_config
+from oelm_ray.config import ConfigError, make_config
 from oelm_ray.experiments import Experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,16 @@ def test_seeded_searcher_proposes_the_same_configurations_twice():
     assert a == b
     assert all(p["search"]["lr"] in space.lrs and p["search"]["warmup_steps"] in (20, 100, 300) for p in a)
     assert proposals(1) != a  # the seed, not a constant, fixes them
+
+
+def test_asha_grid_starts_every_candidate_in_a_seeded_order():
+    space = search.Space(lrs=search.log_spaced(2e-3, 3.2e-2, 5), warmup_fracs=[0.03, 0.1, 0.3, 0.6])
+    a, b, c = (search.grid_order(space, 300, s) for s in (0, 0, 1))
+    key = lambda cands: [(x["lr"], x["warmup_steps"]) for x in cands]
+    assert key(a) == key(b) and key(a) != key(c)  # the seed, and only the seed, fixes the order
+    assert sorted(key(a)) == sorted(key(c)) == sorted((lr, w) for lr in space.lrs for w in space.warmups(300))
+    gen = search.every_candidate(space, 300, 0)
+    assert [p["search"] for p in gen._points_to_evaluate] == a
 
 
 def test_space_grid_and_cost_bookkeeping():
@@ -97,6 +108,20 @@ def test_partial_unfreeze_variants_are_valid_and_named():
     assert cfgs["PU-mult0.1"].train.qk_lr_mult == 0.1
 
 
+def test_partial_unfreeze_takes_each_arms_searched_lr(tmp_path):
+    pu = load_recipe("partial_unfreeze")
+    cell = lambda method, lr, w: {"method": method, "dataset": "stories", "best": {"lr": lr, "warmup_steps": w}}
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"cells": [cell("baseline", 1.6e-2, 30), cell("oelm_freeze", 8e-3, 300)]}))
+    exps = pu.tuned(pu.PRESETS["embedded"]["experiments"], str(best), {})
+    got = {e.id: (e.config(0).train.lr, e.config(0).train.warmup_steps) for e in exps}
+    assert got.pop("CPU-01") == (1.6e-2, 30)
+    assert set(got.values()) == {(8e-3, 300)} and "PU-unf0.50" in got  # the freeze and every variant: oelm_freeze's
+    best.write_text(json.dumps({"cells": [cell("baseline", 1.6e-2, 30)]}))
+    with pytest.raises(ConfigError, match="no finished oelm_freeze search"):
+        pu.tuned(pu.PRESETS["embedded"]["experiments"], str(best), {})
+
+
 def test_recipes_build_their_smoke_specs(tmp_path):
     from oelm_ray import recipe
 
@@ -134,6 +159,38 @@ def test_report_shows_params_saved_and_compute():
 # slow: real sweeps on local Ray
 
 
+@pytest.mark.slow
+def test_a_candidate_scores_the_same_in_a_plain_sweep_and_in_a_search(tmp_path, ray_local):
+    # issue 15: lr 0.00316 / warmup 30 / seed 0 scored 10.945 in the grid and 11.156 in a search run with
+    # searcher seed 1, which also trained with seed 1. The searcher's seed must not be the trials' seed.
+    from oelm_ray import experiments as E
+    from oelm_ray.sweep import Sweep, run
+
+    exp = E.get(["CPU-02"])[0]
+    common = {**{k: v for k, v in E.SMOKE.items() if k != "warmup_steps"}, "data_dir": str(tmp_path / "data")}
+    space = search.Space(lrs=[3e-3, 1e-2], warmup_fracs=[0.1, 0.3])  # 4 candidates x 30 steps
+    # both sides: one CPU per trial, so num_threads 1 (the trainable derives it from the trial's CPUs)
+    plain = Sweep(name="plain", experiments=[exp], seeds=[0], storage=str(tmp_path / "runs"), common=common,
+                  search=space.grid(30))
+    run(plain, report=False)
+    base = Sweep(name="searched", experiments=[exp], seeds=[7], storage=str(tmp_path / "runs"), common=common)
+    cell = search.search_cells(base, space, seed=1, train_seed=0, grace_frac=0.34)[0]
+
+    def curves(run_dir):
+        return {(r["config"]["train"]["lr"], r["config"]["train"]["warmup_steps"]): (r["seed"], r["config"]["train"]["num_threads"],
+                [(h["step"], h["val/loss"]) for h in r["history"]]) for r in results.load_records(run_dir)}
+
+    grid, searched = curves(plain.run_dir), curves(cell["run"])
+    assert len(grid) == len(searched) == 4
+    for cand, (seed, threads, hist) in searched.items():
+        g_seed, g_threads, g_hist = grid[cand]
+        assert (seed, threads) == (g_seed, g_threads) == (0, 0)
+        # bit-identical val loss at every evaluation (a trial ASHA stopped: a prefix of the grid's curve)
+        assert hist and hist == g_hist[: len(hist)], cand
+    pick = cell["best"]
+    assert pick["final_val_ppl"] == math.exp(grid[(pick["lr"], pick["warmup_steps"])][2][-1][1])
+
+
 @pytest.fixture(scope="module")
 def lr_warmup_smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lw")
@@ -148,7 +205,8 @@ def test_lr_warmup_smoke_finds_best_and_compares_again(lr_warmup_smoke):
     cells = json.loads((final / "best.json").read_text())["cells"]
     assert [c["method"] for c in cells] == ["baseline", "oelm_freeze"]
     for c in cells:
-        assert c["best"] and c["trial_steps"] < c["grid_trial_steps"] == 18 * 30
+        assert c["best"] and c["trial_steps"] < c["grid_trial_steps"] == 6 * 30
+        assert c["trials"] == 6  # asha-grid: every candidate started
     for f in ("summary.md", "trials.parquet", "val_ppl.png", "search.md"):
         assert (final / f).exists(), f
     df = results.trials_frame(results.load_records(final))
@@ -161,7 +219,8 @@ def test_lr_warmup_smoke_finds_best_and_compares_again(lr_warmup_smoke):
 def test_early_stopping_really_stops_trials(lr_warmup_smoke):
     runs, _ = lr_warmup_smoke
     recs = [r for cell in runs.glob("lr_warmup-smoke-search-*") for r in results.load_records(cell)]
-    assert len(recs) == 8
+    assert len(recs) == 12
+    assert all(r["seed"] == 0 for r in recs)  # the search's training seed, not the comparison's seed 1
     stopped = [r for r in recs if r["status"] == "stopped"]
     assert stopped, [(r["name"], r["status"], r["history"][-1]["step"]) for r in recs]
     for r in stopped:
