@@ -54,6 +54,10 @@ def rows(out):
     return [(r["train/loss"], r["val/loss"]) for r in T.read_metrics(Path(out) / "metrics.jsonl")]
 
 
+def flat(out):
+    return [v for r in rows(out) for v in r]
+
+
 # ------------------------------------------------------------------------------------------------
 # compile: what each choice means
 
@@ -79,7 +83,7 @@ def test_compiled_step_matches_eager_resumes_exactly_and_unfreezes(tmp_path, dat
 
     # the compiled dropout draws from eager's RNG ops, so eager and compiled see the same masks
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-    c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15)
+    c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15, n_layer=1)  # one block: half the kernels to build
     T.train(c.override({"compile": "off"}), tmp_path / "eager", log=lambda _: None)
     counters.clear()
     qk = {}
@@ -92,7 +96,7 @@ def test_compiled_step_matches_eager_resumes_exactly_and_unfreezes(tmp_path, dat
     T.train(c, tmp_path / "straight", report=grab, log=lines.append)
     assert "training step: torch.compile(mode='default')" in "\n".join(lines)
     assert counters["frames"]["ok"] > 0 and not counters["graph_break"]  # it compiled, the model in one graph
-    assert rows(tmp_path / "straight") == pytest.approx(rows(tmp_path / "eager"), rel=1e-4)
+    assert flat(tmp_path / "straight") == pytest.approx(flat(tmp_path / "eager"), rel=1e-4)
     assert not torch.equal(qk[10], qk[20])  # the unfrozen Q/K train under compile (a recompile at step 15)
 
     with pytest.raises(Stop):
@@ -215,3 +219,61 @@ def test_a_kill_during_a_background_write_leaves_the_previous_latest_whole(tmp_p
     (run / ".latest.pt.dead.tmp").write_bytes(b"half")
     T.train(cfg(data_dir), run, resume=True, log=lambda _: None)
     assert not list(run.glob(".*.tmp")) and load_checkpoint(run / "latest.pt")["step"] == 20
+
+
+# ------------------------------------------------------------------------------------------------
+# packing trials on a GPU
+
+
+def phase3_presets():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("phase3_recipe", ROOT / "sweeps" / "phase3.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.PRESETS
+
+
+@pytest.mark.parametrize("n,share", [(1, 1.0), (2, 0.5), (3, 0.3333), (4, 0.25)])
+def test_trials_per_gpu_asks_ray_for_a_share_of_one_gpu(n, share, monkeypatch, tmp_path):
+    from oelm_ray import recipe, sweep
+    PRESETS = phase3_presets()
+    args = recipe.parser("phase3", PRESETS).parse_args(
+        ["--trials-per-gpu", str(n), "--no-wandb", "--storage", str(tmp_path)])
+    sw = recipe.build("phase3", PRESETS, args)
+    monkeypatch.setattr(sweep.ray, "cluster_resources", lambda: {"GPU": 1.0, "CPU": 8.0})
+    res = sweep.resources(sw)
+    assert res == {"cpu": 1.0, "gpu": share} and n * res["gpu"] <= 1.0  # n trials fit on one GPU, no more
+    monkeypatch.setattr(sweep.ray, "cluster_resources", lambda: {"CPU": 8.0})
+    with pytest.raises(ConfigError, match="Pass --gpus-per-trial 0"):
+        sweep.resources(sw)  # a GPU share on a cluster without GPUs fails at once, as a whole GPU does
+
+
+def test_trials_per_gpu_refuses_nonsense(tmp_path):
+    from oelm_ray import recipe
+    PRESETS = phase3_presets()
+    for bad in (["--trials-per-gpu", "0"], ["--trials-per-gpu", "2", "--gpus-per-trial", "1"]):
+        args = recipe.parser("phase3", PRESETS).parse_args(bad + ["--no-wandb", "--storage", str(tmp_path)])
+        with pytest.raises(ConfigError, match="--trials-per-gpu"):
+            recipe.build("phase3", PRESETS, args)
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/gpu_speed.py
+
+
+@pytest.mark.slow
+def test_gpu_speed_smoke_runs_with_the_trainer_deps_only():
+    """--smoke on CPU, with Ray, W&B, datasets, pandas and pyarrow unimportable (the GPU machine has none)."""
+    block = "import sys, runpy; [sys.modules.__setitem__(m, None) for m in ('ray', 'wandb', 'datasets', 'pandas', 'pyarrow', 'optuna')]; "
+    run = f"sys.argv = ['gpu_speed.py', '--smoke']; runpy.run_path('benchmarks/gpu_speed.py', run_name='__main__')"
+    p = subprocess.run([sys.executable, "-c", block + run], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    for method in ("baseline", "oelm_freeze"):
+        ceil = [l for l in lines if l.startswith(method) and "ceiling eager" in l]
+        tr = [l for l in lines if l.startswith(method) and " trainer " in l]
+        assert ceil and tr, p.stdout
+        assert float(tr[0].split()[2].replace(",", "")) > 0 and float(tr[0].split()[4]) > 0  # tok/s and the ratio
+    assert "worst trainer / ceiling:" in lines[-1]
