@@ -5,10 +5,12 @@ evaluation, after `latest.pt` (and `best.pt` when the val loss improved) has bee
 checkpoint holds model, optimizer, step, RNG and data-sampler state, so a run resumed from it
 produces exactly the losses of one never interrupted (bit-for-bit on CPU).
 
-Speed notes: no host sync per step (the loss is accumulated on the device and read at log and
-eval points only), fused AdamW and bf16 autocast on CUDA, SDPA's flash kernels, optional
-torch.compile; evaluation runs on a fixed, pre-staged set of validation batches (a sample, or the
-whole split with eval_batches=0).
+Speed notes (README, "Speed on a GPU"): no host sync per step (the loss is accumulated on the
+device and read at log and eval points only). On CUDA: the step compiled with CUDA graphs
+(`compile=auto` -> reduce-overhead), fused AdamW with lr as device tensors, bf16 autocast, SDPA's
+flash kernels, the next batch staged from pinned memory on a side stream, checkpoints written in a
+background thread after a device-to-host copy. Evaluation runs on a fixed, pre-staged set of
+validation batches (a sample, or the whole split with eval_batches=0).
 """
 
 from __future__ import annotations

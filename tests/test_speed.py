@@ -277,3 +277,28 @@ def test_gpu_speed_smoke_runs_with_the_trainer_deps_only():
         assert ceil and tr, p.stdout
         assert float(tr[0].split()[2].replace(",", "")) > 0 and float(tr[0].split()[4]) > 0  # tok/s and the ratio
     assert "worst trainer / ceiling:" in lines[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA only (CI has no GPU; a GPU session runs this with benchmarks/gpu_speed.py)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs, pinned copies, the side stream")
+def test_cuda_fast_path_through_unfreeze_background_checkpoints_and_resume(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15, device="cuda", dtype="fp32", num_threads=0)
+    T.train(c.override({"compile": "off"}), tmp_path / "eager", log=lambda _: None)
+    lines, seen = [], []
+
+    def check(m):
+        seen.append((m["step"], torch.load(tmp_path / "fast" / "latest.pt", weights_only=True)["step"]))
+
+    T.train(c, tmp_path / "fast", report=check, log=lines.append)
+    assert "training step: torch.compile(mode='reduce-overhead')" in "\n".join(lines), lines
+    assert not any("training eager" in l for l in lines), lines
+    assert seen == [(10, 10), (20, 20)]  # background writes, each report after its own latest.pt
+    assert flat(tmp_path / "fast") == pytest.approx(flat(tmp_path / "eager"), rel=1e-3)
+    with pytest.raises(Stop):
+        T.train(c, tmp_path / "cut", report=stop_at(10), log=lambda _: None)
+    T.train(c, tmp_path / "cut", resume=True, log=lambda _: None)
+    assert flat(tmp_path / "cut") == pytest.approx(flat(tmp_path / "fast"), rel=1e-3)
