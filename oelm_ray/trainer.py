@@ -271,10 +271,15 @@ class TrainStep:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def _set_lr_types(self) -> None:
-        """lr as a device tensor (fused AdamW on CUDA) or a float, whatever a loaded state held."""
+        """lr as a device tensor (fused AdamW on CUDA) or a float, whatever a new group or a loaded state held."""
         for g in self.optimizer.param_groups:
-            lr = float(g["lr"])
-            g["lr"] = torch.tensor(lr, device=self.device) if self.tensor_lr else lr
+            lr = g["lr"]
+            if not self.tensor_lr:
+                g["lr"] = float(lr)
+            elif not isinstance(lr, torch.Tensor):
+                g["lr"] = torch.tensor(float(lr), device=self.device)
+            elif lr.device != self.device:
+                g["lr"] = lr.to(self.device)
 
     def load_optimizer(self, sd: dict) -> None:
         self.optimizer.load_state_dict(sd)
