@@ -64,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-cluster", help="validate a Ray cluster-launcher YAML offline with Ray's own schema")
     p.add_argument("yaml", nargs="?", default="cluster.yaml", help="cluster config (default: cluster.yaml)")
-    p.add_argument("--strict", action="store_true", help="placeholder hosts (*_TODO) are an error, as right before `ray up`")
+    p.add_argument("--strict", action="store_true",
+                   help="placeholder hosts (*_TODO) and a missing ssh key file are errors, as right before `ray up`")
+
+    p = sub.add_parser("doctor", help="is this node ready for a --preset paper sweep? one line per check (exit 2 if not)")
+    p.add_argument("--storage", default="runs", help="the sweep's --storage (checked writable and seen by every node)")
+    p.add_argument("--data-dir", default=None, help="the sweep's --data-dir (default: <storage>/data)")
+    p.add_argument("--address", default=None, help="the Ray cluster (default: RAY_ADDRESS, else the one running here)")
     return ap
 
 
@@ -128,6 +134,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(cluster.check_cluster(args.yaml, allow_placeholders=not args.strict))
         return 0
+    if args.cmd == "doctor":
+        from . import doctor
+
+        return doctor.main(args.storage, args.data_dir, args.address)
     raise AssertionError(args.cmd)
 
 

@@ -54,8 +54,9 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 def check_cluster(path: str | os.PathLike = "cluster.yaml", allow_placeholders: bool = True) -> str:
     """Validate a cluster config offline with Ray's own code plus our checks; return a short report.
 
-    `*_TODO` placeholders are a note in the report by default (the shipped file validates as it is);
-    with `allow_placeholders=False` they are an error, as they should be right before `ray up`.
+    `*_TODO` placeholders and a missing `auth.ssh_private_key` file are notes in the report by default
+    (the shipped file validates as it is); with `allow_placeholders=False` (`--strict`) they are errors,
+    as they should be right before `ray up`.
     """
     p = Path(path)
     raw = load(p)
@@ -65,6 +66,10 @@ def check_cluster(path: str | os.PathLike = "cluster.yaml", allow_placeholders: 
     todo = placeholders(raw)
     if todo and not allow_placeholders:
         raise ConfigError(f"{p}: placeholders still to fill in: {', '.join(todo)}: replace them with your hosts and user")
+    key = (raw.get("auth") or {}).get("ssh_private_key")
+    if not allow_placeholders and isinstance(key, str) and not Path(key).expanduser().is_file():
+        raise ConfigError(f"{p}: auth.ssh_private_key {key} does not exist on this machine: point it at your private key "
+                          "(the one whose .pub is in the servers' ~/.ssh/authorized_keys), or make one with ssh-keygen")
     prepared = _ray_validate(raw, p)
 
     prov = raw["provider"]

@@ -32,10 +32,10 @@ def parser(name: str, presets: Presets, doc: str | None = None) -> argparse.Argu
     ap.add_argument("--data-dir", default=None, help="prepared data (default: <storage>/data)")
     ap.add_argument("--name", default=None, help=f"run name (default: {name}-<preset>); the same name resumes")
     ap.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    ap.add_argument("--gpus-per-trial", type=float, default=None, help="default: 1 where the cluster has GPUs, else 0")
+    ap.add_argument("--gpus-per-trial", type=float, default=None, help="default: 1 where the cluster has GPUs, else 0 (--preset paper: an error)")
     ap.add_argument("--trials-per-gpu", type=int, default=None,
                     help="pack N trials on each GPU: each asks for 1/N GPU (Ray fractional resources; they share its "
-                         "memory) and 1 CPU; see the README's 'Packing trials on a GPU'")
+                         "memory) and 1 CPU; see the README's 'Speed on a GPU'")
     ap.add_argument("--cpus-per-trial", type=float, default=None, help="default: 1 without GPUs, 2 with")
     ap.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint")
     ap.add_argument("--smoke-test", action="store_true", help="tiny model, few steps: checks every code path in seconds")
@@ -108,6 +108,7 @@ def build(name: str, presets: Presets, args: argparse.Namespace, **extra: Any):
         search=dict(p.get("search", {})),
         address=args.address,
         gpus_per_trial=gpus,
+        require_gpus=args.preset.startswith("paper"),  # no silent fallback to days on one CPU core
         cpus_per_trial=cpus,
         max_failures=args.max_failures,
         callbacks=callbacks,

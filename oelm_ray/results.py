@@ -90,7 +90,6 @@ def trials_frame(records: list[dict]) -> pd.DataFrame:
         last = hist[-1] if hist else {}
         ppls = [h["val/ppl"] for h in hist if _finite(h.get("val/ppl"))]
         cfg = r.get("config") or {}
-        train, model = cfg.get("train", {}), cfg.get("model", {})
         steps = [h for h in hist if h.get("step_time_s")]
         train_s = sum(h["step_time_s"] * _interval(hist, i) for i, h in enumerate(hist) if h.get("step_time_s"))
         n_steps = last.get("step", 0)
@@ -221,6 +220,8 @@ def _gap(mean: float, std: float) -> str:
 def _val_scope(df: pd.DataFrame) -> str:
     scopes = set()
     for eb, tok in zip(df.eval_batches, df.val_tokens):
+        if eb is None or not _finite(eb):  # a record from before eval_batches was kept
+            continue
         tokens = f"{int(tok):,} tokens" if _finite(tok) else "tokens not recorded"
         scopes.add(f"the whole validation split ({tokens})" if eb == 0 else f"a fixed sample of {eb} validation batches ({tokens})")
     return " / ".join(sorted(scopes)) or "the validation split"

@@ -51,6 +51,8 @@ def trainable(config: dict) -> None:
     cfg = exp.config(config["seed"], **config.get("common", {}), **config.get("search", {}))
     if cfg.train.num_threads == 0:  # a CPU slot is a core: threads beyond it only fight each other
         cfg.train.num_threads = max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
+    if not config.get("ddp"):  # a data-parallel trial's Ray Train workers hold its GPUs, not the trial itself
+        cfg.train.device = trial_device(cfg.train.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
     out, in_storage = _state_dir()
     out.mkdir(parents=True, exist_ok=True)
     resume, known_step = _restore_into(out, in_storage)
@@ -86,6 +88,27 @@ def trainable(config: dict) -> None:
             train_ddp(cfg.to_dict(), out, report=report, resume=resume, log=log, **config["ddp"])
         else:
             train(cfg, out, report=report, resume=resume, data=data, log=log)
+
+
+def trial_device(want: str, gpu_ids: list, visible: str | None) -> str:
+    """The device a trial trains on, from what Ray assigned it (`ray.get_gpu_ids()`), never from
+    what the node has: a 0-GPU trial on a GPU node trains on CPU, a 1-GPU trial on its own GPU.
+
+    Ray sets CUDA_VISIBLE_DEVICES (`visible`) to the trial's GPU ids, so "cuda" is the first of them.
+    """
+    ids = [str(i) for i in gpu_ids]
+    if not ids:
+        if want == "cuda":
+            raise ConfigError("device=cuda but Ray assigned this trial no GPU: pass --gpus-per-trial 1 (or more)")
+        return "cpu"
+    if want == "cpu":
+        return "cpu"  # asked for explicitly
+    if visible is None or visible.split(",")[: len(ids)] != ids:
+        raise ConfigError(
+            f"Ray assigned GPU(s) {','.join(ids)} but CUDA_VISIBLE_DEVICES={visible!r}: the trial could train on "
+            "another trial's GPU (is RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES set? unset it)"
+        )
+    return "cuda"
 
 
 def _state_dir() -> tuple[Path, bool]:
@@ -245,7 +268,9 @@ class Sweep:
     search_alg: Any = None
     scheduler: Any = None
     gpus_per_trial: float | None = None
-    """None: 1 where the cluster has GPUs, else 0."""
+    """None: 1 where the cluster has GPUs, else 0 (unless require_gpus)."""
+    require_gpus: bool = False
+    """With gpus_per_trial None, a cluster without GPUs is an error, not CPU trials (the paper preset)."""
     cpus_per_trial: float | None = None
     """None: 1 without GPUs (one single-thread trial per core), 2 with."""
     workers_per_trial: int = 1
@@ -381,6 +406,11 @@ def resources(sweep: Sweep) -> dict[str, float]:
     if workers > 1:
         return _ddp_resources(sweep, workers, have)
     gpus_total, cpus_total = have.get("GPU", 0.0), have.get("CPU", 0.0)
+    if sweep.gpus_per_trial is None and sweep.require_gpus and gpus_total < 1:
+        raise ConfigError(
+            "--preset paper trains Medium-512 for 100K+ steps a trial, on GPUs, but the Ray cluster has none: connect to a GPU "
+            "cluster (--address or RAY_ADDRESS), or pass --gpus-per-trial 0 to train on CPUs on purpose"
+        )
     gpu = sweep.gpus_per_trial if sweep.gpus_per_trial is not None else (1.0 if gpus_total >= 1 else 0.0)
     cpu = sweep.cpus_per_trial if sweep.cpus_per_trial is not None else (2.0 if gpu else 1.0)
     if gpu > gpus_total:

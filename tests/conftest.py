@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
+import sys
+import tarfile
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +34,68 @@ def ray_local():
             _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
         )
     yield ray
+
+
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_CACHE = Path(os.environ.get("OELM_TEST_CACHE", Path.home() / ".cache" / "oelm-ray"))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fetch_gpt2_ranks(cache: Path = GPT2_CACHE) -> Path:
+    """GPT-2's ranks file (gpt2.tiktoken), from the openai-whisper sdist on the package index.
+
+    pip downloads the sdist into `cache` once (under a file lock: several test runs may share the
+    cache), `whisper/assets/gpt2.tiktoken` is extracted and its sha256 checked. Any failure (no
+    network, no such file, a wrong hash) raises with what to do: a failed test, never a skip.
+    """
+    from filelock import FileLock
+
+    target = cache / "gpt2.tiktoken"
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / "gpt2.tiktoken.lock")):
+        if target.exists() and _sha256(target) == GPT2_RANKS_SHA256:
+            return target
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".whisper-") as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary=:all:", "-d", tmp, "openai-whisper"]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            sdists = sorted(Path(tmp).glob("openai*whisper*.tar.gz"))
+            if r.returncode != 0 or not sdists:
+                raise RuntimeError(
+                    f"could not download the openai-whisper sdist for gpt2.tiktoken ({' '.join(cmd)} -> exit "
+                    f"{r.returncode}): {r.stderr.strip()[-800:]}\nThe GPT-2 tests need PyPI once; or set "
+                    "OELM_GPT2_RANKS to a local gpt2.tiktoken"
+                )
+            with tarfile.open(sdists[0]) as tf:
+                member = next((m for m in tf.getmembers() if m.name.endswith("/whisper/assets/gpt2.tiktoken")), None)
+                if member is None:
+                    raise RuntimeError(f"{sdists[0].name} holds no whisper/assets/gpt2.tiktoken")
+                part = Path(tmp) / "gpt2.tiktoken"
+                part.write_bytes(tf.extractfile(member).read())
+            if (got := _sha256(part)) != GPT2_RANKS_SHA256:
+                raise RuntimeError(f"gpt2.tiktoken from {sdists[0].name} has sha256 {got}, expected {GPT2_RANKS_SHA256}")
+            os.replace(part, target)  # atomic: a reader sees the whole file or none
+    return target
+
+
+@pytest.fixture(scope="session")
+def gpt2_ranks() -> Path:
+    """Path of a verified gpt2.tiktoken: OELM_GPT2_RANKS if set, else fetched into ~/.cache/oelm-ray.
+
+    Also exported as OELM_GPT2_RANKS, for code that reads the tokenizer from the environment.
+    """
+    given = os.environ.get("OELM_GPT2_RANKS")
+    if given:
+        path = Path(given)
+        assert path.is_file() and _sha256(path) == GPT2_RANKS_SHA256, (
+            f"OELM_GPT2_RANKS={given} is not GPT-2's gpt2.tiktoken (missing or wrong sha256): unset it to fetch one"
+        )
+        return path
+    path = fetch_gpt2_ranks()
+    os.environ["OELM_GPT2_RANKS"] = str(path)
+    return path
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -54,14 +54,35 @@ def test_shipped_cluster_yaml_keeps_the_dashboard_local_and_uses_token_auth():
     assert all("RAY_AUTH_MODE=token" in c for c in raw["worker_start_ray_commands"] if "ray start" in c)
     assert "~/.ray/auth_token" in raw["file_mounts"]
     assert any("ray[default]==2.60.0" in c for c in raw["setup_commands"])
-    assert any("pip install -q -e ~/oelm-ray" in c for c in raw["setup_commands"])
+    assert any("-e ~/oelm-ray" in c and "download.pytorch.org/whl/$B" in c for c in raw["setup_commands"])
     assert "ssh_private_key" in raw["auth"] and "BEGIN" not in SHIPPED.read_text()  # a path, never a key
+    # every shell on a node (ray exec, ray attach) runs the `ray` tool in token mode (issue 14)
+    setup = "\n".join(raw["setup_commands"])
+    assert "RAY_AUTH_MODE=token' > ~/.oelm-env" in setup and "echo 'source ~/.oelm-env' >> ~/.bashrc" in setup
+    assert re.search(r"^TORCH=auto;", raw["setup_commands"][0])  # the one place that picks the torch build
+
+
+def test_strict_check_refuses_a_missing_key_file(tmp_path):
+    key = tmp_path / "id_test"
+
+    def fill(d):
+        d["provider"].update(head_ip="10.0.0.1", worker_ips=[])
+        d["auth"].update(ssh_user="me", ssh_private_key=str(key))
+
+    path = _variant(tmp_path, fill)
+    assert "ssh_private_key" in check_cluster(path)  # a note without --strict
+    with pytest.raises(ConfigError, match=r"auth.ssh_private_key .*id_test does not exist on this machine"):
+        check_cluster(path, allow_placeholders=False)
+    key.write_text("not really a key")
+    assert "valid for Ray" in check_cluster(path, allow_placeholders=False)
 
 
 def test_filled_in_cluster_yaml_passes_strict(tmp_path):
     def fill(d):
         d["provider"].update(head_ip="10.1.2.3", worker_ips=["10.1.2.4", "gpu45"])
-        d["auth"]["ssh_user"] = "alice"
+        d["auth"].update(ssh_user="alice", ssh_private_key=str(key))
+    key = tmp_path / "id_ed25519"
+    key.write_text("a key")
     out = check_cluster(_variant(tmp_path, fill), allow_placeholders=False)
     assert "head 10.1.2.3, 2 worker(s)" in out and "TODO" not in out
 
@@ -171,7 +192,9 @@ def test_trials_spread_over_nodes_one_gpu_each(tmp_path, ray_local):
         S._probe_nodes = lambda p: probed.append(real_probe(p)) or probed[-1]  # the real probe, on both nodes
         times = Times()
         sw = S.Sweep(name="multi", experiments=list(E.EMBEDDED.values()), seeds=[0, 1], storage=str(tmp_path / "runs"),
-                     common={**E.SMOKE, "data_dir": str(tmp_path / "data")}, cpus_per_trial=1, callbacks=[times])
+                     # logical GPUs: a trial would take the GPU Ray assigns it as cuda; train on CPU on purpose
+                     common={**E.SMOKE, "data_dir": str(tmp_path / "data"), "device": "cpu"}, cpus_per_trial=1,
+                     callbacks=[times])
         run_dir = S.run(sw, report=False)
     finally:
         S._probe_nodes = real_probe

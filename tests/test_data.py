@@ -5,9 +5,9 @@ from __future__ import annotations
 import base64
 import collections
 import json
-import multiprocessing as mp
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -102,13 +102,12 @@ def test_gpt2_ranks_wrong_hash(tmp_path, monkeypatch):
         data.get_tokenizer(DataConfig(tokenizer="gpt2"))
 
 
-@pytest.mark.skipif(not os.environ.get("OELM_GPT2_RANKS"), reason="OELM_GPT2_RANKS names no gpt2.tiktoken")
-def test_gpt2_real_ranks(tmp_path):
-    enc = data.get_tokenizer(DataConfig(tokenizer="gpt2"))
+def test_gpt2_real_ranks(tmp_path, gpt2_ranks):
+    enc = data.get_tokenizer(DataConfig(tokenizer="gpt2", gpt2_ranks=str(gpt2_ranks)))
     assert enc.n_vocab == 50257 and enc.eot_token == 50256
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert enc.decode(enc.encode_ordinary("Hello world")) == "Hello world"
-    cfg = small_cfg(tmp_path, tokenizer="gpt2", stories_mb=0.05)
+    cfg = small_cfg(tmp_path, tokenizer="gpt2", stories_mb=0.05, gpt2_ranks=str(gpt2_ranks))
     meta = data.prepare(cfg, progress=False)
     assert meta["dtype"] == "uint16" and meta["eot_token"] == 50256
     assert decoded_docs(cfg, "val") == expected_docs(cfg, "val")
@@ -176,25 +175,6 @@ def test_prepare_idempotent(tmp_path):
     data.prepare(cfg, progress=False)
     assert time.perf_counter() - t0 < 0.5
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == mtimes
-
-
-def _prepare_in_child(cfg_dict: dict) -> None:
-    data.prepare(DataConfig(**cfg_dict), progress=False)
-
-
-def test_concurrent_prepare(tmp_path):
-    cfg = small_cfg(tmp_path)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_prepare_in_child, args=(vars(cfg),)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    root = tmp_path / "data"
-    folders = [f.name for f in root.iterdir() if f.is_dir()]
-    assert folders == [data.prepared_dir(cfg).name]
-    data.verify_prepared(data.prepared_dir(cfg), "full")
 
 
 def test_load_missing(tmp_path):
@@ -308,13 +288,33 @@ def test_hub_dir_missing_files(tmp_path):
 
 
 def test_hub_unreachable_is_quick(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: False)
+    import datasets
+    from huggingface_hub import constants
+
+    # conftest sets HF_HUB_OFFLINE=1, which skips the probe: this test is about the online path
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    # the real probe, aimed at a loopback port nobody listens on (tests talk to 127.0.0.1 only)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
+    probes = []
+    real = data._hub_reachable
+    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: probes.append(1) or real(timeout))
     cfg = small_cfg(tmp_path, dataset="wikitext103")
     t0 = time.perf_counter()
-    with pytest.raises(DataError, match="--hub-dir"):
+    with pytest.raises(DataError, match="hub is unreachable.*--hub-dir"):
         data.prepare(cfg, progress=False)
     assert time.perf_counter() - t0 < 5
+    assert probes == [1], "the reachability probe never ran"
     assert not any((tmp_path / "data").glob("*/"))
+    with socket.socket() as s:  # and the same probe says yes where something listens
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+        assert real() is True
 
 
 def test_hub_offline_mode(tmp_path):

@@ -198,3 +198,94 @@ def test_summary_reports_trainable_frozen_and_total(tmp_path, data_dir):
     n_qk = 2 * 2 * 32 * 32  # n_layer x [W_q; W_k] x d_model^2
     assert s["frozen_param_count"] == n_qk and s["trainable_params"] + n_qk == s["total_params"]
     assert f"{s['trainable_params']:,} trainable + {n_qk:,} frozen = {s['total_params']:,} parameters" in lines[0]
+# ------------------------------------------------------------------------------------------------
+# bf16 autocast and torch.compile, on CPU: the paths a GPU run takes (dtype auto = bf16 on CUDA)
+
+
+def _evals(out) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _learns(rows: list[dict]) -> None:
+    losses = [(r["train/loss"], r["val/loss"]) for r in rows]
+    assert all(math.isfinite(x) for pair in losses for x in pair), losses
+    assert rows[-1]["val/loss"] < rows[0]["val/loss"] and rows[-1]["train/loss"] < rows[0]["train/loss"], losses
+    assert rows[-1]["val/loss"] < math.log(257) - 1.5, losses  # far below chance (uniform over the bytes)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, data_dir):
+    lines = []
+    train(cfg(data_dir, dtype="bf16", max_steps=30), tmp_path / "bf16", log=lines.append)
+    assert any("on cpu (bf16 autocast)" in l for l in lines), lines[:3]
+    bf16 = _evals(tmp_path / "bf16")
+    assert [r["step"] for r in bf16] == [10, 20, 30]
+    _learns(bf16)
+    train(cfg(data_dir, dtype="fp32", max_steps=30), tmp_path / "fp32", log=quiet)
+    fp32 = _evals(tmp_path / "fp32")
+    # bf16 really ran (other numbers than fp32) and learns about as well (same data, same init)
+    assert [r["val/loss"] for r in bf16] != [r["val/loss"] for r in fp32]
+    assert abs(bf16[-1]["val/loss"] - fp32[-1]["val/loss"]) < 0.1
+
+
+@pytest.mark.slow
+def test_compile_trains_and_resumes_bit_for_bit_on_cpu(tmp_path, data_dir):
+    c = cfg(data_dir, compile=True, method="oelm_freeze", max_steps=20, eval_interval=5, warmup_steps=2)
+    torch._dynamo.reset()
+    straight = train(c, tmp_path / "straight", log=quiet)
+    rows = _evals(tmp_path / "straight")
+    _learns(rows)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_10(m):
+        if m["step"] == 10:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(c, tmp_path / "cut", report=stop_at_10, log=quiet)
+    resumed = train(c, tmp_path / "cut", resume=True, log=quiet)
+    cut = _evals(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [5, 10, 15, 20]
+    assert [(r["train/loss"], r["val/loss"]) for r in cut] == [(r["train/loss"], r["val/loss"]) for r in rows]
+    assert resumed["best_val_ppl"] == straight["best_val_ppl"]
+    sa = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "cut" / "latest.pt", weights_only=True)["model"]
+    assert not any(k.startswith("_orig_mod.") for k in sa)  # checkpoints hold the plain model's names
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------------------------
+# the research's model: medium-512 on GPT-2 tokens
+
+
+@pytest.mark.slow
+def test_medium_512_takes_an_optimizer_step_on_gpt2_tokens(tmp_path, gpt2_ranks):
+    """The real Medium-512 (d_model 512, 6 layers, 8 heads, d_ff 2048, context 512, vocab 50257) on
+    GPT-2 tokens: one optimizer step, on CPU. Only the batch is smaller than the research's (8)."""
+    c = make_config("medium-512", dataset="stories", stories_mb=0.3, gpt2_ranks=str(gpt2_ranks),
+                    data_dir=str(tmp_path / "data"), method="oelm_freeze", lr=1e-3, batch_size=2, max_steps=1,
+                    warmup_steps=0, eval_interval=1, eval_batches=1, log_interval=1, num_threads=2)
+    assert (c.model.d_model, c.model.n_layer, c.model.n_head, c.model.d_ff, c.model.block_size) == (512, 6, 8, 2048, 512)
+    assert c.model.vocab_size == 50257 and c.data.tokenizer == "gpt2"
+    meta = prepare(c.data, progress=False)
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
+    assert int(load_prepared(c.data).train.max()) > 256  # GPT-2 tokens, not bytes
+    threads = torch.get_num_threads()
+    try:
+        summary = train(c, tmp_path / "run", log=quiet)
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = _evals(tmp_path / "run")
+    assert row["step"] == 1 and summary["status"] == "completed"
+    # at init the model predicts close to uniformly over the 50257 tokens
+    assert abs(row["train/loss"] - math.log(50257)) < 0.5 and math.isfinite(row["val/loss"])
+    ckpt = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
+    assert ckpt["step"] == 1 and all(int(s["step"]) == 1 for s in ckpt["optimizer"]["state"].values())
+    qk = [w for k, w in ckpt["model"].items() if ".attn.c_qk." in k]
+    assert len(qk) == 6
+    # the research's counts for OELM at Medium-512, as summary.json (what `oelm-ray train` writes) reports them
+    assert (summary["trainable_params"], summary["frozen_param_count"], summary["total_params"]) == (41_751_040, 3_145_728, 44_896_768)
+    for w in qk:  # still the head-wise orthogonal init: each head's 64 rows orthonormal (a step would break it)
+        heads = w.reshape(16, 64, 512)  # (2 * n_head, d_head, d_model): Q heads, then K heads
+        assert torch.allclose(heads @ heads.transpose(1, 2), torch.eye(64).expand(16, 64, 64), atol=1e-5)
