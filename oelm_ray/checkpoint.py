@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -110,3 +111,94 @@ def config_diff(a: dict, b: dict, sections: tuple[str, ...], keys: tuple[str, ..
             if sa.get(k) != sb.get(k):
                 out.append(f"{sec}.{k}: checkpoint {sa.get(k)!r} vs config {sb.get(k)!r}")
     return out
+
+
+def host_copy(obj: Any) -> Any:
+    """A copy of obj whose tensors live in host memory and no longer alias the training state.
+
+    CUDA tensors are copied device-to-host without blocking (into pinned memory) and waited for
+    once; CPU tensors are cloned, since training goes on updating them in place.
+    """
+    cuda = []
+
+    def copy(o: Any) -> Any:
+        if isinstance(o, torch.Tensor):
+            if o.is_cuda:
+                cuda.append(o.device)
+                return o.detach().to("cpu", non_blocking=True)
+            return o.detach().clone()
+        if isinstance(o, dict):
+            return {k: copy(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return type(o)(copy(v) for v in o)
+        return o
+
+    out = copy(obj)
+    for dev in set(cuda):  # the copies above are queued on the device's stream: wait for them
+        torch.cuda.synchronize(dev)
+    return out
+
+
+class CheckpointWriter:
+    """Writes checkpoints through `save_checkpoint` (atomic), inline or in one background thread.
+
+    In the background, `save(files, after)` starts writing and returns at once; the payloads must be
+    host copies (`host_copy`). Writes never overlap: a second `save` first waits for the one in flight.
+    `after` (e.g. the trial's report, which must follow a complete latest.pt) runs on the caller's
+    thread once every file of its save is on disk: from `poll()` (cheap, call it every step) or
+    `wait()`. A crash mid-write leaves the previous complete file (plus a temp file), never a torn one;
+    an error in the thread (a full disk) is raised by the next poll, save or wait.
+    """
+
+    def __init__(self, background: bool):
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._after: Callable[[], None] | None = None
+
+    def save(self, files: list[tuple[Path, dict]], after: Callable[[], None] | None = None) -> None:
+        self.wait()
+        if not self.background:
+            for path, payload in files:
+                save_checkpoint(path, payload)
+            if after is not None:
+                after()
+            return
+
+        def write() -> None:
+            try:
+                for path, payload in files:
+                    save_checkpoint(path, payload)
+            except BaseException as e:  # raised on the training thread by poll/wait
+                self._error = e
+
+        self._after = after
+        self._thread = threading.Thread(target=write, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None
+
+    def poll(self) -> None:
+        """Finish a background save that is done (raise its error, run its `after`); never blocks."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is on disk, then raise its error or run its `after`."""
+        if self._thread is None:
+            return
+        self._thread.join()
+        self._thread, after, self._after = None, self._after, None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        if after is not None:
+            after()
+
+    def close(self) -> None:
+        """Join a save in flight without running its `after` (the run is ending with an error)."""
+        if self._thread is not None:
+            self._thread.join()
+        self._thread, self._after, self._error = None, None, None

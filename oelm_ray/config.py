@@ -25,6 +25,7 @@ DATASETS = ("stories",) + HUB_DATASETS
 TOKENIZERS = ("bytes", "gpt2")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
@@ -163,10 +164,15 @@ class TrainConfig:
     """auto (cuda when available; in a Ray trial, cuda only if Ray assigned it a GPU), cpu or cuda."""
     dtype: str = "auto"
     """auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16."""
-    compile: bool = False
-    """Wrap the model in torch.compile (CUDA runs)."""
+    compile: str = "auto"
+    """torch.compile of the training step: off (eager), default, reduce-overhead (CUDA graphs), or auto (reduce-overhead on one CUDA GPU, default under DDP, off on CPU); true/false mean default/off."""
     num_threads: int = 0
     """torch CPU threads for this run; 0 leaves torch's default."""
+
+    def __post_init__(self) -> None:
+        # the field was a bool once: --compile true/false (and old configs) keep their meaning
+        legacy = str(self.compile).strip().lower()
+        self.compile = "default" if legacy in _TRUE else "off" if legacy in _FALSE else legacy
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "eval_interval", "log_interval"):
@@ -199,6 +205,7 @@ class TrainConfig:
             raise ConfigError(f"qk_lr_mult={self.qk_lr_mult} must be > 0")
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("compile", self.compile, COMPILE_MODES)
         if self.num_threads < 0:
             raise ConfigError(f"num_threads={self.num_threads} must be >= 0")
 
@@ -286,7 +293,7 @@ def _medium_512_preset() -> Config:
         DataConfig(dataset="tinystories", tokenizer="gpt2"),
         TrainConfig(
             max_steps=100_000, batch_size=8, lr=3e-4, warmup_steps=1000, eval_interval=1000,
-            eval_batches=0, log_interval=100, compile=False,
+            eval_batches=0, log_interval=100, compile="auto",
         ),
     )
 

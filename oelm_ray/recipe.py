@@ -7,6 +7,7 @@ A recipe declares named presets (which experiments, which seeds, any search spac
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any, Callable
 
@@ -32,6 +33,9 @@ def parser(name: str, presets: Presets, doc: str | None = None) -> argparse.Argu
     ap.add_argument("--name", default=None, help=f"run name (default: {name}-<preset>); the same name resumes")
     ap.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     ap.add_argument("--gpus-per-trial", type=float, default=None, help="default: 1 where the cluster has GPUs, else 0 (--preset paper: an error)")
+    ap.add_argument("--trials-per-gpu", type=int, default=None,
+                    help="pack N trials on each GPU: each asks for 1/N GPU (Ray fractional resources; they share its "
+                         "memory) and 1 CPU; see the README's 'Speed on a GPU'")
     ap.add_argument("--cpus-per-trial", type=float, default=None, help="default: 1 without GPUs, 2 with")
     ap.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint")
     ap.add_argument("--smoke-test", action="store_true", help="tiny model, few steps: checks every code path in seconds")
@@ -57,6 +61,11 @@ def parse_sets(items: list[str]) -> dict[str, str]:
     return out
 
 
+def gpu_share(trials_per_gpu: int) -> float:
+    """Each trial's GPU fraction: 1/N rounded down to Ray's resource granularity (1e-4), so N fit on one GPU."""
+    return math.floor(10_000 / trials_per_gpu) / 10_000
+
+
 def build(name: str, presets: Presets, args: argparse.Namespace, **extra: Any):
     """The Sweep that a recipe's arguments describe (no Ray started yet)."""
     from pathlib import Path
@@ -78,6 +87,12 @@ def build(name: str, presets: Presets, args: argparse.Namespace, **extra: Any):
     storage = str(Path(args.storage).resolve()) if "://" not in args.storage else args.storage
     common["data_dir"] = str(Path(args.data_dir or Path(storage) / "data").resolve())
     run_name = args.name or f"{name}-{'smoke' if args.smoke_test else args.preset}"
+    gpus, cpus = args.gpus_per_trial, args.cpus_per_trial
+    if args.trials_per_gpu is not None:
+        if args.trials_per_gpu < 1 or gpus is not None:
+            raise ConfigError(f"--trials-per-gpu {args.trials_per_gpu} must be a whole number >= 1 and excludes --gpus-per-trial")
+        gpus = gpu_share(args.trials_per_gpu)
+        cpus = 1.0 if cpus is None else cpus
     callbacks = []
     if not args.no_wandb:
         from .wandb_adapter import callback as wandb_callback
@@ -92,9 +107,9 @@ def build(name: str, presets: Presets, args: argparse.Namespace, **extra: Any):
         common=common,
         search=dict(p.get("search", {})),
         address=args.address,
-        gpus_per_trial=args.gpus_per_trial,
+        gpus_per_trial=gpus,
         require_gpus=args.preset.startswith("paper"),  # no silent fallback to days on one CPU core
-        cpus_per_trial=args.cpus_per_trial,
+        cpus_per_trial=cpus,
         max_failures=args.max_failures,
         callbacks=callbacks,
     )

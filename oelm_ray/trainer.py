@@ -5,10 +5,12 @@ evaluation, after `latest.pt` (and `best.pt` when the val loss improved) has bee
 checkpoint holds model, optimizer, step, RNG and data-sampler state, so a run resumed from it
 produces exactly the losses of one never interrupted (bit-for-bit on CPU).
 
-Speed notes: no host sync per step (the loss is accumulated on the device and read at log and
-eval points only), fused AdamW and bf16 autocast on CUDA, SDPA's flash kernels, optional
-torch.compile; evaluation runs on a fixed, pre-staged set of validation batches (a sample, or the
-whole split with eval_batches=0).
+Speed notes (README, "Speed on a GPU"): no host sync per step (the loss is accumulated on the
+device and read at log and eval points only). On CUDA: the step compiled with CUDA graphs
+(`compile=auto` -> reduce-overhead), fused AdamW with lr as device tensors, bf16 autocast, SDPA's
+flash kernels, the next batch staged from pinned memory on a side stream, checkpoints written in a
+background thread after a device-to-host copy. Evaluation runs on a fixed, pre-staged set of
+validation batches (a sample, or the whole split with eval_batches=0).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json, atomic_write
+from .checkpoint import CheckpointError, CheckpointWriter, atomic_write, host_copy, load_checkpoint, write_json
 from .config import Config, ConfigError
 from .data import Prepared, load_prepared
 from .model import GPT
@@ -64,8 +66,13 @@ class Sampler:
         self.gen = torch.Generator().manual_seed(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        buf = self.next_buf()
+        return buf[:, :-1], buf[:, 1:]
+
+    def next_buf(self) -> torch.Tensor:
+        """The next B windows of T+1 tokens, (B, T+1) int64: inputs [:, :-1], targets [:, 1:]."""
         ix = torch.randint(len(self.tokens) - self.T - 1, (self.B,), generator=self.gen).tolist()
-        return windows(self.tokens, ix, self.T)
+        return torch.from_numpy(np.stack([self.tokens[i : i + self.T + 1] for i in ix]).astype(np.int64))
 
     def state_dict(self) -> dict:
         return {"gen": self.gen.get_state()}
@@ -165,6 +172,183 @@ def qk_init_name(cfg: Config) -> str:
     }[cfg.model.method]
 
 
+def resolve_compile(cfg: Config, device: torch.device, world: int = 1) -> tuple[str | None, str]:
+    """(torch.compile mode, or None for eager; why) for this run, from the `compile` field.
+
+    auto: reduce-overhead (CUDA graphs: at batch 8 Medium-512 is launch-bound, the graphs double the
+    step rate) on one CUDA GPU, default under DDP, eager on CPU (compiling costs more than it saves
+    on runs as short as the cpu preset's).
+    """
+    want = cfg.train.compile
+    if want == "off":
+        return None, "compile=off"
+    if want == "auto" and device.type != "cuda":
+        return None, "compile=auto trains eager on CPU"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
+        return None, f"torch.compile needs a GPU of compute capability >= 7.0, this one is {torch.cuda.get_device_capability(device)}"
+    mode = "reduce-overhead" if want == "auto" else want
+    if mode == "reduce-overhead" and device.type != "cuda":
+        return "default", "reduce-overhead needs CUDA (graphs): default mode on CPU"
+    if mode == "reduce-overhead" and world > 1:
+        return "default", "DDP's gradient all-reduce cannot live inside a CUDA graph: default mode under DDP"
+    return mode, f"compile={want}"
+
+
+class Batches:
+    """This rank's training batches from the sampler; on CUDA the next one is staged ahead.
+
+    On CUDA a batch is drawn (random windows from the memmap, on the host), pinned and copied to the
+    GPU on a side stream while the current step runs; the step's stream waits for that copy only.
+    `state_dict()` is the sampler's state before the staged (not yet consumed) batch, so a resumed
+    run draws exactly that batch next: resume stays exact.
+    """
+
+    def __init__(self, sampler: Sampler, device: torch.device, rank: int = 0, world: int = 1):
+        self.sampler, self.device = sampler, device
+        b = sampler.B // world
+        self.rows = slice(rank * b, (rank + 1) * b)  # every rank draws the global batch, keeps its slice
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.staged: tuple[dict, torch.Tensor, torch.Tensor] | None = None
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stream is None:
+            buf = self.sampler.next_buf()[self.rows]  # (b, T+1)
+            return buf[:, :-1], buf[:, 1:]
+        if self.staged is None:
+            self._stage()
+        _, x, y = self.staged
+        main = torch.cuda.current_stream(self.device)
+        main.wait_stream(self.stream)
+        x.record_stream(main)  # allocated on the side stream, used on the main one
+        y.record_stream(main)
+        self._stage()
+        return x, y
+
+    def _stage(self) -> None:
+        state = self.sampler.state_dict()
+        buf = self.sampler.next_buf()[self.rows].pin_memory()  # (b, T+1)
+        with torch.cuda.stream(self.stream):
+            dev = buf.to(self.device, non_blocking=True)
+            x, y = dev[:, :-1].contiguous(), dev[:, 1:].contiguous()
+        self.staged = (state, x, y)
+
+    def state_dict(self) -> dict:
+        return self.staged[0] if self.staged is not None else self.sampler.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.sampler.load_state_dict(sd)
+        self.staged = None
+
+
+class TrainStep:
+    """The model, its optimizer and one training step (fwd, bwd, clip, AdamW), eager or compiled.
+
+    On CUDA the AdamW is fused and its learning rates are device tensors updated in place, so a new
+    lr every step needs neither a host sync nor a recompile; under reduce-overhead the compiled
+    forward and backward replay as CUDA graphs (cudagraph_mark_step_begin marks each step). If
+    compiling fails at the first step, training goes on eager and the log says why.
+    """
+
+    def __init__(self, raw_model: GPT, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device,
+                 amp_dtype: torch.dtype | None, world: int, log: Callable[[str], None]):
+        self.raw, self.optimizer, self.cfg, self.device, self.world, self.log = raw_model, optimizer, cfg, device, world, log
+        self.amp_dtype = amp_dtype
+        self.mode, why = resolve_compile(cfg, device, world)
+        self.tensor_lr = device.type == "cuda"  # fused AdamW takes lr as a device tensor
+        self._set_lr_types()
+        self.proven = self.mode is None
+        if self.mode:  # one run per process: earlier runs' compiled frames would count against the recompile limit
+            torch._dynamo.reset()
+        self.compiled = torch.compile(raw_model, mode=self.mode, dynamic=False) if self.mode else raw_model
+        self.model = self._wrap()
+        self._params()
+        self.describe = f"training step: {'torch.compile(mode=' + repr(self.mode) + ')' if self.mode else 'eager'} ({why})"
+
+    def _wrap(self) -> torch.nn.Module:  # DDP averages the gradients; each rank trains on its slice of the batch
+        return _ddp(self.compiled, self.device) if self.world > 1 else self.compiled
+
+    def _params(self) -> None:
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _set_lr_types(self) -> None:
+        """lr as a device tensor (fused AdamW on CUDA) or a float, whatever a new group or a loaded state held."""
+        for g in self.optimizer.param_groups:
+            lr = g["lr"]
+            if not self.tensor_lr:
+                g["lr"] = float(lr)
+            elif not isinstance(lr, torch.Tensor):
+                g["lr"] = torch.tensor(float(lr), device=self.device)
+            elif lr.device != self.device:
+                g["lr"] = lr.to(self.device)
+
+    def load_optimizer(self, sd: dict) -> None:
+        self.optimizer.load_state_dict(sd)
+        self._set_lr_types()
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            if self.tensor_lr:
+                g["lr"].fill_(lr * g["lr_mult"])  # in place, no sync: the compiled/fused code sees it
+            else:
+                g["lr"] = lr * g["lr_mult"]
+
+    def unfreeze_qk(self) -> None:
+        """Frozen Q/K train from now on (a compiled model recompiles once: requires_grad changed)."""
+        self.raw.set_qk_trainable(True)
+        self.optimizer.add_param_group(qk_unfrozen_group(self.raw, self.cfg))
+        self._set_lr_types()
+        self._params()
+        if self.world > 1:  # DDP fixes its parameter set when built: rebuild it with the unfrozen Q/K
+            self.model = self._wrap()
+
+    def _forward(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.mode == "reduce-overhead" and model is not self.raw:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
+        with self._autocast():
+            return model(x, y)[1]
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on (x, y); returns the loss (on the device, detached)."""
+        if self.proven:
+            loss = self._forward(self.model, x, y)
+        else:  # the first compiled step: a compiler that fails here leaves nothing half-done
+            try:
+                loss = self._forward(self.model, x, y)
+            except Exception as e:
+                self.log(f"torch.compile(mode={self.mode!r}) failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): training eager")
+                self.mode, self.compiled = None, self.raw
+                self.model = self._wrap()
+                loss = self._forward(self.model, x, y)
+            self.proven = True
+        loss.backward()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # graph outputs must not be kept across steps
+        return loss.detach()
+
+    def evaluate(self, val_set: list[tuple[torch.Tensor, torch.Tensor]], val_tokens: int) -> float:
+        """Mean loss per scored token over the validation set (one host sync)."""
+        self.model.eval()
+        main_shape = val_set[0][0].shape
+        total = torch.zeros((), device=self.device)
+        with torch.no_grad():
+            for x, y in val_set:
+                # the whole split's last, smaller batches run uncompiled: no recompile for two shapes
+                m = self.compiled if x.shape == main_shape else self.raw
+                total += self._forward(m, x, y).float() * y.numel()
+        self.model.train()
+        return total.item() / val_tokens
+
+
+BACKGROUND_CHECKPOINTS: bool | None = None
+"""None: write checkpoints in the background on one CUDA GPU (the step is fast, the write is not),
+inline on CPU and under DDP (every rank reports at once); tests set True or False."""
+
+
 # ------------------------------------------------------------------------------------------------
 # the loop
 
@@ -177,7 +361,11 @@ def train(
     data: Prepared | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train one model into `out_dir`; returns the summary (also written to summary.json)."""
+    """Train one model into `out_dir`; returns the summary (also written to summary.json).
+
+    setup (checks, model, optimizer, data, resume) -> steps (`TrainStep`) -> at every evaluation:
+    `TrainStep.evaluate`, metrics, checkpoint (`CheckpointWriter`), report -> summary.
+    """
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
     cfg.validate()
     t = cfg.train
@@ -186,6 +374,8 @@ def train(
     latest = out / "latest.pt"
     ckpt = None
     if resume:
+        for p in out.glob(".*.pt.*.tmp"):  # a write the last process was killed in; latest.pt itself is whole
+            p.unlink(missing_ok=True)
         ckpt = load_checkpoint(latest, expect_config=cfg.to_dict())
     elif latest.exists() or (out / "summary.json").exists():
         raise RunExistsError(
@@ -207,7 +397,7 @@ def train(
 
     torch.manual_seed(t.seed)
     raw_model = GPT(cfg.model)
-    sampler = Sampler(data.train, cfg.model.block_size, t.batch_size, seed=t.seed)
+    batches = Batches(Sampler(data.train, cfg.model.block_size, t.batch_size, seed=t.seed), device, rank, world)
     val_set = eval_batches(data.val, cfg)
     step, tokens, best_val, elapsed, train_time = 0, 0, math.inf, 0.0, 0.0
     if ckpt is not None:
@@ -218,47 +408,30 @@ def train(
     if qk_unfrozen_at(step, cfg):
         raw_model.set_qk_trainable(True)
     raw_model.to(device)
-    optimizer = build_optimizer(raw_model, cfg, device, step)
+    trainer = TrainStep(raw_model, build_optimizer(raw_model, cfg, device, step), cfg, device, amp_dtype, world, log)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        sampler.load_state_dict(ckpt["sampler"])
+        trainer.load_optimizer(ckpt["optimizer"])
+        batches.load_state_dict(ckpt["sampler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         _truncate_metrics(metrics_path, step)
-    model = torch.compile(raw_model) if t.compile else raw_model
-    eval_model = model
-    if world > 1:  # DDP averages the gradients; each rank trains on its slice of the global batch
-        model = _ddp(eval_model, device)
     val_set = [(x.to(device), y.to(device)) for x, y in val_set]
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    )
     counts = raw_model.param_counts()
     n_trainable, n_total = counts["trainable"], counts["total"]
     log(
         f"{cfg.model.method}: {n_trainable:,} trainable + {counts['frozen']:,} frozen = {n_total:,} parameters "
         f"on {device}{' (bf16 autocast)' if amp_dtype else ''}; steps {step} -> {t.max_steps}"
     )
-
+    log(trainer.describe)
     val_tokens = scored_tokens(val_set)
-    main_shape = val_set[0][0].shape
+    background = BACKGROUND_CHECKPOINTS if BACKGROUND_CHECKPOINTS is not None else (device.type == "cuda" and world == 1)
+    writer = CheckpointWriter(background)
 
-    def evaluate() -> float:
-        """Mean loss per scored token over the validation set (one host sync)."""
-        model.eval()
-        total = torch.zeros((), device=device)
-        with torch.no_grad(), autocast():
-            for x, y in val_set:
-                # the whole split's last, smaller batches run uncompiled: no recompile for two shapes
-                m = eval_model if x.shape == main_shape else raw_model
-                total += m(x, y)[1].float() * y.numel()
-        model.train()
-        return total.item() / val_tokens
-
-    def checkpoint(val_loss: float) -> None:
+    def checkpoint(val_loss: float, after: Callable[[], None]) -> None:
+        """latest.pt (and best.pt when val improved), then `after` once they are on disk."""
         nonlocal best_val
         payload = {
             "format": 1,
@@ -266,8 +439,8 @@ def train(
             "step": step,
             "tokens": tokens,
             "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "sampler": sampler.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "sampler": batches.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
@@ -276,10 +449,15 @@ def train(
             "elapsed_s": elapsed + time.perf_counter() - t0,
             "train_time_s": train_time,
         }
+        if writer.background:  # a device-to-host copy now; the file is written while training goes on
+            payload = host_copy(payload)
+        files = []
         if val_loss < best_val:
             best_val = val_loss
-            save_checkpoint(out / "best.pt", {k: payload[k] for k in ("format", "config", "step", "tokens", "model")} | {"val_loss": val_loss})
-        save_checkpoint(latest, payload)
+            best = {k: payload[k] for k in ("format", "config", "step", "tokens", "model")} | {"val_loss": val_loss}
+            files.append((out / "best.pt", best))
+        files.append((latest, payload))
+        writer.save(files, after)
 
     status = "completed"
     tok_per_step = t.batch_size * cfg.model.block_size
@@ -288,90 +466,81 @@ def train(
     last_train_loss = math.nan
     t0 = time.perf_counter()
     t_interval = time.perf_counter()
-    model.train()
-    while step < t.max_steps:
-        if qk_unfrozen_at(step, cfg) and not any(g["name"] == "qk_unfrozen" for g in optimizer.param_groups):
-            raw_model.set_qk_trainable(True)
-            optimizer.add_param_group(qk_unfrozen_group(raw_model, cfg))
-            if world > 1:  # DDP fixes its parameter set when built: rebuild it with the unfrozen Q/K
-                model = _ddp(eval_model, device)
-            log(f"step {step}: Q/K unfrozen in {len(cfg.model.frozen_qk_layers)} block(s)")
-        lr = lr_at(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g["lr_mult"]
-        x, y = sampler.next()
-        if world > 1:  # every rank draws the same global batch (same sampler seed) and keeps its slice
-            b = t.batch_size // world
-            x, y = x[rank * b : (rank + 1) * b], y[rank * b : (rank + 1) * b]
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            _, loss = model(x, y)
-        loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], t.grad_clip
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-        loss_n += 1
-        step += 1
-        interval_steps += 1
-        tokens += tok_per_step
-        is_eval = step % t.eval_interval == 0 or step == t.max_steps
-        if step % t.log_interval == 0 or is_eval:
-            if world > 1:  # the global batch's mean loss, as one process would see it
-                torch.distributed.all_reduce(loss_sum)
-                loss_sum /= world
-            mean_loss = loss_sum.item() / loss_n  # the one host sync per log interval
-            if not math.isfinite(mean_loss):
+    raw_model.train()
+    try:
+        while step < t.max_steps:
+            if qk_unfrozen_at(step, cfg) and not any(g["name"] == "qk_unfrozen" for g in trainer.optimizer.param_groups):
+                trainer.unfreeze_qk()
+                log(f"step {step}: Q/K unfrozen in {len(cfg.model.frozen_qk_layers)} block(s)")
+            lr = lr_at(step, cfg)
+            trainer.set_lr(lr)
+            x, y = batches.next()
+            loss_sum += trainer(x, y)
+            if writer.busy:  # a background checkpoint that has landed: its report goes out now
+                writer.poll()
+            loss_n += 1
+            step += 1
+            interval_steps += 1
+            tokens += tok_per_step
+            is_eval = step % t.eval_interval == 0 or step == t.max_steps
+            if step % t.log_interval == 0 or is_eval:
+                if world > 1:  # the global batch's mean loss, as one process would see it
+                    torch.distributed.all_reduce(loss_sum)
+                    loss_sum /= world
+                mean_loss = loss_sum.item() / loss_n  # the one host sync per log interval
+                if not math.isfinite(mean_loss):
+                    status = "diverged"
+                    log(f"step {step}: training loss is {mean_loss}: the run diverged; stopping")
+                    break
+                last_train_loss = mean_loss
+                if step % t.log_interval == 0:
+                    dt = (time.perf_counter() - t_interval) / interval_steps
+                    log(f"step {step}/{t.max_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/step | {tok_per_step / dt:,.0f} tok/s")
+            if not is_eval:
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            interval_s = time.perf_counter() - t_interval
+            train_time += interval_s
+            t_eval = time.perf_counter()
+            val_loss = trainer.evaluate(val_set, val_tokens)
+            eval_s = time.perf_counter() - t_eval
+            if not math.isfinite(val_loss):
                 status = "diverged"
-                log(f"step {step}: training loss is {mean_loss}: the run diverged; stopping")
+                log(f"step {step}: validation loss is {val_loss}: the run diverged; stopping")
                 break
-            last_train_loss = mean_loss
-            if step % t.log_interval == 0:
-                dt = (time.perf_counter() - t_interval) / interval_steps
-                log(f"step {step}/{t.max_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/step | {tok_per_step / dt:,.0f} tok/s")
-        if not is_eval:
-            continue
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        interval_s = time.perf_counter() - t_interval
-        train_time += interval_s
-        t_eval = time.perf_counter()
-        val_loss = evaluate()
-        eval_s = time.perf_counter() - t_eval
-        if not math.isfinite(val_loss):
-            status = "diverged"
-            log(f"step {step}: validation loss is {val_loss}: the run diverged; stopping")
-            break
-        metrics = {
-            "step": step,
-            "tokens": tokens,
-            "train/loss": last_train_loss,
-            "val/loss": val_loss,
-            "val/ppl": math.exp(val_loss),
-            "val/best_ppl": math.exp(min(best_val, val_loss)),
-            "lr": lr,
-            "step_time_s": interval_s / interval_steps,
-            "tokens_per_s": tok_per_step * interval_steps / interval_s,
-            "eval_time_s": eval_s,
-            "val/tokens": val_tokens,
-            "wall_time_s": elapsed + time.perf_counter() - t0,
-            "trainable_params": n_trainable,
-            "total_params": n_total,
-        }
-        if rank == 0:  # one writer; the other ranks hold identical weights
-            _append_jsonl(metrics_path, metrics)
-            checkpoint(val_loss)
-        else:
-            best_val = min(best_val, val_loss)
-        log(f"step {step}: val loss {val_loss:.4f} | val ppl {metrics['val/ppl']:.3f} | eval {eval_s:.2f}s")
-        loss_sum.zero_()
-        loss_n, interval_steps = 0, 0
-        if report is not None:
-            report(metrics)
-        t_interval = time.perf_counter()
+            metrics = {
+                "step": step,
+                "tokens": tokens,
+                "train/loss": last_train_loss,
+                "val/loss": val_loss,
+                "val/ppl": math.exp(val_loss),
+                "val/best_ppl": math.exp(min(best_val, val_loss)),
+                "lr": lr,
+                "step_time_s": interval_s / interval_steps,
+                "tokens_per_s": tok_per_step * interval_steps / interval_s,
+                "eval_time_s": eval_s,
+                "val/tokens": val_tokens,
+                "wall_time_s": elapsed + time.perf_counter() - t0,
+                "trainable_params": n_trainable,
+                "total_params": n_total,
+            }
+            log(f"step {step}: val loss {val_loss:.4f} | val ppl {metrics['val/ppl']:.3f} | eval {eval_s:.2f}s")
+            # the report follows a complete latest.pt: at once when writing inline, else when the write lands
+            after = (lambda m=metrics: report(m)) if report is not None else None
+            if rank == 0:  # one writer; the other ranks hold identical weights
+                _append_jsonl(metrics_path, metrics)
+                checkpoint(val_loss, after)
+            else:
+                best_val = min(best_val, val_loss)
+                if after is not None:
+                    after()
+            loss_sum.zero_()
+            loss_n, interval_steps = 0, 0
+            t_interval = time.perf_counter()
+        writer.wait()
+    finally:
+        writer.close()
 
     wall = elapsed + time.perf_counter() - t0
     history = read_metrics(metrics_path)

@@ -1,0 +1,179 @@
+"""The trainer's tokens/s against the model-step ceiling on the same shapes, batch and device.
+
+    python benchmarks/gpu_speed.py                    # on a GPU: Medium-512, batch 8, bf16 (< 5 min on an H100/H200)
+    python benchmarks/gpu_speed.py --batch-size 32    # other shapes: any config field via --set FIELD=VALUE
+    python benchmarks/gpu_speed.py --smoke            # CPU, tiny model (vocab 257), eager: every code path in seconds (CI)
+
+Ceiling: the bare model step (forward, backward, fused AdamW on the trainable parameters; no
+clipping, no lr schedule, one batch resident on the device) under each --modes entry (eager,
+torch.compile default, reduce-overhead = CUDA graphs); the fastest is the ceiling. Trainer:
+`trainer.train` on the same config (its own step: dropout, clipping, a new lr every step, batches
+sampled from a token memmap and staged from pinned memory, loss accumulated on the device,
+evaluation and a background checkpoint at every interval), timed over its last eval interval so
+compiling and warm-up are left out. Printed per method: tok/s, TFLOP/s (nanoGPT's 6N + 12 L d T
+FLOPs per token, position embeddings left out of N, frozen Q/K counted: their forward and input
+gradients still run) and trainer / ceiling (the goal: >= 0.9 on an H100/H200 at batch 8).
+
+Needs only torch, numpy, tiktoken, filelock and tqdm (no Ray, datasets or W&B; no download: the
+tokens are a synthetic memmap of vocab_size ids). Run from the repository root with PYTHONPATH=.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's oelm_ray, installed or not
+
+from oelm_ray.config import make_config  # noqa: E402
+from oelm_ray.data import Prepared  # noqa: E402
+from oelm_ray.model import GPT  # noqa: E402
+from oelm_ray.trainer import build_optimizer, resolve_device, train  # noqa: E402
+
+SMOKE = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, vocab_size=257, dropout=0.1,
+             tokenizer="bytes")
+
+
+def flops_per_token(model: GPT) -> float:
+    c = model.cfg
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    L, d, T = c.n_layer, c.d_model, c.block_size
+    return 6 * n + 12 * L * d * T
+
+
+def synthetic_data(folder: Path, vocab: int, n_train: int, n_val: int) -> Prepared:
+    """Uniform random token ids in uint16 memmaps, shaped like `oelm-ray prepare`'s output."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        mm = np.memmap(folder / f"{split}.bin", dtype=np.uint16, mode="w+", shape=(n,))
+        mm[:] = rng.integers(0, vocab, n, dtype=np.uint16)
+        mm.flush()
+        arrays[split] = np.memmap(folder / f"{split}.bin", dtype=np.uint16, mode="r")
+    return Prepared(train=arrays["train"], val=arrays["val"], meta={"synthetic": True}, path=folder, vocab_size=vocab)
+
+
+def ceiling(cfg, mode: str, steps: int, warmup: int) -> float:
+    """Tokens/s of the bare model step under one torch.compile mode ("eager" = none)."""
+    device, amp = resolve_device(cfg)
+    torch.manual_seed(0)
+    if mode != "eager":
+        torch._dynamo.reset()  # a fresh compile per mode and method
+    model = GPT(cfg.model).to(device)
+    opt = build_optimizer(model, cfg, device)
+    step_model = model if mode == "eager" else torch.compile(model, mode=mode, dynamic=False)
+    B, T = cfg.train.batch_size, cfg.model.block_size
+    x = torch.randint(cfg.model.vocab_size, (B, T), device=device)
+    y = torch.randint(cfg.model.vocab_size, (B, T), device=device)
+    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+
+    def step():
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        with ctx():
+            _, loss = step_model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps * B * T / (time.perf_counter() - t0)
+
+
+def trainer_tps(cfg, data: Prepared) -> tuple[float, str]:
+    """The trainer's tokens/s over its last eval interval (after compiling and warm-up), and its step line."""
+    lines: list[str] = []
+    with tempfile.TemporaryDirectory() as d:
+        train(cfg, d, data=data, log=lines.append)
+        from oelm_ray.trainer import read_metrics
+
+        last = read_metrics(Path(d) / "metrics.jsonl")[-1]
+    mode = next((l for l in lines if l.startswith("training step:")), "?")
+    fallback = [l for l in lines if "training eager" in l]
+    return last["tokens_per_s"], "; ".join([mode.removeprefix("training step: ")] + fallback)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, eager, few steps (CI)")
+    ap.add_argument("--preset", default="medium-512")
+    ap.add_argument("--methods", default="baseline,oelm_freeze")
+    ap.add_argument("--modes", default=None, help="ceiling modes, comma-separated (default eager,default,reduce-overhead; smoke: eager)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps of each ceiling (default 300; smoke 5)")
+    ap.add_argument("--interval", type=int, default=None,
+                    help="the trainer's eval interval; it runs two and the second is timed, with the first one's "
+                         "checkpoint being written meanwhile, as in a real run (default: the preset's; smoke 5)")
+    ap.add_argument("--trainer-compile", default="auto", help="the trainer's compile field (auto: reduce-overhead on CUDA)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any other config field")
+    args = ap.parse_args(argv)
+    steps = args.steps or (5 if args.smoke else 300)
+    warmup = 2 if args.smoke else 20
+    modes = (args.modes or ("eager" if args.smoke else "eager,default,reduce-overhead")).split(",")
+    over = dict(s.split("=", 1) for s in args.set)
+    if args.smoke:
+        over = {**SMOKE, "device": "cpu", "num_threads": 1, **over}
+        torch.set_num_threads(1)
+    if args.batch_size:
+        over["batch_size"] = args.batch_size
+    methods = args.methods.split(",")
+    base = make_config(args.preset, **over)
+    device, amp = resolve_device(base)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device {device} ({name}), torch {torch.__version__}, {amp or 'fp32'}, preset {args.preset} "
+          f"(d_model {base.model.d_model}, {base.model.n_layer} layers, context {base.model.block_size}), "
+          f"batch {base.train.batch_size}, {steps} timed steps; command: {' '.join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}",
+          flush=True)
+    B, T = base.train.batch_size, base.model.block_size
+    with tempfile.TemporaryDirectory() as d:
+        data = synthetic_data(Path(d), base.model.vocab_size, n_train=64 * B * (T + 1) if args.smoke else 8 << 20, n_val=4 * B * T + 1)
+        print(f"{'method':<12} {'what':<34} {'tok/s':>10} {'TFLOP/s':>8} {'vs ceiling':>10}")
+        worst = None
+        for method in methods:
+            cfg = make_config(args.preset, **over, method=method)
+            fpt = flops_per_token(GPT(cfg.model))
+            best, best_mode = 0.0, None
+            for mode in modes:
+                t0 = time.perf_counter()
+                tps = ceiling(cfg, mode, steps, warmup)
+                print(f"{method:<12} {'ceiling ' + mode:<34} {tps:>10,.0f} {tps * fpt / 1e12:>8.2f} {'':>10}  ({time.perf_counter() - t0:.0f} s incl. compiling)", flush=True)
+                if tps > best:
+                    best, best_mode = tps, mode
+            # two eval intervals; the second is timed (compiling and warm-up fall in the first)
+            iv = args.interval or (5 if args.smoke else base.train.eval_interval)
+            tcfg = make_config(args.preset, **over, method=method, compile=args.trainer_compile,
+                               max_steps=2 * iv, warmup_steps=min(iv, base.train.warmup_steps), eval_interval=iv,
+                               log_interval=iv, eval_batches=2)
+            t0 = time.perf_counter()
+            tps, how = trainer_tps(tcfg, data)
+            ratio = tps / best
+            worst = ratio if worst is None else min(worst, ratio)
+            print(f"{method:<12} {'trainer':<34} {tps:>10,.0f} {tps * fpt / 1e12:>8.2f} {ratio:>10.3f}"
+                  f"  (best ceiling: {best_mode}; {time.perf_counter() - t0:.0f} s in all)", flush=True)
+            print(f"{'':<12} trainer step: {how}", flush=True)
+    print(f"worst trainer / ceiling: {worst:.3f} (goal on an H100/H200 at batch 8: >= 0.9)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The fast path (issue 12): the compiled step, staged batches, background checkpoints, trial packing, gpu_speed.py.
+
+The CUDA-only parts (CUDA graphs, pinned copies on a side stream, the device-to-host snapshot) need
+a GPU: `benchmarks/gpu_speed.py` checks them there. Everything else runs here on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from oelm_ray import trainer as T
+from oelm_ray.checkpoint import CheckpointWriter, DiskFullError, load_checkpoint, save_checkpoint
+from oelm_ray.config import ConfigError, make_config
+from oelm_ray.data import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, max_steps=20,
+            warmup_steps=4, eval_interval=10, eval_batches=2, log_interval=10, stories_mb=0.2, num_threads=1,
+            dropout=0.1, device="cpu")  # CPU semantics (bit-for-bit); the CUDA test at the end sets cuda
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    prepare(make_config("cpu", **TINY, data_dir=str(d)).data, progress=False)
+    return str(d)
+
+
+def cfg(data_dir, **kw):
+    return make_config("cpu", **{**TINY, "data_dir": data_dir, **kw})
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_at(step):
+    def report(m):
+        if m["step"] == step:
+            raise Stop
+    return report
+
+
+def rows(out):
+    return [(r["train/loss"], r["val/loss"]) for r in T.read_metrics(Path(out) / "metrics.jsonl")]
+
+
+def flat(out):
+    return [v for r in rows(out) for v in r]
+
+
+# ------------------------------------------------------------------------------------------------
+# compile: what each choice means
+
+
+def test_compile_choices_resolve_per_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert T.resolve_compile(make_config("cpu"), cpu)[0] is None  # auto: eager on CPU
+    assert T.resolve_compile(make_config("cpu", compile="default"), cpu)[0] == "default"
+    assert T.resolve_compile(make_config("cpu", compile="reduce-overhead"), cpu)[0] == "default"  # no CUDA graphs on CPU
+    assert T.resolve_compile(make_config("cpu", compile="true"), cpu)[0] == "default"  # the old bool spelling
+    assert T.resolve_compile(make_config("cpu", compile="off"), cpu)[0] is None
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (7, 0):
+        assert T.resolve_compile(make_config("medium-512"), cuda)[0] == "reduce-overhead"
+        assert T.resolve_compile(make_config("medium-512"), cuda, world=2)[0] == "default"
+    with pytest.raises(ConfigError, match="compile='fast' is unknown"):
+        make_config("cpu", compile="fast")
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_resumes_exactly_and_unfreezes(tmp_path, data_dir, monkeypatch):
+    """torch.compile (default mode, the one CPUs have) through a Q/K unfreeze and a resume."""
+    from torch._dynamo.utils import counters
+
+    # the compiled dropout draws from eager's RNG ops, so eager and compiled see the same masks
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15, n_layer=1)  # one block: half the kernels to build
+    T.train(c.override({"compile": "off"}), tmp_path / "eager", log=lambda _: None)
+    counters.clear()
+    qk = {}
+
+    def grab(m):
+        qk[m["step"]] = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)["model"]["transformer.h.0.attn.c_qk.weight"]
+
+    lines = []
+    c = c.override({"compile": "default"})
+    T.train(c, tmp_path / "straight", report=grab, log=lines.append)
+    assert "training step: torch.compile(mode='default')" in "\n".join(lines)
+    assert counters["frames"]["ok"] > 0 and not counters["graph_break"]  # it compiled, the model in one graph
+    assert flat(tmp_path / "straight") == pytest.approx(flat(tmp_path / "eager"), rel=1e-4)
+    assert not torch.equal(qk[10], qk[20])  # the unfrozen Q/K train under compile (a recompile at step 15)
+
+    with pytest.raises(Stop):
+        T.train(c, tmp_path / "cut", report=stop_at(10), log=lambda _: None)
+    T.train(c, tmp_path / "cut", resume=True, log=lambda _: None)
+    assert rows(tmp_path / "cut") == rows(tmp_path / "straight")  # bit-for-bit under compile too
+    a = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "latest.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_compiler_that_fails_falls_back_to_eager_and_says_why(tmp_path, data_dir, monkeypatch):
+    def broken(model, **kw):
+        def fail(*a, **k):
+            raise RuntimeError("no C++ compiler found")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    lines = []
+    T.train(cfg(data_dir, compile="default"), tmp_path / "a", log=lines.append)
+    T.train(cfg(data_dir, compile="off"), tmp_path / "b", log=lambda _: None)
+    assert any("failed (RuntimeError: no C++ compiler found): training eager" in l for l in lines)
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")  # the failed attempt left no trace in the run
+
+
+# ------------------------------------------------------------------------------------------------
+# the input pipeline's state
+
+
+def test_batches_state_is_the_sampler_state_before_the_staged_batch(data_dir):
+    """On CPU nothing is staged; the staged path (CUDA) must hand back the state before its batch."""
+    from oelm_ray.data import load_prepared
+
+    data = load_prepared(cfg(data_dir).data)
+    a = T.Batches(T.Sampler(data.train, 32, 4, seed=0), torch.device("cpu"))
+    b = T.Batches(T.Sampler(data.train, 32, 4, seed=0), torch.device("cpu"))
+    for _ in range(3):
+        a.next()
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(u, v) for u, v in zip(a.next(), b.next()))
+    # emulate staging: a batch drawn ahead is not part of the saved state
+    a.staged = (a.sampler.state_dict(), *a.sampler.next())
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.staged[1], b.next()[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints written in the background
+
+
+def test_background_checkpoints_report_after_the_write_and_resume_exactly(tmp_path, data_dir, monkeypatch):
+    c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15)
+    monkeypatch.setattr(T, "BACKGROUND_CHECKPOINTS", False)
+    T.train(c, tmp_path / "inline", log=lambda _: None)
+    monkeypatch.setattr(T, "BACKGROUND_CHECKPOINTS", True)
+    seen = []
+
+    def check(m):  # the report comes once latest.pt holds this very step
+        seen.append((m["step"], torch.load(tmp_path / "bg" / "latest.pt", weights_only=True)["step"]))
+
+    T.train(c, tmp_path / "bg", report=check, log=lambda _: None)
+    assert seen == [(10, 10), (20, 20)]
+    with pytest.raises(Stop):
+        T.train(c, tmp_path / "cut", report=stop_at(10), log=lambda _: None)
+    T.train(c, tmp_path / "cut", resume=True, log=lambda _: None)
+    assert rows(tmp_path / "bg") == rows(tmp_path / "inline") == rows(tmp_path / "cut")
+    for name in ("latest.pt", "best.pt"):
+        a = torch.load(tmp_path / "inline" / name, weights_only=True)["model"]
+        b = torch.load(tmp_path / "cut" / name, weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_background_write_error_surfaces_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"model": {}, "config": {}, "step": 1})
+    w = CheckpointWriter(background=True)
+    ran = []
+
+    def full(obj, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    w.save([(path, {"model": {}, "config": {}, "step": 2})], after=lambda: ran.append(1))
+    with pytest.raises(DiskFullError, match="previous latest.pt is untouched"):
+        w.wait()
+    monkeypatch.undo()
+    assert ran == [] and load_checkpoint(path)["step"] == 1
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+KILL_MID_WRITE = r"""
+import sys, time, torch
+from pathlib import Path
+from oelm_ray.checkpoint import CheckpointWriter, host_copy, save_checkpoint
+out = Path(sys.argv[1])
+save_checkpoint(out / "latest.pt", {"model": {"w": torch.zeros(4)}, "config": {}, "step": 1})
+w = CheckpointWriter(background=True)
+w.save([(out / "latest.pt", host_copy({"model": {"w": torch.ones(64 << 20)}, "config": {}, "step": 2}))])
+print("writing", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_kill_during_a_background_write_leaves_the_previous_latest_whole(tmp_path, data_dir):
+    p = subprocess.Popen([sys.executable, "-c", KILL_MID_WRITE, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert p.stdout.readline().strip() == "writing"
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".latest.pt.*.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert list(tmp_path.glob(".latest.pt.*.tmp")), "the background write never started"
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert load_checkpoint(tmp_path / "latest.pt")["step"] == 1  # the old file, whole
+    # a real run in that state: resume clears the dead write's temp file and uses the whole latest.pt
+    run = tmp_path / "run"
+    T.train(cfg(data_dir, max_steps=10), run, report=None, log=lambda _: None)
+    (run / ".latest.pt.dead.tmp").write_bytes(b"half")
+    T.train(cfg(data_dir), run, resume=True, log=lambda _: None)
+    assert not list(run.glob(".*.tmp")) and load_checkpoint(run / "latest.pt")["step"] == 20
+
+
+# ------------------------------------------------------------------------------------------------
+# packing trials on a GPU
+
+
+def phase3_presets():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("phase3_recipe", ROOT / "sweeps" / "phase3.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.PRESETS
+
+
+@pytest.mark.parametrize("n,share", [(1, 1.0), (2, 0.5), (3, 0.3333), (4, 0.25)])
+def test_trials_per_gpu_asks_ray_for_a_share_of_one_gpu(n, share, monkeypatch, tmp_path):
+    from oelm_ray import recipe, sweep
+    PRESETS = phase3_presets()
+    args = recipe.parser("phase3", PRESETS).parse_args(
+        ["--trials-per-gpu", str(n), "--no-wandb", "--storage", str(tmp_path)])
+    sw = recipe.build("phase3", PRESETS, args)
+    monkeypatch.setattr(sweep.ray, "cluster_resources", lambda: {"GPU": 1.0, "CPU": 8.0})
+    res = sweep.resources(sw)
+    assert res == {"cpu": 1.0, "gpu": share} and n * res["gpu"] <= 1.0  # n trials fit on one GPU, no more
+    monkeypatch.setattr(sweep.ray, "cluster_resources", lambda: {"CPU": 8.0})
+    with pytest.raises(ConfigError, match="Pass --gpus-per-trial 0"):
+        sweep.resources(sw)  # a GPU share on a cluster without GPUs fails at once, as a whole GPU does
+
+
+def test_trials_per_gpu_refuses_nonsense(tmp_path):
+    from oelm_ray import recipe
+    PRESETS = phase3_presets()
+    for bad in (["--trials-per-gpu", "0"], ["--trials-per-gpu", "2", "--gpus-per-trial", "1"]):
+        args = recipe.parser("phase3", PRESETS).parse_args(bad + ["--no-wandb", "--storage", str(tmp_path)])
+        with pytest.raises(ConfigError, match="--trials-per-gpu"):
+            recipe.build("phase3", PRESETS, args)
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/gpu_speed.py
+
+
+@pytest.mark.slow
+def test_gpu_speed_smoke_runs_with_the_trainer_deps_only():
+    """--smoke on CPU, with Ray, W&B, datasets, pandas and pyarrow unimportable (the GPU machine has none)."""
+    block = "import sys, runpy; [sys.modules.__setitem__(m, None) for m in ('ray', 'wandb', 'datasets', 'pandas', 'pyarrow', 'optuna')]; "
+    run = f"sys.argv = ['gpu_speed.py', '--smoke']; runpy.run_path('benchmarks/gpu_speed.py', run_name='__main__')"
+    p = subprocess.run([sys.executable, "-c", block + run], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    for method in ("baseline", "oelm_freeze"):
+        ceil = [l for l in lines if l.startswith(method) and "ceiling eager" in l]
+        tr = [l for l in lines if l.startswith(method) and " trainer " in l]
+        assert ceil and tr, p.stdout
+        assert float(tr[0].split()[2].replace(",", "")) > 0 and float(tr[0].split()[4]) > 0  # tok/s and the ratio
+    assert "worst trainer / ceiling:" in lines[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA only (CI has no GPU; a GPU session runs this with benchmarks/gpu_speed.py)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs, pinned copies, the side stream")
+def test_cuda_fast_path_through_unfreeze_background_checkpoints_and_resume(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15, device="cuda", dtype="fp32", num_threads=0)
+    T.train(c.override({"compile": "off"}), tmp_path / "eager", log=lambda _: None)
+    lines, seen = [], []
+
+    def check(m):
+        seen.append((m["step"], torch.load(tmp_path / "fast" / "latest.pt", weights_only=True)["step"]))
+
+    T.train(c, tmp_path / "fast", report=check, log=lines.append)
+    assert "training step: torch.compile(mode='reduce-overhead')" in "\n".join(lines), lines
+    assert not any("training eager" in l for l in lines), lines
+    assert seen == [(10, 10), (20, 20)]  # background writes, each report after its own latest.pt
+    assert flat(tmp_path / "fast") == pytest.approx(flat(tmp_path / "eager"), rel=1e-3)
+    with pytest.raises(Stop):
+        T.train(c, tmp_path / "cut", report=stop_at(10), log=lambda _: None)
+    T.train(c, tmp_path / "cut", resume=True, log=lambda _: None)
+    assert flat(tmp_path / "cut") == pytest.approx(flat(tmp_path / "fast"), rel=1e-3)
