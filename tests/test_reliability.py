@@ -163,7 +163,7 @@ def test_driver_sigkilled_mid_sweep_resumes_with_the_same_command(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}
     stale = {**env, "TUNE_GLOBAL_CHECKPOINT_S": "3600"}
     cmd = [sys.executable, str(PHASE3), "--smoke-test", "--no-wandb", "--storage", str(tmp_path / "runs"),
-           "--seeds", "0,1,2"]
+           "--seeds", "0,1,2", "--experiments", "CPU-01,CPU-02,CPU-03"]  # 9 trials
     run_dir = tmp_path / "runs" / "phase3-smoke"
     ray_procs: dict[int, str] = {}
     try:

@@ -104,7 +104,7 @@ def test_partial_unfreeze_variants_are_valid_and_named():
             e.config(0)  # validates
     cfgs = {e.id: e.config(0) for e in pu.PRESETS["embedded"]["experiments"]}
     assert cfgs["PU-k1"].model.frozen_qk_layers == (0,)
-    assert cfgs["PU-unf0.50"].train.qk_unfreeze_step == 500
+    assert cfgs["PU-unf0.50"].train.qk_unfreeze_step == round(0.5 * make_config("cpu").train.max_steps)
     assert cfgs["PU-mult0.1"].train.qk_lr_mult == 0.1
 
 
