@@ -38,7 +38,7 @@ BAD = [
     (dict(method="oelm"), "method='oelm' is unknown: choose one of baseline, oelm_freeze, oelm_random"),
     (dict(dataset="imagenet"), "dataset='imagenet' is unknown"),
     (dict(tokenizer="sentencepiece"), "tokenizer='sentencepiece' is unknown"),
-    (dict(eval_interval=5000), "eval_interval=5000 is larger than max_steps=750"),
+    (dict(eval_interval=5000), "eval_interval=5000 is larger than max_steps=500"),
     (dict(seed="abc"), "seed='abc' is not a valid int"),
     (dict(seed=1.5), "seed=1.5 is not a valid int"),
     (dict(max_steps=0), "max_steps=0 must be a whole number > 0"),
