@@ -22,6 +22,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The small stories corpus (0.2 MB, bytes) the trainer tests train their tiny models on, prepared once."""
+    from oelm_ray.config import make_config
+    from oelm_ray.data import prepare
+
+    d = tmp_path_factory.mktemp("data")
+    prepare(make_config("cpu", stories_mb=0.2, data_dir=str(d)).data, progress=False)
+    return str(d)
+
+
 @pytest.fixture
 def ray_local():
     """A local 2-CPU Ray on 127.0.0.1, started once and shared; tests that need another cluster

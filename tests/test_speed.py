@@ -20,19 +20,11 @@ import torch
 from oelm_ray import trainer as T
 from oelm_ray.checkpoint import CheckpointWriter, DiskFullError, load_checkpoint, save_checkpoint
 from oelm_ray.config import ConfigError, make_config
-from oelm_ray.data import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, max_steps=20,
             warmup_steps=4, eval_interval=10, eval_batches=2, log_interval=10, stories_mb=0.2, num_threads=1,
             dropout=0.1, device="cpu")  # CPU semantics (bit-for-bit); the CUDA test at the end sets cuda
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    prepare(make_config("cpu", **TINY, data_dir=str(d)).data, progress=False)
-    return str(d)
 
 
 def cfg(data_dir, **kw):

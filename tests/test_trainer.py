@@ -22,13 +22,6 @@ TINY = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=
             dropout=0.1)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    prepare(make_config("cpu", **TINY, data_dir=str(d)).data, progress=False)
-    return str(d)
-
-
 def cfg(data_dir, **kw):
     return make_config("cpu", **{**TINY, "data_dir": data_dir, **kw})
 
