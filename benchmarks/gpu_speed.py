@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import platform
 import sys
 import tempfile
@@ -34,10 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's oelm_ray, installed or not
 
-from oelm_ray.config import make_config  # noqa: E402
-from oelm_ray.data import Prepared  # noqa: E402
-from oelm_ray.model import GPT  # noqa: E402
-from oelm_ray.trainer import build_optimizer, resolve_device, train  # noqa: E402
+from oelm_ray.core.config import make_config  # noqa: E402
+from oelm_ray.core.data import Prepared  # noqa: E402
+from oelm_ray.core.model import GPT  # noqa: E402
+from oelm_ray.core.trainer import build_optimizer, resolve_device, train  # noqa: E402
 
 SMOKE = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, vocab_size=257, dropout=0.1,
              tokenizer="bytes")
@@ -100,7 +99,7 @@ def trainer_tps(cfg, data: Prepared) -> tuple[float, str]:
     lines: list[str] = []
     with tempfile.TemporaryDirectory() as d:
         train(cfg, d, data=data, log=lines.append)
-        from oelm_ray.trainer import read_metrics
+        from oelm_ray.core.trainer import read_metrics
 
         last = read_metrics(Path(d) / "metrics.jsonl")[-1]
     mode = next((l for l in lines if l.startswith("training step:")), "?")

@@ -5,7 +5,7 @@
     python benchmarks/search_efficiency.py --experiments CPU-02 --seeds 0,1 --searcher tpe --samples 10
 
 Per experiment, one full grid (every candidate trained to max_steps, training seed 0) and, for each
-searcher seed, one search over the same candidates (oelm_ray.search, as sweeps/lr_warmup.py runs it,
+searcher seed, one search over the same candidates (oelm_ray.tune.search, as sweeps/lr_warmup.py runs it,
 training seed 0 too: a candidate scores exactly what it scores in the grid). The space: 5 lrs
 (2e-3 ... 3.2e-2, doubling) x 4 warmups (3%, 10%, 30%, 60%) = 20 candidates, chosen so that the
 grid's best would be interior (it is for the baseline's lr; both methods still want the longest
@@ -43,9 +43,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from oelm_ray import experiments as E  # noqa: E402
-from oelm_ray import results, search  # noqa: E402
-from oelm_ray.sweep import Sweep, run  # noqa: E402
+from oelm_ray.core import experiments as E  # noqa: E402
+from oelm_ray import results  # noqa: E402
+from oelm_ray.tune import search  # noqa: E402
+from oelm_ray.tune.sweep import Sweep, run  # noqa: E402
 
 SPACE = search.Space(lrs=search.log_spaced(2e-3, 3.2e-2, 5), warmup_fracs=[0.03, 0.1, 0.3, 0.6])
 SHRINK = dict(max_steps=300, eval_interval=30, log_interval=30)

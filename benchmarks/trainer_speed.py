@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from oelm_ray.config import METHODS, make_config
-from oelm_ray.data import load_prepared, prepare
-from oelm_ray.model import GPT
-from oelm_ray.trainer import Sampler, build_optimizer, lr_at, resolve_device, train
+from oelm_ray.core.config import METHODS, make_config
+from oelm_ray.core.data import load_prepared, prepare
+from oelm_ray.core.model import GPT
+from oelm_ray.core.trainer import Sampler, build_optimizer, lr_at, resolve_device, train
 
 
 def plain_loop(cfg, data, steps: int) -> float:

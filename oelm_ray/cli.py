@@ -12,7 +12,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from . import config as C
+from .core import config as C
+from .core.io import UserError
 
 
 def _add_config_flags(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
@@ -82,31 +83,23 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # user errors become one line; anything else is a bug and keeps its traceback
-        if is_user_error(e):
+        if isinstance(e, UserError):
             print(f"oelm-ray {args.cmd}: error: {e}", file=sys.stderr)
             return 2
         raise
 
 
-def is_user_error(e: BaseException) -> bool:
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .trainer import RunExistsError
-
-    return isinstance(e, (C.ConfigError, DataError, CheckpointError, RunExistsError))
-
-
 def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "prepare":
-        from .data import prepare
+        from .core.data import prepare
 
         cfg = C.preset(args.preset).override(_overrides(args, ("data",))).validate()
         meta = prepare(cfg.data, force=args.force)
         print(f"prepared {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens")
         return 0
     if args.cmd == "train":
-        from .data import load_prepared, prepare
-        from .trainer import train
+        from .core.data import load_prepared, prepare
+        from .core.trainer import train
 
         cfg = C.make_config(args.preset, **_overrides(args, ("model", "data", "train")))
         data = load_prepared(cfg.data) if args.no_prepare else None
@@ -125,17 +118,18 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(path)
         return 0
     if args.cmd == "sync":
-        from . import results, wandb_adapter
+        from . import results
+        from .tune import wandb_logger
 
-        wandb_adapter.sync(results.find_run(args.storage, args.run), project=args.project)
+        wandb_logger.sync(results.find_run(args.storage, args.run), project=args.project)
         return 0
     if args.cmd == "check-cluster":
-        from . import cluster
+        from .cluster import launcher
 
-        print(cluster.check_cluster(args.yaml, allow_placeholders=not args.strict))
+        print(launcher.check_cluster(args.yaml, allow_placeholders=not args.strict))
         return 0
     if args.cmd == "doctor":
-        from . import doctor
+        from .cluster import doctor
 
         return doctor.main(args.storage, args.data_dir, args.address)
     raise AssertionError(args.cmd)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from .checkpoint import atomic_write, write_json
+from .core.io import atomic_write, write_json
 
 CRITERION = 1.05
 TRIALS_DIR = "trials"
@@ -55,7 +55,7 @@ def load_records(run: Path) -> list[dict]:
 
 def find_run(storage: str | os.PathLike, run: str | None) -> Path:
     """A run folder from a path, a name under `storage`, or (None) the newest run under `storage`."""
-    from .config import ConfigError
+    from .core.config import ConfigError
 
     if run:
         for cand in (Path(run), Path(storage) / run):

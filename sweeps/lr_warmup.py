@@ -13,7 +13,8 @@ phase 3, plus search.md and best.json: the best settings and the compute the sea
 full grid). Run the same command again to resume either phase.
 """
 
-from oelm_ray import experiments, recipe, search
+from oelm_ray.core import experiments
+from oelm_ray.tune import recipe, search
 
 PRESETS = {
     # 6 lrs (1e-3 ... 3.2e-2, doubling) x 3 warmups = 18 candidates per method, around the cpu preset's

@@ -24,11 +24,11 @@ import json
 import sys
 from pathlib import Path
 
-from oelm_ray import experiments as E
-from oelm_ray import recipe
-from oelm_ray.config import ConfigError
-from oelm_ray.config import make_config
-from oelm_ray.experiments import Experiment
+from oelm_ray.core import experiments as E
+from oelm_ray.tune import recipe
+from oelm_ray.core.config import ConfigError
+from oelm_ray.core.config import make_config
+from oelm_ray.core.experiments import Experiment
 
 UNFREEZE_FRACS = (0.25, 0.5, 0.75)
 QK_LR_MULTS = (0.1,)

@@ -7,7 +7,8 @@
 Run the same command again after an interruption: finished trials are kept, the others resume.
 """
 
-from oelm_ray import experiments, recipe
+from oelm_ray.core import experiments
+from oelm_ray.tune import recipe
 
 PRESETS = {
     "embedded": dict(experiments=list(experiments.EMBEDDED), seeds=[0, 1]),

@@ -25,8 +25,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """The small stories corpus (0.2 MB, bytes) the trainer tests train their tiny models on, prepared once."""
-    from oelm_ray.config import make_config
-    from oelm_ray.data import prepare
+    from oelm_ray.core.config import make_config
+    from oelm_ray.core.data import prepare
 
     d = tmp_path_factory.mktemp("data")
     prepare(make_config("cpu", stories_mb=0.2, data_dir=str(d)).data, progress=False)

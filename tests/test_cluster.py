@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oelm_ray.cluster import check_cluster, placeholders
-from oelm_ray.config import ConfigError
+from oelm_ray.cluster.launcher import check_cluster, placeholders
+from oelm_ray.core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "cluster.yaml"
@@ -143,7 +143,7 @@ def test_cli_check_cluster_exits_2_with_one_line(tmp_path):
 
 
 def test_storage_only_one_node_can_see_is_reported(tmp_path):
-    from oelm_ray.sweep import _check_shared_storage
+    from oelm_ray.tune.sweep import _check_shared_storage
 
     seen = []
 
@@ -167,7 +167,8 @@ def test_trials_spread_over_nodes_one_gpu_each(tmp_path, ray_local):
     from ray import tune
     from ray.cluster_utils import Cluster
 
-    from oelm_ray import experiments as E, sweep as S
+    from oelm_ray.core import experiments as E
+    from oelm_ray.tune import sweep as S
     from oelm_ray.results import load_records
 
     class Times(tune.Callback):
@@ -298,7 +299,7 @@ def test_driver_joins_a_running_head_by_ray_address_and_by_job_submit(tmp_path, 
     run = tmp_path / "a" / "phase3-smoke"
     assert (run / "summary.md").exists()
     statuses = [json.loads(p.read_text())["status"] for p in (run / "trials").glob("*.json")]
-    from oelm_ray.experiments import EMBEDDED
+    from oelm_ray.core.experiments import EMBEDDED
 
     assert statuses == ["completed"] * len(EMBEDDED), statuses
 

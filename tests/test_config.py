@@ -2,7 +2,7 @@
 
 import pytest
 
-from oelm_ray import config as C
+from oelm_ray.core import config as C
 
 
 @pytest.mark.parametrize("name", sorted(C.PRESETS))
@@ -75,7 +75,7 @@ def test_paper_preset_scores_the_whole_validation_split():
 
 
 def test_controls_differ_from_a_protocol_arm_in_exactly_what_they_isolate():
-    from oelm_ray import experiments as E
+    from oelm_ray.core import experiments as E
 
     def diff(a, b):
         fa, fb = (a.config(0).to_dict(), b.config(0).to_dict())

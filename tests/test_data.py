@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from oelm_ray import data
-from oelm_ray.config import DataConfig
-from oelm_ray.data import DataError
-from oelm_ray.stories import generate_stories, split_seed
+from oelm_ray.core import data
+from oelm_ray.core.config import DataConfig
+from oelm_ray.core.data import DataError
+from oelm_ray.core.stories import generate_stories, split_seed
 
 
 def small_cfg(tmp_path: Path, **kw) -> DataConfig:
@@ -320,7 +320,7 @@ def test_hub_unreachable_is_quick(tmp_path, monkeypatch):
 def test_hub_offline_mode(tmp_path):
     # a fresh interpreter, so datasets reads HF_HUB_OFFLINE at import; an empty HF_HOME means no cache
     code = (
-        "from oelm_ray import data; from oelm_ray.config import DataConfig\n"
+        "from oelm_ray.core import data; from oelm_ray.core.config import DataConfig\n"
         f"try: data.prepare(DataConfig(dataset='tinystories', data_dir={str(tmp_path / 'd')!r}), progress=False)\n"
         "except data.DataError as e: print('DataError:', e)\n"
     )

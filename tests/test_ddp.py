@@ -20,10 +20,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from oelm_ray.config import ConfigError, make_config
-from oelm_ray.data import load_prepared, prepare
-from oelm_ray.experiments import SMOKE
-from oelm_ray.trainer import read_metrics, train
+from oelm_ray.core.config import ConfigError, make_config
+from oelm_ray.core.data import load_prepared, prepare
+from oelm_ray.core.experiments import SMOKE
+from oelm_ray.core.trainer import read_metrics, train
 
 RTOL = 1e-5
 
@@ -68,7 +68,7 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(tmp_path):
 
 
 def test_batch_must_split_evenly_over_ranks(tmp_path, monkeypatch):
-    import oelm_ray.trainer as T
+    import oelm_ray.core.trainer as T
 
     cfg = _cfg(tmp_path, batch_size=3)
     prepare(cfg.data, progress=False)
@@ -82,8 +82,8 @@ def test_ddp_trial_in_a_sweep_matches_a_single_process_run(tmp_path, ray_local):
     """A Tune trial with workers_per_trial=2 trains through Ray Train's TorchTrainer (gloo)."""
     import ray
 
-    from oelm_ray import experiments as E
-    from oelm_ray.sweep import Sweep, run
+    from oelm_ray.core import experiments as E
+    from oelm_ray.tune.sweep import Sweep, run
 
     ray.shutdown()  # the trial needs 1 CPU + 2 workers: a 3-CPU Ray of our own
     ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)

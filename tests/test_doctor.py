@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from oelm_ray import doctor as D, torch_build as T
+from oelm_ray.cluster import doctor as D, torch_build as T
 
 ROOT = Path(__file__).resolve().parents[1]
 

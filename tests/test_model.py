@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from oelm_ray.config import ModelConfig
-from oelm_ray.model import GPT
+from oelm_ray.core.config import ModelConfig
+from oelm_ray.core.model import GPT
 
 SMALL = dict(vocab_size=61, n_layer=3, n_head=4, d_model=32, d_ff=64, block_size=16)
 
@@ -82,7 +82,7 @@ def test_same_seed_same_init_and_methods_share_everything_but_qk():
     [("baseline", 44_896_768, 0), ("oelm_freeze", 41_751_040, 3_145_728), ("oelm_random", 41_751_040, 3_145_728)],
 )
 def test_medium_512_parameter_counts_are_the_research_s(method, trainable, frozen):
-    from oelm_ray.config import make_config
+    from oelm_ray.core.config import make_config
 
     with torch.device("meta"):  # counts only: no 45M-parameter init
         m = GPT(make_config("medium-512", method=method).model)

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oelm_ray.cluster import placeholders
+from oelm_ray.cluster.launcher import placeholders
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = {"sshd": "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client", "rsync": "rsync",

@@ -40,12 +40,15 @@ import pandas as pd
 import pytest
 import torch
 
-from oelm_ray import cli, data, recipe, results
-from oelm_ray import experiments as E
-from oelm_ray.checkpoint import DiskFullError, atomic_write, load_checkpoint, save_checkpoint, write_json
-from oelm_ray.config import make_config
-from oelm_ray.experiments import Experiment
-from oelm_ray.sweep import Sweep, run
+from oelm_ray import cli, results
+from oelm_ray.core import data
+from oelm_ray.tune import recipe
+from oelm_ray.core import experiments as E
+from oelm_ray.core.checkpoint import load_checkpoint, save_checkpoint
+from oelm_ray.core.io import DiskFullError, atomic_write, write_json
+from oelm_ray.core.config import make_config
+from oelm_ray.core.experiments import Experiment
+from oelm_ray.tune.sweep import Sweep, run
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASE3 = ROOT / "sweeps" / "phase3.py"
@@ -309,7 +312,7 @@ def test_crash_inside_a_write_keeps_the_previous_file(tmp_path):
 
 _WRITER = """
 import sys, torch
-from oelm_ray.checkpoint import save_checkpoint
+from oelm_ray.core.checkpoint import save_checkpoint
 path = sys.argv[1]
 for i in range(1, 10**6):
     # ~16 MB: slow enough that a kill often lands inside the write
@@ -350,7 +353,7 @@ def test_retried_trial_drops_the_temp_file_of_a_killed_checkpoint_write(tmp_path
     retry must not carry that (possibly GBs) into every later checkpoint."""
     from ray import tune
 
-    from oelm_ray import sweep
+    from oelm_ray.tune import sweep
 
     ck = tmp_path / "checkpoint_000001"
     save_checkpoint(ck / "latest.pt", {"format": 1, "config": {}, "model": {}, "step": 10})
@@ -580,7 +583,7 @@ def bad_input_markdown() -> str:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
-    from oelm_ray.trainer import train
+    from oelm_ray.core.trainer import train
 
     root = tmp_path_factory.mktemp("world")
     cfg = make_config("cpu", **TINY, data_dir=str(root / "data"))
@@ -663,7 +666,7 @@ def test_diverging_trial_is_marked_and_the_sweep_goes_on(tmp_path, ray_local):
 
 
 def _prepare_in_child(cfg: dict) -> None:
-    from oelm_ray.config import DataConfig
+    from oelm_ray.core.config import DataConfig
 
     data.prepare(DataConfig(**cfg), progress=False)
 
@@ -755,7 +758,7 @@ def secret_hits(root: Path) -> list[str]:
 
 def test_no_secrets_in_the_repository():
     files = project_files(ROOT)
-    assert {"README.md", "oelm_ray/sweep.py", "tests/test_reliability.py"} <= set(files), files[:20]  # it reads the project
+    assert {"README.md", "oelm_ray/tune/sweep.py", "tests/test_reliability.py"} <= set(files), files[:20]  # it reads the project
     hits = secret_hits(ROOT)
     assert not hits, hits
 
@@ -783,7 +786,7 @@ def test_secret_scan_finds_planted_secrets(tmp_path, git):
 
 _LISTEN_PROBE = """
 import json, os, subprocess, sys
-from oelm_ray import sweep
+from oelm_ray.tune import sweep
 sweep.connect(None)  # what `python sweeps/phase3.py` does on a laptop
 import ray
 ray.get(ray.remote(lambda: 1).remote())  # a worker up too
@@ -845,7 +848,7 @@ def test_readme_documents_token_auth_for_clusters():
 
 
 def test_same_seed_same_numbers_in_one_process_and_across_processes(tmp_path, world):
-    from oelm_ray.trainer import read_metrics, train
+    from oelm_ray.core.trainer import read_metrics, train
 
     over = {**TINY, "max_steps": 20, "dropout": 0.1, "data_dir": str(world.data)}  # dropout: RNG in every step
     threads = torch.get_num_threads()

@@ -1,10 +1,9 @@
 """The repository itself: README commands match CI, the options table is current (secrets: test_reliability)."""
 
 import re
-import subprocess
 from pathlib import Path
 
-from oelm_ray.config import options_markdown
+from oelm_ray.core.config import options_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from oelm_ray import results, search
-from oelm_ray.config import ConfigError, make_config
-from oelm_ray.experiments import Experiment
+from oelm_ray import results
+from oelm_ray.tune import search
+from oelm_ray.core.config import ConfigError, make_config
+from oelm_ray.core.experiments import Experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ def test_space_grid_and_cost_bookkeeping():
     space = search.Space(lrs=[1e-3, 2e-3, 4e-3], warmup_fracs=[0.1, 0.3])
     assert space.size(1000) == 6 and space.warmups(1000) == [100, 300]
     assert space.grid(1000)["lr"] == {"grid_search": [1e-3, 2e-3, 4e-3]}
-    from oelm_ray.sweep import _describe
+    from oelm_ray.tune.sweep import _describe
 
     # stable across calls (and processes): the same command resumes only if sweep.json matches
     assert _describe(space.domains(1000)["lr"]) == _describe(space.domains(1000)["lr"])
@@ -123,7 +124,7 @@ def test_partial_unfreeze_takes_each_arms_searched_lr(tmp_path):
 
 
 def test_recipes_build_their_smoke_specs(tmp_path):
-    from oelm_ray import recipe
+    from oelm_ray.tune import recipe
 
     pu = load_recipe("partial_unfreeze")
     args = recipe.parser("partial_unfreeze", pu.PRESETS).parse_args(["--smoke-test", "--no-wandb", "--storage", str(tmp_path)])
@@ -163,8 +164,8 @@ def test_report_shows_params_saved_and_compute():
 def test_a_candidate_scores_the_same_in_a_plain_sweep_and_in_a_search(tmp_path, ray_local):
     # issue 15: lr 0.00316 / warmup 30 / seed 0 scored 10.945 in the grid and 11.156 in a search run with
     # searcher seed 1, which also trained with seed 1. The searcher's seed must not be the trials' seed.
-    from oelm_ray import experiments as E
-    from oelm_ray.sweep import Sweep, run
+    from oelm_ray.core import experiments as E
+    from oelm_ray.tune.sweep import Sweep, run
 
     exp = E.get(["CPU-02"])[0]
     common = {**{k: v for k, v in E.SMOKE.items() if k != "warmup_steps"}, "data_dir": str(tmp_path / "data")}

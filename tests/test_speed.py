@@ -6,7 +6,6 @@ a GPU: `benchmarks/gpu_speed.py` checks them there. Everything else runs here on
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from oelm_ray import trainer as T
-from oelm_ray.checkpoint import CheckpointWriter, DiskFullError, load_checkpoint, save_checkpoint
-from oelm_ray.config import ConfigError, make_config
+from oelm_ray.core import trainer as T
+from oelm_ray.core.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
+from oelm_ray.core.io import DiskFullError
+from oelm_ray.core.config import ConfigError, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, max_steps=20,
@@ -120,7 +120,7 @@ def test_a_compiler_that_fails_falls_back_to_eager_and_says_why(tmp_path, data_d
 
 def test_batches_state_is_the_sampler_state_before_the_staged_batch(data_dir):
     """On CPU nothing is staged; the staged path (CUDA) must hand back the state before its batch."""
-    from oelm_ray.data import load_prepared
+    from oelm_ray.core.data import load_prepared
 
     data = load_prepared(cfg(data_dir).data)
     a = T.Batches(T.Sampler(data.train, 32, 4, seed=0), torch.device("cpu"))
@@ -182,7 +182,7 @@ def test_background_write_error_surfaces_and_keeps_the_old_file(tmp_path, monkey
 KILL_MID_WRITE = r"""
 import sys, time, torch
 from pathlib import Path
-from oelm_ray.checkpoint import CheckpointWriter, host_copy, save_checkpoint
+from oelm_ray.core.checkpoint import CheckpointWriter, host_copy, save_checkpoint
 out = Path(sys.argv[1])
 save_checkpoint(out / "latest.pt", {"model": {"w": torch.zeros(4)}, "config": {}, "step": 1})
 w = CheckpointWriter(background=True)
@@ -228,7 +228,7 @@ def phase3_presets():
 
 @pytest.mark.parametrize("n,share", [(1, 1.0), (2, 0.5), (3, 0.3333), (4, 0.25)])
 def test_trials_per_gpu_asks_ray_for_a_share_of_one_gpu(n, share, monkeypatch, tmp_path):
-    from oelm_ray import recipe, sweep
+    from oelm_ray.tune import recipe, sweep
     PRESETS = phase3_presets()
     args = recipe.parser("phase3", PRESETS).parse_args(
         ["--trials-per-gpu", str(n), "--no-wandb", "--storage", str(tmp_path)])
@@ -242,7 +242,7 @@ def test_trials_per_gpu_asks_ray_for_a_share_of_one_gpu(n, share, monkeypatch, t
 
 
 def test_trials_per_gpu_refuses_nonsense(tmp_path):
-    from oelm_ray import recipe
+    from oelm_ray.tune import recipe
     PRESETS = phase3_presets()
     for bad in (["--trials-per-gpu", "0"], ["--trials-per-gpu", "2", "--gpus-per-trial", "1"]):
         args = recipe.parser("phase3", PRESETS).parse_args(bad + ["--no-wandb", "--storage", str(tmp_path)])
@@ -258,7 +258,7 @@ def test_trials_per_gpu_refuses_nonsense(tmp_path):
 def test_gpu_speed_smoke_runs_with_the_trainer_deps_only():
     """--smoke on CPU, with Ray, W&B, datasets, pandas and pyarrow unimportable (the GPU machine has none)."""
     block = "import sys, runpy; [sys.modules.__setitem__(m, None) for m in ('ray', 'wandb', 'datasets', 'pandas', 'pyarrow', 'optuna')]; "
-    run = f"sys.argv = ['gpu_speed.py', '--smoke']; runpy.run_path('benchmarks/gpu_speed.py', run_name='__main__')"
+    run = "sys.argv = ['gpu_speed.py', '--smoke']; runpy.run_path('benchmarks/gpu_speed.py', run_name='__main__')"
     p = subprocess.run([sys.executable, "-c", block + run], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-2000:]

@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from oelm_ray import experiments as E
-from oelm_ray import recipe, results
-from oelm_ray.config import ConfigError
-from oelm_ray.sweep import Sweep, resources, run, trial_device
+from oelm_ray.core import experiments as E
+from oelm_ray.tune import recipe
+from oelm_ray import results
+from oelm_ray.core.config import ConfigError
+from oelm_ray.tune.sweep import Sweep, resources, run, trial_device
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = [
@@ -113,8 +114,8 @@ def test_trial_device_comes_from_rays_assignment():
 
 
 def test_existing_run_with_different_config_is_refused(tmp_path):
-    from oelm_ray.sweep import check_run_dir
-    from oelm_ray.checkpoint import write_json
+    from oelm_ray.tune.sweep import check_run_dir
+    from oelm_ray.core.io import write_json
 
     sw = smoke_sweep(tmp_path, "same")
     write_json(sw.run_dir / "sweep.json", sw.identity())
@@ -125,7 +126,7 @@ def test_existing_run_with_different_config_is_refused(tmp_path):
 
 
 def test_bad_trial_config_is_caught_before_ray(tmp_path):
-    from oelm_ray.sweep import validate
+    from oelm_ray.tune.sweep import validate
 
     with pytest.raises(ConfigError, match="CPU-01-baseline-s0: lr=-1.0"):
         validate(smoke_sweep(tmp_path, "bad", common={"lr": -1.0}))
@@ -256,7 +257,7 @@ def test_paper_recipe_smoke_on_cpu_through_gpt2_tokens(tmp_path, ray_local, gpt2
 
 _GPU_NODE_PROBE = """
 import json, os, ray
-from oelm_ray.sweep import trial_device
+from oelm_ray.tune.sweep import trial_device
 ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 def probe():

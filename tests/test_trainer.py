@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from oelm_ray.checkpoint import CheckpointError
-from oelm_ray.config import make_config
-from oelm_ray.data import load_prepared, prepare
-from oelm_ray.model import GPT
-from oelm_ray.trainer import RunExistsError, build_optimizer, eval_batches, train
+from oelm_ray.core.checkpoint import CheckpointError
+from oelm_ray.core.config import make_config
+from oelm_ray.core.data import load_prepared, prepare
+from oelm_ray.core.model import GPT
+from oelm_ray.core.trainer import RunExistsError, build_optimizer, eval_batches, train
 
 TINY = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, max_steps=40,
             warmup_steps=4, eval_interval=10, eval_batches=2, log_interval=10, stories_mb=0.2, num_threads=1,

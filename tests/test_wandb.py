@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from oelm_ray import experiments as E
-from oelm_ray import recipe, results
-from oelm_ray import wandb_adapter as W
-from oelm_ray.config import ConfigError
-from oelm_ray.sweep import Sweep, run
+from oelm_ray.core import experiments as E
+from oelm_ray.tune import recipe
+from oelm_ray import results
+from oelm_ray.tune import wandb_logger as W
+from oelm_ray.core.config import ConfigError
+from oelm_ray.tune.sweep import Sweep, run
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = runpy.run_path(str(ROOT / "sweeps" / "phase3.py"))["PRESETS"]
@@ -34,7 +35,7 @@ def no_key(monkeypatch, tmp_path):
     def no_network(*a, **k):
         raise AssertionError(f"W&B mode check touched the network: {a}")
 
-    monkeypatch.setattr(W, "_reachable", no_network)
+    monkeypatch.setattr(W, "url_reachable", no_network)
     return home
 
 
@@ -79,13 +80,13 @@ def test_user_mode_and_stored_key_are_respected(no_key, monkeypatch):
     assert W.callback(project="p", group="g") is None
     # a key but an unreachable host (a closed loopback port): offline, not a failed sweep
     monkeypatch.delenv("WANDB_MODE")
-    monkeypatch.setattr(W, "_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(W, "url_reachable", lambda url, timeout=3.0: False)
     assert W.resolve_mode() == ("offline", "api.wandb.ai is not reachable")
     with socket.socket() as s:  # the real probe, on loopback only
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.undo()
-    assert not W._reachable(f"http://127.0.0.1:{port}", timeout=1)
+    assert not W.url_reachable(f"http://127.0.0.1:{port}", timeout=1)
 
 
 def test_recipe_builds_the_callback_unless_no_wandb(tmp_path, no_key):

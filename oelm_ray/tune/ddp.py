@@ -117,8 +117,8 @@ def _worker_loop(c: dict) -> None:
     import ray.train
     from ray.train import get_context
 
-    from .config import Config
-    from .trainer import train
+    from ..core.config import Config
+    from ..core.trainer import train
 
     rank = get_context().get_world_rank()
     if torch.cuda.is_available():

@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,10 +28,11 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
-from . import results
-from .config import ConfigError
-from .experiments import Experiment, trial_name
-from .trainer import read_metrics
+from .. import results
+from ..core.config import ConfigError
+from ..core.io import tcp_error, write_json
+from ..core.experiments import Experiment, trial_name
+from ..core.trainer import read_metrics
 
 STATE_DIR = "state"
 METRIC, MODE = "val/loss", "min"
@@ -44,8 +44,8 @@ METRIC, MODE = "val/loss", "min"
 
 def trainable(config: dict) -> None:
     """Ray Tune function trainable around `trainer.train` (runs inside the trial's actor)."""
-    from .data import load_prepared, prepare
-    from .trainer import train
+    from ..core.data import load_prepared, prepare
+    from ..core.trainer import train
 
     exp = Experiment.from_dict(config["exp"])
     cfg = exp.config(config["seed"], **config.get("common", {}), **config.get("search", {}))
@@ -372,11 +372,10 @@ def connect(address: str | None) -> None:
     if address and address != "local":  # "auto" joins the cluster that `ray start` left running here
         host, _, port = address.removeprefix("ray://").rpartition(":")
         if not address.startswith("ray://") and host and port.isdigit():
-            try:
-                socket.create_connection((host, int(port)), timeout=5).close()
-            except OSError as e:
+            why = tcp_error(host, int(port), timeout=5)
+            if why:
                 raise ConfigError(
-                    f"cannot reach the Ray cluster at {address} ({e.strerror or e}): is the head up (`ray up cluster.yaml`, "
+                    f"cannot reach the Ray cluster at {address} ({why}): is the head up (`ray up cluster.yaml`, "
                     "`ray status`)? unset RAY_ADDRESS to run locally instead"
                 ) from None
         try:
@@ -446,7 +445,7 @@ def _ddp_resources(sweep: Sweep, workers: int, have: dict) -> dict[str, Any]:
 
 def prepare_datasets(sweep: Sweep) -> None:
     """Tokenize each distinct corpus once, before its trials start (trials then only verify it)."""
-    from .data import prepare
+    from ..core.data import prepare
 
     seen = set()
     for exp, seed in sweep.trial_configs():
@@ -491,7 +490,7 @@ def run(sweep: Sweep, report: bool = True) -> Path:
     prepare_datasets(sweep)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:
-        results.write_json(run_dir / "sweep.json", sweep.identity())
+        write_json(run_dir / "sweep.json", sweep.identity())
     fn = tune.with_resources(trainable, res)
     callbacks = [Recorder(run_dir), *sweep.callbacks]
     run_config = tune.RunConfig(

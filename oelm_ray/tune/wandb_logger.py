@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -33,8 +32,9 @@ from urllib.parse import urlsplit
 
 from ray.air.integrations.wandb import WandbLoggerCallback, _clean_log, _QueueItem, _set_api_key, _WandbLoggingActor
 
-from .config import ConfigError
-from .experiments import Experiment
+from ..core.config import ConfigError
+from ..core.io import url_reachable
+from ..core.experiments import Experiment
 
 DEFAULT_HOST = "https://api.wandb.ai"
 META = "oelm-ray.json"  # under <run>/wandb/: project, entity, group, mode (read by sync and finish_sweep)
@@ -65,14 +65,7 @@ def has_key() -> bool:
         return False
 
 
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=timeout).close()
-        return True
-    except (OSError, ValueError):
-        return False
+
 
 
 def resolve_mode() -> tuple[str, str]:
@@ -88,7 +81,7 @@ def resolve_mode() -> tuple[str, str]:
             raise ConfigError("WANDB_MODE=online but no W&B API key: run `wandb login` or set WANDB_API_KEY (or pass --no-wandb)")
         return "offline", "no W&B API key (WANDB_API_KEY or `wandb login`)"
     host = os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST
-    if env != "online" and not _reachable(host):
+    if env != "online" and not url_reachable(host):
         return "offline", f"{urlsplit(host).netloc} is not reachable"
     return "online", "API key found"
 
@@ -302,7 +295,7 @@ def publish(run_dir: Path, project: str, entity: str | None, group: str, mode: s
     import pandas as pd
     import wandb
 
-    from . import results
+    from .. import results
 
     run_dir = Path(run_dir)
     parquet = run_dir / "trials.parquet"

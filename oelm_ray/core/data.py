@@ -20,14 +20,12 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
-from urllib.parse import urlparse
 
 import numpy as np
 import tiktoken
@@ -35,6 +33,7 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from .config import VOCAB_SIZES, DataConfig
+from .io import UserError, fsync_dir, url_reachable, write_json
 from .stories import generate_stories, split_seed
 
 FORMAT_VERSION = 1
@@ -45,7 +44,7 @@ SAMPLE_CHUNKS, SAMPLE_CHUNK_BYTES = 8, 1 << 20  # ... and these fixed chunks abo
 BATCH_CHARS = 4 << 20  # text per tokenizer batch: big enough to keep all threads busy
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A missing, corrupt or mismatched data file; the message says what to fix."""
 
 
@@ -266,12 +265,7 @@ def _check_hub_reachable(cfg: DataConfig) -> None:
 def _hub_reachable(timeout: float = 3.0) -> bool:
     from huggingface_hub import constants
 
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return url_reachable(constants.ENDPOINT, timeout)
 
 
 def _local_docs(path: Path, val_fraction: float) -> Iterator[tuple[str, str]]:
@@ -370,7 +364,7 @@ def prepare(cfg: DataConfig, progress: bool = True, force: bool = False) -> dict
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, out)
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return meta
@@ -479,8 +473,8 @@ def _build(cfg: DataConfig, folder: Path, progress: bool) -> dict:
         "files": files,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
-    _fsync_dir(folder)
+    write_json(folder / "meta.json", meta)
+    fsync_dir(folder)
     return meta
 
 
@@ -571,24 +565,3 @@ def _sample_sha256(path: Path, size: int) -> str:
             f.seek(int(offset))
             h.update(f.read(SAMPLE_CHUNK_BYTES))
     return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    # makes a rename durable; some filesystems refuse to open a directory, which is harmless
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -11,9 +11,9 @@ import math
 import sys
 from typing import Any, Callable
 
-from . import experiments as E
-from .cli import is_user_error
-from .config import ConfigError
+from ..core import experiments as E
+from ..core.config import ConfigError
+from ..core.io import UserError
 
 Presets = dict[str, dict[str, Any]]
 
@@ -95,7 +95,7 @@ def build(name: str, presets: Presets, args: argparse.Namespace, **extra: Any):
         cpus = 1.0 if cpus is None else cpus
     callbacks = []
     if not args.no_wandb:
-        from .wandb_adapter import callback as wandb_callback
+        from .wandb_logger import callback as wandb_callback
 
         cb = wandb_callback(project=args.wandb_project, group=run_name)
         callbacks += [cb] if cb else []
@@ -129,11 +129,11 @@ def main(name: str, presets: Presets, argv: list[str] | None = None,
             sw = customize(sw, args) or sw
         run_dir = S.run(sw)
         if not args.no_wandb:  # after the report: the W&B sweep view and results table (online), or how to sync
-            from .wandb_adapter import finish_sweep
+            from .wandb_logger import finish_sweep
 
             finish_sweep(run_dir, project=args.wandb_project)
     except Exception as e:  # user errors become one line; anything else is a bug and keeps its traceback
-        if not is_user_error(e):
+        if not isinstance(e, UserError):
             raise
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2

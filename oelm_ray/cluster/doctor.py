@@ -10,13 +10,13 @@ Exit code 2 when a check a paper sweep needs (`PAPER_NEEDS`) fails, else 0.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..core.io import tcp_error
 from . import torch_build
 
 Result = tuple  # (ok: bool | None, line: str, fix: str)
@@ -204,7 +204,9 @@ def gather(storage: Path, data_dir: Path, address: str | None, timeout: float = 
     host, _, port = address.rpartition(":")
     try:
         if "://" not in address and host and port.isdigit():
-            socket.create_connection((host, int(port)), timeout=5).close()  # fail fast where nothing listens
+            why = tcp_error(host, int(port), timeout=5)  # fail fast where nothing listens
+            if why:
+                raise ConnectionError(f"nothing answers at {address}: {why}")
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     except Exception as e:  # no cluster, refused token, unreachable: all one line
         f.cluster_error = " ".join(str(e).split())[:200] or type(e).__name__
@@ -213,7 +215,7 @@ def gather(storage: Path, data_dir: Path, address: str | None, timeout: float = 
         f.resources = dict(ray.cluster_resources())
         f.nodes = len([n for n in ray.nodes() if n.get("Alive")])
         if f.nodes > 1:
-            from .sweep import _probe_nodes
+            from ..tune.sweep import _probe_nodes
 
             for attr, folder in (("storage_seen", storage), ("data_seen", data_dir)):
                 token = folder / f".doctor-shared-{os.getpid()}-{time.time_ns()}"
@@ -230,8 +232,8 @@ def gather(storage: Path, data_dir: Path, address: str | None, timeout: float = 
 
 
 def _load_gpt2() -> None:
-    from .config import DataConfig
-    from .data import get_tokenizer
+    from ..core.config import DataConfig
+    from ..core.data import get_tokenizer
 
     get_tokenizer(DataConfig(tokenizer="gpt2", gpt2_ranks=os.environ.get("OELM_GPT2_RANKS", "")))
 

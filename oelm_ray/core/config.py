@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .io import UserError
+
 METHODS = ("baseline", "oelm_freeze", "oelm_random")
 HUB_DATASETS = ("tinystories", "openwebtext", "wikitext103")
 DATASETS = ("stories",) + HUB_DATASETS
@@ -29,7 +31,7 @@ COMPILE_MODES = ("auto", "off", "default", "reduce-overhead")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value a user must fix; the message names the field and what is allowed."""
 
 

@@ -26,7 +26,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, CheckpointWriter, atomic_write, host_copy, load_checkpoint, write_json
+from .checkpoint import CheckpointError, CheckpointWriter, host_copy, load_checkpoint
+from .io import UserError, atomic_write, write_json
 from .config import Config, ConfigError
 from .data import Prepared, load_prepared
 from .model import GPT
@@ -35,7 +36,7 @@ Report = Callable[[dict[str, Any]], None]
 EVAL_SEED = 1337  # the validation windows are the same for every method and seed: a fair comparison
 
 
-class RunExistsError(RuntimeError):
+class RunExistsError(UserError, RuntimeError):
     """The out-dir already holds a run and --resume was not given."""
 
 

@@ -40,9 +40,10 @@ from typing import Any
 
 from ray import tune
 
-from . import results
-from .config import ConfigError
-from .experiments import Experiment
+from .. import results
+from ..core.config import ConfigError
+from ..core.io import write_json, write_text
+from ..core.experiments import Experiment
 from .sweep import METRIC, MODE, Sweep, run
 
 TERMINAL = ("completed", "stopped", "diverged")
@@ -256,8 +257,8 @@ def search_markdown(cells: list[dict]) -> str:
 def write_search_report(run_dir: Path, cells: list[dict]) -> str:
     """best.json and search.md next to the comparison's summary.md; returns the markdown."""
     text = search_markdown(cells)
-    results.write_json(Path(run_dir) / "best.json", {"cells": cells})
-    results.atomic_write(Path(run_dir) / "search.md", lambda f: f.write(text), mode="w")
+    write_json(Path(run_dir) / "best.json", {"cells": cells})
+    write_text(Path(run_dir) / "search.md", text)
     return text
 
 

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from ..core.config import ConfigError
 
 PLACEHOLDER = re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*_TODO\b")
 

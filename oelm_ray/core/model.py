@@ -21,7 +21,6 @@ the state dict, the checkpoint and the parameter count like everything else.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn

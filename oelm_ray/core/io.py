@@ -1,0 +1,106 @@
+"""The small I/O helpers everything shares: the user-error base class, atomic writes, a TCP probe.
+
+One of each, so that a fix (fsync the directory, keep the old file on a full disk) lands everywhere.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+
+class UserError(Exception):
+    """Bad input, missing data, a run in the way: the CLI and the recipes print the message as one
+    line and exit 2 (a traceback means a bug). ConfigError, DataError, CheckpointError and
+    RunExistsError derive from it."""
+
+
+class DiskFullError(UserError, OSError):
+    """A write ran out of space (ENOSPC, EDQUOT); the file it was to replace is still whole."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write through `write(fileobj)` into a temp file beside `path`, fsync, then rename over it.
+
+    A crash at any point leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        full = _disk_full(e)
+        if full is not None:
+            raise DiskFullError(
+                f"no space left on the device while writing {path} ({full.strerror}); the previous "
+                f"{path.name} is untouched: free space, then run the same command again"
+            ) from None
+        raise
+    fsync_dir(path.parent)  # make the rename itself durable
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make renames in `path` durable; a filesystem that refuses to open a directory is harmless."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _disk_full(e: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT error in e's chain (writers such as torch.save may wrap it), else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def tcp_error(host: str, port: int, timeout: float = 3.0) -> str | None:
+    """Why nothing answers a TCP connect to host:port within `timeout`, or None when something does."""
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+        return None
+    except (OSError, ValueError) as e:
+        return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
+def url_reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connect to the URL's host and port (default 443 / 80 by scheme) succeeds."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    return bool(parts.hostname) and tcp_error(parts.hostname, port, timeout) is None
