@@ -88,7 +88,7 @@ def trials_frame(records: list[dict]) -> pd.DataFrame:
     for r in records:
         hist = r.get("history") or []
         last = hist[-1] if hist else {}
-        ppls = [h["val/ppl"] for h in hist if _finite(h.get("val/ppl"))]
+        ppls = [h["val/ppl"] for h in hist if finite(h.get("val/ppl"))]
         cfg = r.get("config") or {}
         steps = [h for h in hist if h.get("step_time_s")]
         train_s = sum(h["step_time_s"] * _interval(hist, i) for i, h in enumerate(hist) if h.get("step_time_s"))
@@ -131,7 +131,7 @@ def trials_frame(records: list[dict]) -> pd.DataFrame:
     df["gap_vs_freeze_pct"] = math.nan
     base, freeze = _reference(df, "baseline"), _reference(df, "oelm_freeze")
     for i, row in df.iterrows():
-        if not _finite(row.best_val_ppl):
+        if not finite(row.best_val_ppl):
             continue
         ref = base.get((row.dataset, row.seed))
         if ref is not None:
@@ -156,7 +156,7 @@ def _interval(hist: list[dict], i: int) -> int:
     return hist[i]["step"] - (hist[i - 1]["step"] if i else 0)
 
 
-def _finite(x: Any) -> bool:
+def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
@@ -201,8 +201,8 @@ def summary_markdown(df: pd.DataFrame, title: str) -> str:
     ]
     for r in s.itertuples():
         is_ref = r.method == "baseline" and r.role == "protocol"
-        met = "-" if is_ref or not _finite(r.gap_mean) else f"{r.met}/{r.seeds}"
-        params = f"{int(r.trainable_params):,}" if _finite(r.trainable_params) else "-"
+        met = "-" if is_ref or not finite(r.gap_mean) else f"{r.met}/{r.seeds}"
+        params = f"{int(r.trainable_params):,}" if finite(r.trainable_params) else "-"
         lines.append(
             f"| {r.dataset} | {r.experiment_id} | {r.role} | {r.method} | {r.seeds} | {r.ppl_mean:.3f} ± {_std(r.ppl_std):.3f} "
             f"| {'-' if is_ref else _gap(r.gap_mean, r.gap_std)} | {met} | {params} | {r.steps} | {r.statuses} |"
@@ -214,15 +214,15 @@ def summary_markdown(df: pd.DataFrame, title: str) -> str:
 
 
 def _gap(mean: float, std: float) -> str:
-    return "-" if not _finite(mean) else f"{mean:+.1f}% ± {_std(std):.1f}"
+    return "-" if not finite(mean) else f"{mean:+.1f}% ± {_std(std):.1f}"
 
 
 def _val_scope(df: pd.DataFrame) -> str:
     scopes = set()
     for eb, tok in zip(df.eval_batches, df.val_tokens):
-        if eb is None or not _finite(eb):  # a record from before eval_batches was kept
+        if eb is None or not finite(eb):  # a record from before eval_batches was kept
             continue
-        tokens = f"{int(tok):,} tokens" if _finite(tok) else "tokens not recorded"
+        tokens = f"{int(tok):,} tokens" if finite(tok) else "tokens not recorded"
         scopes.add(f"the whole validation split ({tokens})" if eb == 0 else f"a fixed sample of {eb} validation batches ({tokens})")
     return " / ".join(sorted(scopes)) or "the validation split"
 
@@ -242,7 +242,7 @@ def controls_markdown(s: pd.DataFrame) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in ctl.itertuples():
-        std = f"{r.qk_random_std:.4g}" if r.method == "oelm_random" and _finite(r.qk_random_std) else "-"
+        std = f"{r.qk_random_std:.4g}" if r.method == "oelm_random" and finite(r.qk_random_std) else "-"
         lines.append(
             f"| {r.dataset} | {r.experiment_id} | {r.method} | {r.lr:g} | {std} | {r.ppl_mean:.3f} ± {_std(r.ppl_std):.3f} "
             f"| {_gap(r.gap_mean, r.gap_std)} | {_gap(r.freeze_gap_mean, r.freeze_gap_std)} | {r.isolates} |"
@@ -291,7 +291,7 @@ def compute_markdown(df: pd.DataFrame) -> list[str]:
 
 
 def _std(x: float) -> float:
-    return x if _finite(x) else 0.0
+    return x if finite(x) else 0.0
 
 
 def _trial_table(df: pd.DataFrame) -> str:
@@ -371,7 +371,7 @@ def status_table(run: str | os.PathLike, now: float | None = None) -> str:
     for r in load_records(run):
         hist = r.get("history") or []
         last = hist[-1] if hist else {}
-        ppls = [h["val/ppl"] for h in hist if _finite(h.get("val/ppl"))]
+        ppls = [h["val/ppl"] for h in hist if finite(h.get("val/ppl"))]
         max_steps = (r.get("config") or {}).get("train", {}).get("max_steps", "?")
         age = now - r["last_report"] if r.get("last_report") else None
         rows.append(
@@ -379,7 +379,7 @@ def status_table(run: str | os.PathLike, now: float | None = None) -> str:
                 r["name"], r.get("dataset", ""), r.get("method", ""), str(r.get("seed", "")), r.get("status", ""),
                 f"{last.get('step', 0)}/{max_steps}",
                 _fmt(ppls[-1]) if ppls else "-", _fmt(min(ppls)) if ppls else "-",
-                f"{last['tokens_per_s']:,.0f}" if _finite(last.get("tokens_per_s")) else "-",
+                f"{last['tokens_per_s']:,.0f}" if finite(last.get("tokens_per_s")) else "-",
                 f"{last.get('node', r.get('node', '-'))}/{last.get('gpu', '-')}",
                 "-" if age is None else _age(age),
             ]

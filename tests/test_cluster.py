@@ -143,7 +143,7 @@ def test_cli_check_cluster_exits_2_with_one_line(tmp_path):
 
 
 def test_storage_only_one_node_can_see_is_reported(tmp_path):
-    from oelm_ray.tune.sweep import _check_shared_storage
+    from oelm_ray.tune.resources import check_shared_storage
 
     seen = []
 
@@ -152,9 +152,9 @@ def test_storage_only_one_node_can_see_is_reported(tmp_path):
         return [("10.0.0.1", Path(path).exists()), ("10.0.0.2", False)]
 
     with pytest.raises(ConfigError, match=r"storage .* is not visible from node\(s\) 10.0.0.2: .*NFS path.*s3://"):
-        _check_shared_storage(tmp_path, probe=probe)
+        check_shared_storage(tmp_path, probe=probe)
     assert seen and not Path(seen[0]).exists()  # the token file is cleaned up
-    _check_shared_storage(tmp_path, probe=lambda p: [("10.0.0.1", True), ("10.0.0.2", Path(p).exists())])
+    check_shared_storage(tmp_path, probe=lambda p: [("10.0.0.1", True), ("10.0.0.2", Path(p).exists())])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def test_trials_spread_over_nodes_one_gpu_each(tmp_path, ray_local):
     from ray.cluster_utils import Cluster
 
     from oelm_ray.core import experiments as E
-    from oelm_ray.tune import sweep as S
+    from oelm_ray.tune import resources as R, sweep as S
     from oelm_ray.results import load_records
 
     class Times(tune.Callback):
@@ -186,11 +186,11 @@ def test_trials_spread_over_nodes_one_gpu_each(tmp_path, ray_local):
     cluster.add_node(num_cpus=2, num_gpus=2)
     cluster.wait_for_nodes()
     probed = []
-    real_probe = S._probe_nodes
+    real_probe = R.probe_nodes
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         assert ray.cluster_resources()["GPU"] == 4
-        S._probe_nodes = lambda p: probed.append(real_probe(p)) or probed[-1]  # the real probe, on both nodes
+        R.probe_nodes = lambda p: probed.append(real_probe(p)) or probed[-1]  # the real probe, on both nodes
         times = Times()
         sw = S.Sweep(name="multi", experiments=list(E.EMBEDDED.values()), seeds=[0, 1], storage=str(tmp_path / "runs"),
                      # logical GPUs: a trial would take the GPU Ray assigns it as cuda; train on CPU on purpose
@@ -198,7 +198,7 @@ def test_trials_spread_over_nodes_one_gpu_each(tmp_path, ray_local):
                      callbacks=[times])
         run_dir = S.run(sw, report=False)
     finally:
-        S._probe_nodes = real_probe
+        R.probe_nodes = real_probe
         ray.shutdown()
         cluster.shutdown()
     assert len(probed[0]) == 2 and all(ok for _, ok in probed[0])  # both nodes saw the storage (one disk here)

@@ -49,6 +49,7 @@ from oelm_ray.core.io import DiskFullError, atomic_write, write_json
 from oelm_ray.core.config import make_config
 from oelm_ray.core.experiments import Experiment
 from oelm_ray.tune.sweep import Sweep, run
+import faults  # tests/faults.py: a trainable that crashes once, at a given step
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASE3 = ROOT / "sweeps" / "phase3.py"
@@ -95,7 +96,8 @@ def test_trial_sigkilled_at_a_random_step_resumes_bit_exact(tmp_path, ray_local)
     twins = [Experiment(f"TWIN-{i}", "cpu", {"method": "oelm_freeze"}) for i in (1, 2)]
     sw = Sweep("kill", twins, [0], str(tmp_path / "runs"), common=smoke(tmp_path),
                # only TWIN-2 carries the fault: TWIN-1 is the uninterrupted reference
-               extra_config={"_fault": tune.sample_from(lambda spec: fault if spec.config.exp["id"] == "TWIN-2" else None)})
+               trainable=faults.trainable,
+               extra_config={"fault": tune.sample_from(lambda spec: fault if spec.config.trial["experiment"]["id"] == "TWIN-2" else None)})
     run_dir = run(sw, report=False)
     assert marker.exists(), "the fault was never injected"
     clean = results.read_record(results.record_path(run_dir, twins[0].trial_name(0)))
@@ -353,7 +355,7 @@ def test_retried_trial_drops_the_temp_file_of_a_killed_checkpoint_write(tmp_path
     retry must not carry that (possibly GBs) into every later checkpoint."""
     from ray import tune
 
-    from oelm_ray.tune import sweep
+    from oelm_ray.tune import trial
 
     ck = tmp_path / "checkpoint_000001"
     save_checkpoint(ck / "latest.pt", {"format": 1, "config": {}, "model": {}, "step": 10})
@@ -364,14 +366,14 @@ def test_retried_trial_drops_the_temp_file_of_a_killed_checkpoint_write(tmp_path
     (out / "latest.pt").write_bytes(b"newer, never registered")
     monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(ck)))
     # state carried inside Tune's checkpoints (object storage): the checkpoint is the truth
-    assert sweep._restore_into(out, in_storage=False) == (True, 0)
+    assert trial._restore_into(out, in_storage=False) == (True, 0)
     assert sorted(p.name for p in out.iterdir()) == ["latest.pt", "train.log"]
     assert load_checkpoint(out / "latest.pt")["step"] == 10
     # state in the run folder (filesystem storage): the newest latest.pt there wins over an older
     # checkpoint that a stale experiment state names
     save_checkpoint(out / "latest.pt", {"format": 1, "config": {}, "model": {}, "step": 20})
     (out / ".latest.pt.zz.tmp").write_bytes(b"torn")
-    assert sweep._restore_into(out, in_storage=True) == (True, 0)
+    assert trial._restore_into(out, in_storage=True) == (True, 0)
     assert sorted(p.name for p in out.iterdir()) == ["latest.pt", "train.log"]
     assert load_checkpoint(out / "latest.pt")["step"] == 20
 
@@ -786,8 +788,8 @@ def test_secret_scan_finds_planted_secrets(tmp_path, git):
 
 _LISTEN_PROBE = """
 import json, os, subprocess, sys
-from oelm_ray.tune import sweep
-sweep.connect(None)  # what `python sweeps/phase3.py` does on a laptop
+from oelm_ray.tune import resources
+resources.connect(None)  # what `python sweeps/phase3.py` does on a laptop
 import ray
 ray.get(ray.remote(lambda: 1).remote())  # a worker up too
 me = os.getpid()
@@ -818,7 +820,7 @@ ray.shutdown()
 
 @pytest.mark.slow
 def test_local_ray_listens_on_loopback_only(tmp_path):
-    """The local Ray that `sweep.connect(None)` starts (no RAY_* settings in the environment, as for
+    """The local Ray that `resources.connect(None)` starts (no RAY_* settings in the environment, as for
     a user) has no listening socket beyond 127.0.0.1, and no dashboard."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     ray_tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")

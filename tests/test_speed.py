@@ -228,17 +228,17 @@ def phase3_presets():
 
 @pytest.mark.parametrize("n,share", [(1, 1.0), (2, 0.5), (3, 0.3333), (4, 0.25)])
 def test_trials_per_gpu_asks_ray_for_a_share_of_one_gpu(n, share, monkeypatch, tmp_path):
-    from oelm_ray.tune import recipe, sweep
+    from oelm_ray.tune import recipe, resources
     PRESETS = phase3_presets()
     args = recipe.parser("phase3", PRESETS).parse_args(
         ["--trials-per-gpu", str(n), "--no-wandb", "--storage", str(tmp_path)])
     sw = recipe.build("phase3", PRESETS, args)
-    monkeypatch.setattr(sweep.ray, "cluster_resources", lambda: {"GPU": 1.0, "CPU": 8.0})
-    res = sweep.resources(sw)
+    monkeypatch.setattr(resources.ray, "cluster_resources", lambda: {"GPU": 1.0, "CPU": 8.0})
+    res = resources.resources(sw)
     assert res == {"cpu": 1.0, "gpu": share} and n * res["gpu"] <= 1.0  # n trials fit on one GPU, no more
-    monkeypatch.setattr(sweep.ray, "cluster_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(resources.ray, "cluster_resources", lambda: {"CPU": 8.0})
     with pytest.raises(ConfigError, match="Pass --gpus-per-trial 0"):
-        sweep.resources(sw)  # a GPU share on a cluster without GPUs fails at once, as a whole GPU does
+        resources.resources(sw)  # a GPU share on a cluster without GPUs fails at once, as a whole GPU does
 
 
 def test_trials_per_gpu_refuses_nonsense(tmp_path):

@@ -21,7 +21,10 @@ from oelm_ray.core import experiments as E
 from oelm_ray.tune import recipe
 from oelm_ray import results
 from oelm_ray.core.config import ConfigError
-from oelm_ray.tune.sweep import Sweep, resources, run, trial_device
+from oelm_ray.tune.resources import resources
+from oelm_ray.tune.sweep import Sweep, run
+from oelm_ray.tune.trial import trial_device
+import faults  # tests/faults.py: a trainable that crashes once, at a given step
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = [
@@ -70,7 +73,7 @@ def test_crashed_trial_resumes_from_checkpoint_with_identical_metrics(tmp_path, 
     marker = tmp_path / "crashed-once"
     faulty = run(
         Sweep("faulty", one, [0], str(tmp_path / "runs"), common={**E.SMOKE, "data_dir": str(tmp_path / "data")},
-              extra_config={"_fault": {"step": 20, "marker": str(marker)}}),
+              trainable=faults.trainable, extra_config={"fault": {"step": 20, "marker": str(marker)}}),
         report=False,
     )
     assert marker.exists(), "the fault was never injected"
@@ -121,7 +124,7 @@ def test_existing_run_with_different_config_is_refused(tmp_path):
     write_json(sw.run_dir / "sweep.json", sw.identity())
     assert check_run_dir(sw) is True
     other = smoke_sweep(tmp_path, "same", common={"lr": 1e-3})
-    with pytest.raises(ConfigError, match="exists with a different sweep config .*common"):
+    with pytest.raises(ConfigError, match="exists with a different sweep config .*trials.*CPU-01-baseline-s0: lr"):
         check_run_dir(other)
 
 
@@ -257,7 +260,7 @@ def test_paper_recipe_smoke_on_cpu_through_gpt2_tokens(tmp_path, ray_local, gpt2
 
 _GPU_NODE_PROBE = """
 import json, os, ray
-from oelm_ray.tune.sweep import trial_device
+from oelm_ray.tune.trial import trial_device
 ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 def probe():

@@ -18,6 +18,7 @@ from oelm_ray import results
 from oelm_ray.tune import wandb_logger as W
 from oelm_ray.core.config import ConfigError
 from oelm_ray.tune.sweep import Sweep, run
+import faults  # tests/faults.py: a trainable that crashes once, at a given step
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = runpy.run_path(str(ROOT / "sweeps" / "phase3.py"))["PRESETS"]
@@ -208,7 +209,8 @@ def test_retried_and_restored_trials_continue_their_run(tmp_path, ray_local, mon
     def sweep(name, fault=None, max_failures=2):
         return Sweep(name, one, [0], str(tmp_path / "runs"), common=common, max_failures=max_failures,
                      callbacks=[W.callback(project="p", group=name)],
-                     extra_config={"_fault": {"step": 20, "marker": str(tmp_path / f"{name}.crashed")}} if fault else {})
+                     trainable=faults.trainable,
+                     extra_config={"fault": {"step": 20, "marker": str(tmp_path / f"{name}.crashed")}} if fault else {})
 
     # crash at step 20, retried in the same Tuner from the step-10 checkpoint: one run, one history
     retried = run(sweep("retried", fault=True), report=False)

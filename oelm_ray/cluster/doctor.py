@@ -215,13 +215,13 @@ def gather(storage: Path, data_dir: Path, address: str | None, timeout: float = 
         f.resources = dict(ray.cluster_resources())
         f.nodes = len([n for n in ray.nodes() if n.get("Alive")])
         if f.nodes > 1:
-            from ..tune.sweep import _probe_nodes
+            from ..tune.resources import probe_nodes
 
             for attr, folder in (("storage_seen", storage), ("data_seen", data_dir)):
                 token = folder / f".doctor-shared-{os.getpid()}-{time.time_ns()}"
                 try:
                     token.write_text("x")
-                    setattr(f, attr, _probe_nodes(str(token)))
+                    setattr(f, attr, probe_nodes(str(token)))
                 except OSError:
                     pass  # not writable: its own check says so
                 finally:

@@ -259,10 +259,7 @@ class Config:
         """Return a copy with flat overrides (field name -> value) applied; unknown names are an error."""
         d = self.to_dict()
         where = field_sections()
-        for key, value in flat.items():
-            key = key.replace("-", "_")
-            if key not in where:
-                raise ConfigError(f"unknown config field {key!r}; see `oelm-ray train --help` for the fields")
+        for key, value in typed(flat).items():
             d[where[key]][key] = value
         return Config.from_dict(d)
 
@@ -308,6 +305,21 @@ def preset(name: str) -> Config:
     if name not in PRESETS:
         raise ConfigError(f"preset={name!r} is unknown: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+def typed(flat: dict[str, Any]) -> dict[str, Any]:
+    """Flat overrides with every value coerced to its field's type ("5e-3" -> 0.005, "true" -> True).
+
+    Unknown fields are an error. Equal values are then equal however they were spelled.
+    """
+    where, classes = field_sections(), section_classes()
+    out = {}
+    for key, value in flat.items():
+        key = key.replace("-", "_")
+        if key not in where:
+            raise ConfigError(f"unknown config field {key!r}; see `oelm-ray train --help` for the fields")
+        out[key] = _coerce(classes[where[key]], key, value)
+    return out
 
 
 def make_config(preset_name: str = "cpu", **overrides: Any) -> Config:

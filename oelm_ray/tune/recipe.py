@@ -12,6 +12,7 @@ import sys
 from typing import Any, Callable
 
 from ..core import experiments as E
+from ..core import config as C
 from ..core.config import ConfigError
 from ..core.io import UserError
 
@@ -51,14 +52,15 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds {text!r} must be comma-separated whole numbers, e.g. 0,1,2") from None
 
 
-def parse_sets(items: list[str]) -> dict[str, str]:
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """--set FIELD=VALUE items -> {field: value of the field's type}; a bad field or value is one error."""
     out = {}
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ConfigError(f"--set {item!r} must look like FIELD=VALUE, e.g. --set lr=1e-3")
         out[key.strip().replace("-", "_")] = value.strip()
-    return out
+    return C.typed(out)
 
 
 def gpu_share(trials_per_gpu: int) -> float:

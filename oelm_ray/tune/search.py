@@ -121,7 +121,8 @@ def trial_steps(records: list[dict]) -> int:
 def budget(sw: Sweep, exp: Experiment) -> tuple[int, int]:
     """(max_steps, eval_interval) of an experiment under the sweep's common overrides."""
     # warmup 0: the searched warmups replace the common one, which may not even fit a short run
-    cfg = exp.config(sw.seeds[0], **{**sw.common, "warmup_steps": 0})
+    one = dataclasses.replace(sw, experiments=[exp], seeds=sw.seeds[:1], common={**sw.common, "warmup_steps": 0}, search={})
+    cfg = one.trials()[0].config
     return cfg.train.max_steps, cfg.train.eval_interval
 
 

@@ -34,7 +34,7 @@ from ray.air.integrations.wandb import WandbLoggerCallback, _clean_log, _QueueIt
 
 from ..core.config import ConfigError
 from ..core.io import url_reachable
-from ..core.experiments import Experiment
+from .trial import trial_of
 
 DEFAULT_HOST = "https://api.wandb.ai"
 META = "oelm-ray.json"  # under <run>/wandb/: project, entity, group, mode (read by sync and finish_sweep)
@@ -92,17 +92,16 @@ def resolve_mode() -> tuple[str, str]:
 
 def trial_init(trial_config: dict, trial_id: str, trial_name: str) -> dict[str, Any]:
     """wandb.init kwargs of one trial: name, job_type, tags and the flat resolved config."""
-    c = trial_config
-    exp = Experiment.from_dict(c["exp"])
-    cfg = exp.config(c["seed"], **c.get("common", {}), **c.get("search", {}))
+    t = trial_of(trial_config)
+    cfg = t.config
     flat: dict[str, Any] = {}
     for section in cfg.to_dict().values():  # field names are unique across sections
         flat.update(section)
-    flat.update(experiment_id=exp.id, preset=exp.preset, trial_name=trial_name, trial_id=trial_id,
-                search=sorted(c.get("search", {})), role=exp.role, qk_std=cfg.model.qk_std)
+    flat.update(experiment_id=t.experiment.id, preset=t.experiment.preset, trial_name=trial_name, trial_id=trial_id,
+                search=sorted(t.searched), role=t.experiment.role, qk_std=cfg.model.qk_std)
     return dict(
         id=trial_id, name=trial_name, job_type=cfg.model.method,
-        tags=[cfg.data.dataset, cfg.model.method, f"seed={c['seed']}", exp.role], config=_clean_log(flat),
+        tags=[cfg.data.dataset, cfg.model.method, f"seed={t.seed}", t.experiment.role], config=_clean_log(flat),
     )
 
 
