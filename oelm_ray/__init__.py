@@ -1,7 +1,7 @@
 """oelm-ray: a Ray Tune sweep runner for OELM attention ablations.
 
-The trainer (`oelm_ray.trainer.train`) runs on its own; Ray lives in `oelm_ray.tune`, W&B in
-`oelm_ray.wandb`.
+`oelm_ray.core` (config, model, data, trainer) runs on its own, without Ray or W&B; `oelm_ray.tune`
+runs it as Ray Tune trials and logs to W&B; `oelm_ray.results` turns a sweep's records into tables.
 """
 
 __version__ = "0.1.0"

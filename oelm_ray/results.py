@@ -1,7 +1,7 @@
 """Results of a sweep: per-trial records -> trials.parquet, summary.md, val_ppl.png, status table.
 
 The sweep driver keeps one JSON record per trial under `<run>/trials/` (written atomically at every
-report, see `oelm_ray.sweep.Recorder`). Everything here reads only those records, so `oelm-ray
+report, see `oelm_ray.tune.recorder.Recorder`). Everything here reads only those records, so `oelm-ray
 report` and `oelm-ray status` work on a finished sweep, on a running one, and on a sweep whose
 driver died, and need no Ray.
 

@@ -37,7 +37,7 @@ def test_readme_lists_every_torch_build_with_its_driver():
 
 def test_torch_build_script_runs_without_the_package_installed(tmp_path):
     # cluster.yaml runs it with the system python3 before anything is installed: stdlib only
-    r = subprocess.run([sys.executable, "-S", "-I", str(ROOT / "oelm_ray" / "torch_build.py"), "cu124"],
+    r = subprocess.run([sys.executable, "-S", "-I", str(ROOT / "oelm_ray" / "cluster" / "torch_build.py"), "cu124"],
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "cu124", r.stderr
 

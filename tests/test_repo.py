@@ -18,3 +18,39 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_options_table_is_current():
     assert options_markdown() in (ROOT / "README.md").read_text()
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level packages a module imports, at the top or inside functions (relative imports excluded)."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_layers_import_what_the_readme_says():
+    core = sorted((ROOT / "oelm_ray" / "core").glob("*.py"))
+    assert {p.name for p in core} >= {"config.py", "model.py", "data.py", "trainer.py", "checkpoint.py", "io.py"}
+    for p in core:
+        assert not _imports(p) & {"ray", "wandb"}, f"{p.name} imports Ray or W&B: oelm_ray/core must run without them"
+    assert not _imports(ROOT / "oelm_ray" / "results.py") & {"ray", "wandb", "torch"}
+    # the check itself sees an import hidden inside a function
+    probe = ROOT / "tests" / "__layer_probe.py"
+    try:
+        probe.write_text("def f():\n    from ray import tune\n")
+        assert _imports(probe) == {"ray"}
+    finally:
+        probe.unlink()
+    # and the package's own modules agree in a fresh interpreter: `oelm-ray status` loads neither torch nor Ray
+    import subprocess
+    import sys
+
+    code = ("import sys; import oelm_ray.results, oelm_ray.cli, oelm_ray.core.config, oelm_ray.core.experiments; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'wandb'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"

@@ -128,6 +128,60 @@ def test_existing_run_with_different_config_is_refused(tmp_path):
         check_run_dir(other)
 
 
+def test_equal_values_are_one_sweep_however_spelled(tmp_path):
+    """--set values are typed before they enter a trial's config: 0.005 and 5e-3 are one sweep."""
+    from oelm_ray.core.io import write_json
+    from oelm_ray.tune import recipe
+    from oelm_ray.tune.sweep import check_run_dir
+
+    import runpy
+
+    presets = runpy.run_path(str(ROOT / "sweeps" / "phase3.py"))["PRESETS"]
+
+    def build(*sets):
+        args = recipe.parser("phase3", presets).parse_args(
+            ["--smoke-test", "--no-wandb", "--storage", str(tmp_path), *[a for s in sets for a in ("--set", s)]])
+        return recipe.build("phase3", presets, args)
+
+    a, b = build("lr=0.005", "compile=off"), build("lr=5e-3", "compile=false")
+    assert a.common["lr"] == 0.005 and isinstance(a.common["lr"], float)
+    assert a.identity() == b.identity()
+    write_json(a.run_dir / "sweep.json", a.identity())
+    assert check_run_dir(b) is True  # resumes
+    # the cpu preset's own lr, said explicitly, is the same sweep as saying nothing
+    assert build("lr=1e-2").identity() == build().identity()
+    with pytest.raises(ConfigError, match="CPU-01-baseline-s0: lr"):
+        check_run_dir(build("lr=6e-3"))
+    with pytest.raises(ConfigError, match="lr='fast' is not a valid float"):
+        build("lr=fast")
+    # a run written before one-config-per-trial (no format 2) is refused, untouched
+    old = {"name": a.name, "experiments": [], "seeds": [0, 1], "common": {"lr": "0.005"}}
+    write_json(a.run_dir / "sweep.json", old)
+    with pytest.raises(ConfigError, match="started by an older oelm-ray .*format 1.*nothing was touched"):
+        check_run_dir(a)
+    assert json.loads((a.run_dir / "sweep.json").read_text()) == old
+
+
+def test_trial_config_is_plain_data_read_back_whole(tmp_path):
+    """What Tune carries is the driver's validated config: reading it back gives that config, search values in place."""
+    from ray import tune
+    from ray.tune.search.variant_generator import generate_variants
+
+    from oelm_ray.tune.trial import trial_of
+
+    sw = smoke_sweep(tmp_path, "plain", search={"lr": tune.grid_search([1e-3, 4e-3])})
+    trials = sw.trials()
+    assert [t.name for t in trials] == [e.trial_name(s) for e in E.EMBEDDED.values() for s in (0, 1)]
+    seen = []
+    for _, resolved in generate_variants(sw.param_space(trials)):
+        t = trial_of(json.loads(json.dumps(resolved)))  # plain data: survives JSON
+        seen.append((t.name, t.config.train.lr))
+        want = next(x for x in trials if x.name == t.name).config.to_dict()
+        want["train"]["lr"] = t.config.train.lr
+        assert t.config.to_dict() == want and t.search == {"lr": t.config.train.lr}
+    assert sorted(seen) == sorted((t.name, lr) for t in trials for lr in (1e-3, 4e-3))
+
+
 def test_bad_trial_config_is_caught_before_ray(tmp_path):
     from oelm_ray.tune.sweep import validate
 

@@ -1,5 +1,5 @@
 """Which PyTorch CUDA build fits a node's NVIDIA driver (stdlib only: cluster.yaml's setup runs it as
-a script before anything is installed, `python3 ~/oelm-ray/oelm_ray/torch_build.py [TAG|auto]`).
+a script before anything is installed, `python3 ~/oelm-ray/oelm_ray/cluster/torch_build.py [TAG|auto]`).
 
 PyTorch publishes one wheel index per CUDA build, https://download.pytorch.org/whl/<tag>; each build
 needs a driver at least as new as the one its CUDA toolkit shipped with (NVIDIA's CUDA release

@@ -1,6 +1,6 @@
 """Multi-GPU trials: one Tune trial trains data-parallel through Ray Train's `TorchTrainer`.
 
-The Tune function (sweep.trainable) calls `train_ddp`, which starts N Ray Train workers (DDP over
+The Tune function (trial.trainable) calls `train_ddp`, which starts N Ray Train workers (DDP over
 NCCL on GPUs, gloo on CPUs) that each run `trainer.train` under torch.distributed. The trainer
 then draws the same global batch on every rank and trains on its rank's slice, DDP averages the
 gradients: the run sees exactly the data of a single-process run with the same batch_size.
