@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from oelm_ray.core import data
+from oelm_ray.core import corpora, data
 from oelm_ray.core.config import DataConfig
-from oelm_ray.core.data import DataError
+from oelm_ray.core.corpora import DataError
 from oelm_ray.core.stories import generate_stories, split_seed
 
 
@@ -41,7 +41,7 @@ def decoded_docs(cfg: DataConfig, split: str) -> list[str]:
 
 
 def expected_docs(cfg: DataConfig, split: str) -> list[str]:
-    return [t for s, t in data.iter_documents(cfg) if s == split]
+    return [t for s, t in corpora.iter_documents(cfg) if s == split]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,8 +301,8 @@ def test_hub_unreachable_is_quick(tmp_path, monkeypatch):
         closed = s.getsockname()[1]
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
     probes = []
-    real = data._hub_reachable
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: probes.append(1) or real(timeout))
+    real = corpora._hub_reachable
+    monkeypatch.setattr(corpora, "_hub_reachable", lambda timeout=3.0: probes.append(1) or real(timeout))
     cfg = small_cfg(tmp_path, dataset="wikitext103")
     t0 = time.perf_counter()
     with pytest.raises(DataError, match="hub is unreachable.*--hub-dir"):
