@@ -177,6 +177,7 @@ def test_online_init_failure_falls_back_to_offline_once(tmp_path, no_key, monkey
     assert modes == ["online", "offline", "offline"]  # one failed attempt per sweep, not one wait per trial
     assert capsys.readouterr().out.count("online init failed") == 1
     assert [s.name.rsplit("-", 1)[-1] for s in W.offline_runs(tmp_path)] == ["trial_00000", "trial_00001"]
+    assert W._read_meta(tmp_path)["mode"] == "offline"  # so finish_sweep says to `oelm-ray sync`, which uploads them
 
 
 # ------------------------------------------------------------------------------------------------

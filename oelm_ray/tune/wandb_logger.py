@@ -147,17 +147,16 @@ class Callback(LoggerCallback):
         if self.mode in (None, "disabled") or trial.trial_id in self._open:
             return  # a retried trial keeps its open run
         run_dir = self.run_dir or _run_dir_of(trial)
-        wdir = run_dir / "wandb"
-        meta = {"project": self.project, "entity": self.init_kwargs.get("entity") or os.environ.get("WANDB_ENTITY"),
-                "group": self.group, "mode": self.mode}
-        if _read_meta(run_dir) != meta:
-            write_json(wdir / META, meta)
         kwargs = dict(**trial_init(trial.config, trial.trial_id, str(trial)), project=self.project, group=self.group,
                       dir=str(run_dir), resume="allow", reinit="create_new", allow_val_change=True,
                       settings=wandb.Settings(console="off"))  # the driver's console is the sweep's, not a trial's
         kwargs.update(self.init_kwargs)
         run = self._init(kwargs, str(trial))
-        live = self._open[trial.trial_id] = _Open(run, wdir / STEPS_DIR / trial.trial_id)
+        meta = {"project": self.project, "entity": self.init_kwargs.get("entity") or os.environ.get("WANDB_ENTITY"),
+                "group": self.group, "mode": self.mode}  # the mode after a fallback: offline, `sync` uploads
+        if _read_meta(run_dir) != meta:
+            write_json(run_dir / "wandb" / META, meta)
+        live = self._open[trial.trial_id] = _Open(run, run_dir / "wandb" / STEPS_DIR / trial.trial_id)
         if run.resumed and isinstance(run.summary.get("step"), (int, float)):  # online: the server knows
             live.last = max(live.last, run.summary["step"])
 
