@@ -22,6 +22,7 @@ then adds what needs the server: a W&B sweep seeded from the trials' runs and th
 from __future__ import annotations
 
 import json
+import netrc
 import os
 import subprocess
 import sys
@@ -44,31 +45,22 @@ META = "oelm-ray.json"  # under <run>/wandb/: project, entity, group, mode (read
 STEPS_DIR = "last-step"  # under <run>/wandb/: the last training step logged per trial id
 
 # ------------------------------------------------------------------------------------------------
-# mode: online, offline or disabled, decided once on the driver
+# mode: online, offline or disabled, decided on the driver when the sweep starts
 
 
 def has_key() -> bool:
-    """True when an API key is configured (env, or the netrc entry of `wandb login`); no network."""
+    """True when an API key is configured: WANDB_API_KEY (or an identity token file), or the netrc
+    entry `wandb login` writes ($NETRC, else ~/.netrc or ~/_netrc) for the W&B host; no network."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST).netloc
+    home = Path.home()
+    path = os.environ.get("NETRC") or next((p for p in (home / ".netrc", home / "_netrc") if p.exists()), home / ".netrc")
     try:
-        from wandb.sdk.lib.wbauth import wbnetrc
-
-        return bool(wbnetrc.read_netrc_auth(host=host))
-    except ImportError:  # another wandb layout: read the netrc ourselves
-        import netrc
-
-        path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
-        try:
-            return bool(netrc.netrc(path).authenticators(urlsplit(host).netloc))
-        except (OSError, netrc.NetrcParseError):
-            return False
-    except Exception:  # a malformed key: online would fail too
+        creds = netrc.netrc(os.path.expanduser(path)).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
         return False
-
-
-
+    return bool(creds and creds[2])
 
 
 def resolve_mode() -> tuple[str, str]:
