@@ -3,11 +3,10 @@ duplicates, sync and the sweep view. Runs are read back from their `.wandb` file
 
 from __future__ import annotations
 
-import queue
+import pickle
 import runpy
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,9 @@ from oelm_ray import results
 from oelm_ray.tune import wandb_logger as W
 from oelm_ray.core.config import ConfigError
 from oelm_ray.tune.sweep import Sweep, run
+from oelm_ray.tune.trial import TrialSpec
 import faults  # tests/faults.py: a trainable that crashes once, at a given step
+from wandb_files import read_finished  # tests/wandb_files.py: .wandb files read back
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = runpy.run_path(str(ROOT / "sweeps" / "phase3.py"))["PRESETS"]
@@ -40,15 +41,6 @@ def no_key(monkeypatch, tmp_path):
     return home
 
 
-def read_finished(seg: Path, timeout: float = 20.0) -> dict:
-    """One offline run folder read back, once W&B's service has written its exit record."""
-    path = next(seg.glob("*.wandb"))
-    deadline = time.monotonic() + timeout
-    while not any(r.WhichOneof("record_type") == "exit" for r in W.read_records(path)) and time.monotonic() < deadline:
-        time.sleep(0.2)  # finish() can return just before the service flushes the file
-    return W.read_run(path)
-
-
 def steps_of(run_dir: Path, trial_id: str) -> list[int]:
     """Training steps with val/ppl across every offline segment of one trial, in start order."""
     out = []
@@ -67,6 +59,7 @@ def test_no_key_means_offline_without_touching_the_network(no_key, capsys):
     assert W.resolve_mode()[0] == "offline"
     cb = W.callback(project="p", group="g")
     assert cb is not None and cb.mode == "offline"
+    cb.setup()  # Tune calls it when the sweep starts: the mode is said there, once
     out = capsys.readouterr().out
     assert out.count("W&B: offline") == 1 and "oelm-ray sync" in out
 
@@ -97,33 +90,94 @@ def test_recipe_builds_the_callback_unless_no_wandb(tmp_path, no_key):
 
 
 # ------------------------------------------------------------------------------------------------
-# the logging actor, without Ray: step = training step, a resumed run adds no duplicate rows
+# the callback, without Ray: step = training step, a resumed run adds no duplicate rows
 
 
-def _actor(tmp_path: Path, items: list, **extra):
-    q = queue.Queue()
-    for it in items:
-        q.put(it)
-    q.put((W._QueueItem.END, None))
-    init = dict(id="trial_00000", name="T", project="p", group="g", job_type="oelm_freeze", tags=["stories"],
-                config={"lr": 1e-3}, dir=str(tmp_path), mode="offline", resume="allow", reinit="create_new",
-                last_step_file=str(tmp_path / "wandb" / W.STEPS_DIR / "trial_00000"))
-    return W._LoggingActor(str(tmp_path), q, exclude=["done"], to_config=["trial_id"], **{**init, **extra})
+class FakeTrial:
+    """What the callback reads of a Tune trial: id, name, resolved config, the run folder."""
+
+    def __init__(self, run_dir: Path, exp: str = "CPU-02"):
+        spec = TrialSpec(E.EMBEDDED[exp], 0, E.EMBEDDED[exp].config(0, **E.SMOKE))
+        self.trial_id, self.name, self.config = "trial_00000", spec.name, {"trial": spec.to_dict()}
+        self.remote_experiment_path, self.local_experiment_path = str(run_dir), str(run_dir / "staging")
+
+    def __str__(self):
+        return self.name
 
 
-def test_actor_logs_at_the_training_step_and_resumes_without_duplicates(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the actor chdirs into its logdir
-    res = lambda it, step: (W._QueueItem.RESULT, {"training_iteration": it, "step": step, "val/ppl": 100.0 / step,
-                                                  "trial_id": "trial_00000", "done": False})
-    _actor(tmp_path, [res(1, 10), res(2, 20)]).run()
-    # a restore from the step-10 checkpoint re-reports step 20 with a lower training_iteration
-    _actor(tmp_path, [res(1, 20), res(2, 30)]).run()
+def _result(it: int, step: int) -> dict:
+    return {"training_iteration": it, "step": step, "val/ppl": 100.0 / step, "trial_id": "trial_00000",
+            "hostname": "h", "node": "127.0.0.1", "done": False, "config": {"trial": {}}}
+
+
+def test_callback_logs_at_the_training_step_and_a_restored_copy_adds_no_duplicates(tmp_path, no_key, monkeypatch, capsys):
+    t = FakeTrial(tmp_path)
+    cb = W.callback(project="p", group="g")
+    cb.setup()
+    cb.on_trial_start(0, [t], t)
+    state = pickle.dumps(cb)  # Tune pickles its callbacks into tuner.pkl: live runs stay out
+    for it, step in ((1, 10), (2, 20)):
+        cb.on_trial_result(it, [t], t, _result(it, step))
+    cb.on_trial_start(0, [t], t)  # a retry in the same driver, from the step-10 checkpoint: the same run
+    cb.on_trial_result(3, [t], t, _result(3, 20))
+    cb.on_trial_error(0, [t], t)
+    assert (tmp_path / "wandb" / W.STEPS_DIR / t.trial_id).read_text() == "20"
+    assert W._read_meta(tmp_path) == {"project": "p", "entity": None, "group": "g", "mode": "offline"}
+
+    # a new driver: Tune.restore unpickles the callback; setup() decides the mode again, as a fresh one
+    restored = pickle.loads(state)
+    assert restored.mode is None and not restored._open
+    restored.setup()
+    assert restored.mode == "offline" and capsys.readouterr().out.count("W&B: offline") == 2
+    restored.on_trial_start(0, [t], t)
+    for it, step in ((1, 20), (2, 30)):  # the restored trial re-reports step 20
+        restored.on_trial_result(it, [t], t, _result(it, step))
+    restored.on_trial_complete(0, [t], t)
+
     segs = W.offline_runs(tmp_path)
     assert len(segs) == 2 and all(s.name.endswith("-trial_00000") for s in segs)
     assert steps_of(tmp_path, "trial_00000") == [10, 20, 30]
-    first = read_finished(segs[0])
-    assert [h["step"] for h in first["history"]] == [10, 20]
-    assert first["job_type"] == "oelm_freeze" and first["config"]["lr"] == 1e-3
+    first, second = read_finished(segs[0]), read_finished(segs[1])
+    assert [h["step"] for h in first["history"]] == [h["_step"] for h in first["history"]] == [10, 20]
+    assert (first["exit_code"], second["exit_code"]) == (1, 0)  # the errored attempt is marked failed
+    assert (first["id"], first["name"], first["group"], first["job_type"]) == ("trial_00000", t.name, "g", "oelm_freeze")
+    assert first["config"]["lr"] == E.EMBEDDED["CPU-02"].config(0, **E.SMOKE).train.lr
+    assert first["config"]["hostname"] == "h" and first["config"]["node"] == "127.0.0.1"
+    assert not any("hostname" in h or "done" in h or "trial" in first["config"] for h in first["history"])
+
+    # restored where W&B is now off: it logs nothing
+    off = pickle.loads(state)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    off.setup()
+    off.on_trial_start(0, [t], t)
+    off.on_trial_result(1, [t], t, _result(1, 40))
+    assert off.mode == "disabled" and not off._open and len(W.offline_runs(tmp_path)) == 2
+
+
+def test_online_init_failure_falls_back_to_offline_once(tmp_path, no_key, monkeypatch, capsys):
+    import wandb
+
+    real_init, modes = wandb.init, []
+
+    def init(**kw):
+        modes.append(kw["mode"])
+        if kw["mode"] == "online":
+            raise wandb.errors.CommError("host unreachable")  # the network went away after the mode check
+        return real_init(**kw)
+
+    monkeypatch.setattr(wandb, "init", init)
+    cb = W.Callback(project="p", group="g", mode="online", why="API key found")
+    cb.setup()
+    a, b = FakeTrial(tmp_path), FakeTrial(tmp_path, "CPU-01")
+    b.trial_id = "trial_00001"
+    for t in (a, b):
+        cb.on_trial_start(0, [t], t)
+        cb.on_trial_result(1, [t], t, _result(1, 10))
+        cb.on_trial_complete(0, [t], t)
+    assert modes == ["online", "offline", "offline"]  # one failed attempt per sweep, not one wait per trial
+    assert capsys.readouterr().out.count("online init failed") == 1
+    assert [s.name.rsplit("-", 1)[-1] for s in W.offline_runs(tmp_path)] == ["trial_00000", "trial_00001"]
+    assert W._read_meta(tmp_path)["mode"] == "offline"  # so finish_sweep says to `oelm-ray sync`, which uploads them
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,14 +2,16 @@
 
 One W&B run per trial (id = Tune trial id, name = trial name, group = the sweep's run name,
 job_type = method, tags = dataset, method, seed=N), its config the trial's flat resolved config.
-Ray's `WandbLoggerCallback` does the plumbing (one small logging actor per trial on the driver
-node, so workers need neither network nor key); two things are changed, in the logging actor:
+A Tune `LoggerCallback` holds each trial's run in the driver process (`wandb.init(...,
+reinit="create_new")`, several live runs at once), so workers need neither network nor key:
 
-- the W&B step is the training `step` (Ray logs at `training_iteration`), so curves line up;
-- a retried or restored trial continues its run (resume="allow") and logs only steps above the
-  last one it logged, so a trial that re-reports the steps after its checkpoint adds no
-  duplicate rows. Offline, each attempt is one more `offline-run-*-<id>` folder; `wandb sync`
-  uploads the folders of one run in start order, so the history comes out in one piece.
+- each row is logged at the training `step` (`run.log(..., step=step)`), so W&B's step axis is
+  the training step and the rows of every attempt of a trial share one axis;
+- a retried trial keeps its open run; a restored one (a new driver) continues it (resume="allow");
+  either way only steps above the last one logged (`<run>/wandb/last-step/<trial id>`) are
+  logged, so a trial that re-reports the steps after its checkpoint adds no duplicate rows.
+  Offline, each driver's attempt is one more `offline-run-*-<id>` folder; `wandb sync` uploads
+  the folders of one run in start order, so the history comes out in one piece.
 
 Mode: WANDB_MODE=disabled/offline from the user wins; otherwise no API key (env or the netrc
 entry `wandb login` writes, checked without any network call) or an unreachable host means
@@ -20,20 +22,22 @@ then adds what needs the server: a W&B sweep seeded from the trials' runs and th
 from __future__ import annotations
 
 import json
+import netrc
 import os
-import struct
 import subprocess
 import sys
 import urllib.error
 import zlib
+from numbers import Number
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
-from ray.air.integrations.wandb import WandbLoggerCallback, _clean_log, _QueueItem, _set_api_key, _WandbLoggingActor
+import wandb
+from ray.tune.logger import LoggerCallback
 
 from ..core.config import ConfigError
-from ..core.io import url_reachable
+from ..core.io import url_reachable, write_json, write_text
 from .trial import trial_of
 
 DEFAULT_HOST = "https://api.wandb.ai"
@@ -41,31 +45,22 @@ META = "oelm-ray.json"  # under <run>/wandb/: project, entity, group, mode (read
 STEPS_DIR = "last-step"  # under <run>/wandb/: the last training step logged per trial id
 
 # ------------------------------------------------------------------------------------------------
-# mode: online, offline or disabled, decided once on the driver
+# mode: online, offline or disabled, decided on the driver when the sweep starts
 
 
 def has_key() -> bool:
-    """True when an API key is configured (env, or the netrc entry of `wandb login`); no network."""
+    """True when an API key is configured: WANDB_API_KEY (or an identity token file), or the netrc
+    entry `wandb login` writes ($NETRC, else ~/.netrc or ~/_netrc) for the W&B host; no network."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST).netloc
+    home = Path.home()
+    path = os.environ.get("NETRC") or next((p for p in (home / ".netrc", home / "_netrc") if p.exists()), home / ".netrc")
     try:
-        from wandb.sdk.lib.wbauth import wbnetrc
-
-        return bool(wbnetrc.read_netrc_auth(host=host))
-    except ImportError:  # another wandb layout: read the netrc ourselves
-        import netrc
-
-        path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
-        try:
-            return bool(netrc.netrc(path).authenticators(urlsplit(host).netloc))
-        except (OSError, netrc.NetrcParseError):
-            return False
-    except Exception:  # a malformed key: online would fail too
+        creds = netrc.netrc(os.path.expanduser(path)).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
         return False
-
-
-
+    return bool(creds and creds[2])
 
 
 def resolve_mode() -> tuple[str, str]:
@@ -101,136 +96,146 @@ def trial_init(trial_config: dict, trial_id: str, trial_name: str) -> dict[str, 
                 search=sorted(t.searched), role=t.experiment.role, qk_std=cfg.model.qk_std)
     return dict(
         id=trial_id, name=trial_name, job_type=cfg.model.method,
-        tags=[cfg.data.dataset, cfg.model.method, f"seed={t.seed}", t.experiment.role], config=_clean_log(flat),
+        tags=[cfg.data.dataset, cfg.model.method, f"seed={t.seed}", t.experiment.role], config=flat,
     )
 
 
 def _run_dir_of(trial) -> Path:
-    """The sweep's run folder (local storage), else the driver's staging copy of it."""
-    import pyarrow.fs
-
-    if isinstance(trial.storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
-        return Path(trial.remote_experiment_path)
-    return Path(trial.local_experiment_path)
+    """The sweep's run folder when the storage is a local (or mounted) folder, else the driver's
+    staging copy of it, which Tune syncs to the storage."""
+    remote = trial.remote_experiment_path  # on object storage: "bucket/prefix/run", not a local path
+    return Path(remote) if os.path.isabs(remote) and os.path.isdir(remote) else Path(trial.local_experiment_path)
 
 
-class _LoggingActor(_WandbLoggingActor):
-    """Ray's per-trial logging actor, logging at the training step and never below the last one."""
+class Callback(LoggerCallback):
+    """Tune callback holding one W&B run per trial in the driver; build it with `callback(...)`.
 
-    def __init__(self, logdir, queue, exclude, to_config, *args, **kwargs):
-        self._last_file = Path(kwargs.pop("last_step_file"))
-        super().__init__(logdir, queue, exclude, to_config, *args, **kwargs)
+    Pickles without its runs (Tune keeps it in the run's tuner.pkl and restores it on resume);
+    `setup()` decides the mode again when it was restored, so it behaves like a fresh one.
+    """
 
-    def _last_logged(self) -> float:
-        try:
-            return float(self._last_file.read_text())
-        except (OSError, ValueError):
-            return -1
+    # logged as config, not history (Tune's own experiment_id would overwrite ours, GPT-02: left out)
+    TO_CONFIG = ("trial_id", "experiment_tag", "node_ip", "hostname", "pid", "date", "node", "gpu")
+    EXCLUDE = ("done", "should_checkpoint", "experiment_id", "timestamp", "config")
 
-    def _init(self):
-        mode = self.kwargs.get("mode", "offline")
-        os.environ["WANDB_MODE"] = mode  # this actor's own process: the worker may carry another WANDB_MODE
-        try:
-            return self._wandb.init(*self.args, **self.kwargs)
-        except Exception as e:  # the network went away between the driver's check and now
-            if mode != "online":
-                raise
-            print(f"W&B: {self._trial_name}: online init failed ({e}); logging offline, `oelm-ray sync` uploads it", flush=True)
-            os.environ["WANDB_MODE"] = "offline"
-            return self._wandb.init(*self.args, **{**self.kwargs, "mode": "offline"})
-
-    def run(self):
-        # Ray's run(), with the step and resume handling changed (ray/air/integrations/wandb.py)
-        os.environ["WANDB_START_METHOD"] = "thread"
-        run = self._run = self._init()
-        run.config.update({"trial_log_path": self._logdir}, allow_val_change=True)
-        last = self._last_logged()
-        if run.resumed and isinstance(run.summary.get("step"), (int, float)):  # online: the server knows
-            last = max(last, run.summary["step"])
-        while True:
-            item_type, item = self.queue.get()
-            if item_type == _QueueItem.END:
-                break
-            if item_type == _QueueItem.CHECKPOINT:
-                self._handle_checkpoint(item)
-                continue
-            log, config_update = self._handle_result(item)
-            step = log.get("step")
-            if not isinstance(step, (int, float)) or step <= last:
-                continue  # a resumed trial re-reports the steps after its checkpoint: logged already
-            try:
-                run.config.update(config_update, allow_val_change=True)
-                run.log(log, step=int(step))
-            except urllib.error.HTTPError as e:
-                print(f"W&B: failed to log step {step} of {self._trial_name}: {e}", flush=True)
-                continue
-            last = step
-            self._last_file.parent.mkdir(parents=True, exist_ok=True)
-            self._last_file.write_text(str(int(step)))
-        run.finish()
-        # finish() can return before W&B's service has written the last records, and Ray kills
-        # this actor right after run() returns: wait for the service to exit
-        self._wandb.teardown()
-
-    def _handle_checkpoint(self, checkpoint_path: str):
-        artifact = self._wandb.Artifact(name=f"checkpoint_{self._trial_name}", type="model")
-        artifact.add_dir(checkpoint_path)
-        self._run.log_artifact(artifact)
-
-
-class Callback(WandbLoggerCallback):
-    """`WandbLoggerCallback` with the oelm-ray run layout; build it with `callback(...)`."""
-
-    _logger_actor_cls = _LoggingActor
-    # Tune's own experiment_id would overwrite ours (GPT-02) in the config: keep it out
-    AUTO_CONFIG_KEYS = [k for k in WandbLoggerCallback.AUTO_CONFIG_KEYS if k != "experiment_id"] + ["node", "gpu"]
-    _exclude_results = WandbLoggerCallback._exclude_results + ["experiment_id", "timestamp"]
-
-    def __init__(self, project: str, group: str, mode: str, run_dir: str | os.PathLike | None = None, **kwargs):
-        super().__init__(project=project, group=group, **kwargs)
-        self.mode = mode
+    def __init__(self, project: str, group: str, mode: str | None = None, why: str = "",
+                 run_dir: str | os.PathLike | None = None, **init_kwargs: Any):
+        self.project, self.group = project, group
+        self.mode, self.why = mode, why
         self.run_dir = Path(run_dir) if run_dir else None
+        self.init_kwargs = init_kwargs  # more wandb.init arguments: entity, notes, ...
+        self._open: dict[str, _Open] = {}  # trial id -> its live run
 
-    def setup(self, *args, **kwargs):
-        # resolve_mode() found a key already (env or netrc, which the driver-node actors read too);
-        # Ray's own check only matters for an explicit api_key / api_key_file
-        if self.mode == "online" and (self.api_key or self.api_key_path):
-            _set_api_key(self.api_key_path and os.path.expanduser(self.api_key_path), self.api_key)
+    def __getstate__(self) -> dict:
+        # no live runs in tuner.pkl; the mode is decided again when the sweep (re)starts
+        return {**self.__dict__, "mode": None, "why": "", "_open": {}}
 
-    def log_trial_start(self, trial):
+    def setup(self, *args, **kwargs) -> None:
+        if self.mode is None:
+            self.mode, self.why = resolve_mode()
+        _say_mode(self.mode, self.why, self.project, self.group)
+
+    def log_trial_start(self, trial) -> None:
+        if self.mode in (None, "disabled") or trial.trial_id in self._open:
+            return  # a retried trial keeps its open run
         run_dir = self.run_dir or _run_dir_of(trial)
-        wdir = run_dir / "wandb"
-        wdir.mkdir(parents=True, exist_ok=True)
-        meta = {"project": self.project, "entity": self.kwargs.get("entity") or os.environ.get("WANDB_ENTITY"),
-                "group": self.group, "mode": self.mode}
+        kwargs = dict(**trial_init(trial.config, trial.trial_id, str(trial)), project=self.project, group=self.group,
+                      dir=str(run_dir), resume="allow", reinit="create_new", allow_val_change=True,
+                      settings=wandb.Settings(console="off"))  # the driver's console is the sweep's, not a trial's
+        kwargs.update(self.init_kwargs)
+        run = self._init(kwargs, str(trial))
+        meta = {"project": self.project, "entity": self.init_kwargs.get("entity") or os.environ.get("WANDB_ENTITY"),
+                "group": self.group, "mode": self.mode}  # the mode after a fallback: offline, `sync` uploads
         if _read_meta(run_dir) != meta:
-            (wdir / META).write_text(json.dumps(meta, indent=1))
-        exclude = self._exclude_results + self.excludes + ([] if self.log_config else ["config"])
-        kwargs = dict(
-            **trial_init(trial.config, trial.trial_id, str(trial)),
-            project=self.project, group=self.group, dir=str(run_dir), mode=self.mode,
-            resume="allow", reinit="create_new", allow_val_change=True,
-            last_step_file=str(wdir / STEPS_DIR / trial.trial_id),
-        )
-        kwargs.update(self.kwargs)
-        self._start_logging_actor(trial, exclude, **kwargs)
+            write_json(run_dir / "wandb" / META, meta)
+        live = self._open[trial.trial_id] = _Open(run, run_dir / "wandb" / STEPS_DIR / trial.trial_id)
+        if run.resumed and isinstance(run.summary.get("step"), (int, float)):  # online: the server knows
+            live.last = max(live.last, run.summary["step"])
+
+    def _init(self, kwargs: dict, name: str):
+        try:
+            return wandb.init(**kwargs, mode=self.mode)
+        except Exception as e:  # the network went away between the check and now
+            if self.mode != "online":
+                raise
+            print(f"W&B: {name}: online init failed ({e}); logging offline from now on, `oelm-ray sync` uploads it",
+                  flush=True)
+            self.mode = "offline"  # one wait for a timeout per sweep, not one per trial
+            return wandb.init(**kwargs, mode="offline")
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        if trial.trial_id not in self._open:
+            self.log_trial_start(trial)
+        live = self._open.get(trial.trial_id)
+        step = result.get("step")
+        if live is None or not isinstance(step, (int, float)) or step <= live.last:
+            return  # a resumed trial re-reports the steps after its checkpoint: logged already
+        flat = _flatten({k: v for k, v in result.items() if k not in self.EXCLUDE})
+        config = {k: v for k, v in flat.items() if k in self.TO_CONFIG}
+        log = {k: v for k, v in flat.items() if k not in config and isinstance(v, Number)}
+        try:
+            if config != live.config:
+                live.run.config.update(config, allow_val_change=True)
+                live.config = config
+            live.run.log(log, step=int(step))
+        except urllib.error.HTTPError as e:
+            print(f"W&B: failed to log step {step} of {trial}: {e}", flush=True)
+            return
+        live.last = step
+        write_text(live.step_file, str(int(step)))
+
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        live = self._open.pop(trial.trial_id, None)
+        if live is not None:
+            live.run.finish(exit_code=1 if failed else 0)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        while self._open:
+            self._open.popitem()[1].run.finish()
+
+
+class _Open:
+    """A trial's live run, the last training step it logged, the config entries its results set."""
+
+    def __init__(self, run, step_file: Path):
+        self.run, self.step_file, self.config = run, step_file, {}
+        try:
+            self.last: float = float(step_file.read_text())
+        except (OSError, ValueError):
+            self.last = -1
+
+
+def _say_mode(mode: str, why: str, project: str, group: str) -> None:
+    if mode == "disabled":
+        print(f"W&B: off ({why})", flush=True)
+    elif mode == "offline":
+        print(f"W&B: offline ({why}): runs are kept under <run>/wandb/; upload them later with `oelm-ray sync <run>`",
+              flush=True)
+    else:
+        print(f"W&B: logging to project {project!r}, group {group!r}", flush=True)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def callback(project: str, group: str, run_dir: str | os.PathLike | None = None, **kwargs: Any) -> Callback | None:
-    """The sweep's W&B callback, or None when W&B is disabled; says once when it logs offline.
+    """The sweep's W&B callback, or None when W&B is disabled (said here); its `setup()` says the mode.
 
     run_dir: where `wandb/` goes (default: the sweep's run folder, from the trials' storage).
-    kwargs: passed on to WandbLoggerCallback / wandb.init (entity, notes, upload_checkpoints, ...).
+    kwargs: passed on to wandb.init (entity, notes, ...).
     """
-    mode, why = resolve_mode()
+    mode, why = resolve_mode()  # a bad setting (WANDB_MODE=online without a key) fails before Ray starts
     if mode == "disabled":
-        print(f"W&B: off ({why})", flush=True)
+        _say_mode(mode, why, project, group)
         return None
-    if mode == "offline":
-        print(f"W&B: offline ({why}): runs are kept under <run>/wandb/; upload them later with `oelm-ray sync <run>`", flush=True)
-    else:
-        print(f"W&B: logging to project {project!r}, group {group!r}", flush=True)
-    return Callback(project=project, group=group, mode=mode, run_dir=run_dir, **kwargs)
+    return Callback(project=project, group=group, mode=mode, why=why, run_dir=run_dir, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,7 +297,6 @@ def sync(run_dir: str | os.PathLike, project: str | None = None) -> None:
 def publish(run_dir: Path, project: str, entity: str | None, group: str, mode: str = "online") -> None:
     """Log trials.parquet as a W&B Table (a `report` run of the group); online, also create the sweep view."""
     import pandas as pd
-    import wandb
 
     from .. import results
 
@@ -312,8 +316,7 @@ def publish(run_dir: Path, project: str, entity: str | None, group: str, mode: s
     report.finish()
     if mode == "online" and ids and not meta.get("sweep_id"):
         sweep_id = wandb.sweep(sweep_config(records, group), project=project, entity=entity, prior_runs=ids)
-        (run_dir / "wandb").mkdir(exist_ok=True)
-        (run_dir / "wandb" / META).write_text(json.dumps({**meta, "sweep_id": sweep_id}, indent=1))
+        write_json(run_dir / "wandb" / META, {**meta, "sweep_id": sweep_id})
         print(f"W&B: sweep view {sweep_id} with {len(ids)} run(s); results table in run {group}-report", flush=True)
 
 
@@ -338,60 +341,3 @@ def sweep_config(records: list[dict], group: str) -> dict:
 
 def _report_id(group: str) -> str:
     return f"report-{zlib.crc32(group.encode()):08x}"
-
-
-# ------------------------------------------------------------------------------------------------
-# reading .wandb files back (tests, debugging): the LevelDB-style log W&B writes
-
-
-def read_records(path: str | os.PathLike) -> Iterator[Any]:
-    """The protobuf `Record`s of a `.wandb` file (7-byte file header, 32 KiB blocks, chunked records)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = Path(path).read_bytes()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{path} is not a W&B transaction log")
-    block, pos, buf = 32768, 7, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer: padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk = data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind == 0 and length == 0:
-            continue
-        buf = chunk if kind in (1, 2) else buf + chunk  # full/first start a record, middle/last extend it
-        if kind in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            yield rec
-            buf = b""
-
-
-def read_run(path: str | os.PathLike) -> dict:
-    """id, group, job_type, tags, config and history ([{key: value, "_step": n}]) of one `.wandb` file."""
-    out: dict[str, Any] = {"config": {}, "history": []}
-    for rec in read_records(path):
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            r = rec.run
-            out.update(id=r.run_id, project=r.project, group=r.run_group, job_type=r.job_type,
-                       name=r.display_name, tags=list(r.tags))
-            out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update})
-        elif kind == "config":
-            out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
-        elif kind == "history":
-            row = {"/".join(i.nested_key) if i.nested_key else i.key: _item_value(i) for i in rec.history.item}
-            row["_step"] = rec.history.step.num if rec.history.HasField("step") else row.get("_step")
-            out["history"].append(row)
-    return out
-
-
-def _item_value(item) -> Any:
-    which = item.WhichOneof("value") if "value" in {o.name for o in item.DESCRIPTOR.oneofs} else None
-    if which and which != "value_json":
-        v = getattr(item, which)
-        return None if which == "none" else (json.loads(v) if which == "json" else v)
-    return json.loads(item.value_json) if item.value_json else None
