@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Any, Callable
 
@@ -125,6 +126,8 @@ def main(name: str, presets: Presets, argv: list[str] | None = None,
     from . import sweep as S
 
     args = parser(name, presets, doc).parse_args(argv)
+    if args.no_wandb:  # also for the W&B logger that Tune restores with a resumed run (it decides its mode at start)
+        os.environ["WANDB_MODE"] = "disabled"
     try:
         sw = build(name, presets, args)
         if customize is not None:

@@ -44,7 +44,7 @@ from .. import results
 from ..core.config import ConfigError
 from ..core.io import write_json, write_text
 from ..core.experiments import Experiment
-from .sweep import METRIC, MODE, Sweep, run
+from .sweep import METRIC, MODE, Sweep, point, run
 
 TERMINAL = ("completed", "stopped", "diverged")
 
@@ -101,7 +101,7 @@ def every_candidate(space: Space, max_steps: int, seed: int):
     """Tune's variant generator fed the whole grid as points to evaluate, in grid_order(seed)."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(points_to_evaluate=[{"search": c} for c in grid_order(space, max_steps, seed)])
+    return BasicVariantGenerator(points_to_evaluate=[point(c) for c in grid_order(space, max_steps, seed)])
 
 
 def early_stopper(max_steps: int, eval_interval: int, grace_frac: float = 0.1, reduction_factor: int = 3):

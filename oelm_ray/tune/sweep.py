@@ -115,6 +115,15 @@ class Sweep:
         }, default=str))
 
 
+def point(values: dict[str, Any]) -> dict[str, Any]:
+    """Flat field values as a point of the param space (a searcher's points_to_evaluate)."""
+    where = field_sections()
+    config: dict[str, dict[str, Any]] = {}
+    for k, v in values.items():
+        config.setdefault(where[k], {})[k] = v
+    return {"trial": {"config": config}}
+
+
 def _describe(v: Any) -> Any:
     """A Tune search domain as plain, stable data (its repr holds a memory address)."""
     if isinstance(v, dict) and "grid_search" in v:
