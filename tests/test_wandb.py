@@ -4,6 +4,7 @@ duplicates, sync and the sweep view. Runs are read back from their `.wandb` file
 from __future__ import annotations
 
 import pickle
+import os
 import runpy
 import socket
 import subprocess
@@ -87,6 +88,11 @@ def test_recipe_builds_the_callback_unless_no_wandb(tmp_path, no_key):
     argv = ["--smoke-test", "--storage", str(tmp_path / "runs")]
     assert [type(c) for c in recipe.build("phase3", PRESETS, recipe.parser("phase3", PRESETS).parse_args(argv)).callbacks] == [W.Callback]
     assert recipe.build("phase3", PRESETS, recipe.parser("phase3", PRESETS).parse_args(argv + ["--no-wandb"])).callbacks == []
+    # --no-wandb also reaches the logger Tune restores with a resumed run: it decides its mode from WANDB_MODE
+    # (a bad --set ends the recipe before any sweep starts; the mode is set by then)
+    assert os.environ.get("WANDB_MODE") is None
+    assert recipe.main("phase3", PRESETS, argv + ["--no-wandb", "--set", "lr=fast"]) == 2
+    assert os.environ.pop("WANDB_MODE") == "disabled"
 
 
 # ------------------------------------------------------------------------------------------------
