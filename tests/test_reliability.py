@@ -562,7 +562,7 @@ BAD_INPUT = [
         setup=lambda d, w: (d / "cluster.yaml").write_text("cluster_name: x\nprovider: {type: local\n"),
         example='`oelm-ray check-cluster` on broken YAML', says='line and column of the syntax error'),
     Bad("run name exists with another config", "phase3", lambda d, w: _sweep(d, w, "--set", "lr=1e-3"),
-        r"exists with a different sweep config \(differs in: common\).*choose another --name", setup=_existing_sweep,
+        r"exists with a different sweep config \(differs in: CPU-01-baseline-s0: lr, .* more trials\).*choose another --name", setup=_existing_sweep,
         example='same `--name`, different `--set lr`', says='which part differs; the same command resumes, or another `--name`'),
     Bad("storage not writable", "phase3",
         lambda d, w: [*_sweep(d, w), "--storage", str(d / "file.txt" / "sub")],

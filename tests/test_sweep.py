@@ -124,7 +124,7 @@ def test_existing_run_with_different_config_is_refused(tmp_path):
     write_json(sw.run_dir / "sweep.json", sw.identity())
     assert check_run_dir(sw) is True
     other = smoke_sweep(tmp_path, "same", common={"lr": 1e-3})
-    with pytest.raises(ConfigError, match="exists with a different sweep config .*trials.*CPU-01-baseline-s0: lr"):
+    with pytest.raises(ConfigError, match="exists with a different sweep config .*CPU-01-baseline-s0: lr"):
         check_run_dir(other)
 
 

@@ -175,9 +175,9 @@ def check_run_dir(sweep: Sweep, trials: list[TrialSpec] | None = None) -> bool:
         )
     new = sweep.identity(trials)
     if old != new:
-        diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        diffs = [k for k in sorted(set(old) | set(new)) if k != "trials" and old.get(k) != new.get(k)]
         if old.get("trials") != new.get("trials"):
-            diffs += _trial_diffs(old.get("trials") or [], new.get("trials") or [])
+            diffs += _trial_diffs(old.get("trials") or [], new.get("trials") or []) or ["trials"]
         raise ConfigError(
             f"run {run} exists with a different sweep config (differs in: {', '.join(diffs)}): "
             "run the same command to resume it, or choose another --name (nothing was touched)"
@@ -198,7 +198,7 @@ def _trial_diffs(old: list[dict], new: list[dict]) -> list[str]:
         if fields:
             out.append(f"{t['name']}: {', '.join(fields)}")
     out += [f"{n}: dropped" for n in by_name if n not in {t['name'] for t in new}]
-    return out[:5]
+    return out[:4] + ([f"{len(out) - 4} more trials"] if len(out) > 4 else [])
 
 
 def prepare_datasets(trials: list[TrialSpec]) -> None:
