@@ -486,17 +486,7 @@ def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Call
     """Checks, data, model, optimizer, batches and validation set; restored from latest.pt on resume."""
     t = cfg.train
     # every check that can fail cheaply runs before the model is built
-    latest = out / "latest.pt"
-    ckpt = None
-    if resume:
-        for p in out.glob(".*.pt.*.tmp"):  # a write the last process was killed in; latest.pt itself is whole
-            p.unlink(missing_ok=True)
-        ckpt = load_checkpoint(latest, expect_config=cfg.to_dict())
-    elif latest.exists() or (out / "summary.json").exists():
-        raise RunExistsError(
-            f"{out} already holds a run: pass --resume to continue it, or choose another --out-dir "
-            "(nothing was overwritten)"
-        )
+    ckpt = _checkpoint_to_resume(out, cfg) if resume else _refuse_existing_run(out)
     data = data or load_prepared(cfg.data)
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
@@ -519,7 +509,7 @@ def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Call
         model.load_state_dict(ckpt["model"])
         state = {"step": ckpt["step"], "tokens": ckpt["tokens"], "best_val": ckpt["best_val_loss"],
                  "elapsed": ckpt["elapsed_s"], "train_time": ckpt["train_time_s"]}
-        log(f"resumed from {latest} at step {state['step']}")
+        log(f"resumed from {out / 'latest.pt'} at step {state['step']}")
     step = state.get("step", 0)
     if qk_unfrozen_at(step, cfg):
         model.set_qk_trainable(True)
@@ -543,6 +533,21 @@ def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Call
     background = BACKGROUND_CHECKPOINTS if BACKGROUND_CHECKPOINTS is not None else (device.type == "cuda" and world == 1)
     return Run(cfg, out, device, amp_dtype, rank, world, model, trainer, batches, val_set,
                scored_tokens(val_set), counts, CheckpointWriter(background), **state)
+
+
+def _checkpoint_to_resume(out: Path, cfg: Config) -> dict:
+    """latest.pt, checked against the config; a write the last process was killed in is removed."""
+    for p in out.glob(".*.pt.*.tmp"):  # latest.pt itself is whole: writes are atomic
+        p.unlink(missing_ok=True)
+    return load_checkpoint(out / "latest.pt", expect_config=cfg.to_dict())
+
+
+def _refuse_existing_run(out: Path) -> None:
+    if (out / "latest.pt").exists() or (out / "summary.json").exists():
+        raise RunExistsError(
+            f"{out} already holds a run: pass --resume to continue it, or choose another --out-dir "
+            "(nothing was overwritten)"
+        )
 
 
 def evaluate(run: Run, interval: Interval, train_loss: float, lr: float) -> dict[str, Any]:
