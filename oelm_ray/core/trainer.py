@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -293,6 +294,11 @@ class TrainStep:
             else:
                 g["lr"] = lr * g["lr_mult"]
 
+    @property
+    def qk_unfrozen(self) -> bool:
+        """Whether the policy's frozen Q/K have joined the optimizer (`unfreeze_qk`, or a resumed run's groups)."""
+        return any(g["name"] == "qk_unfrozen" for g in self.optimizer.param_groups)
+
     def unfreeze_qk(self) -> None:
         """Frozen Q/K train from now on (a compiled model recompiles once: requires_grad changed)."""
         self.raw.set_qk_trainable(True)
@@ -351,7 +357,7 @@ inline on CPU and under DDP (every rank reports at once); tests set True or Fals
 
 
 # ------------------------------------------------------------------------------------------------
-# the loop
+# the loop: setup -> for each step: Q/K unfreeze, lr, step, log -> evaluate -> checkpoint -> finish
 
 
 def train(
@@ -364,25 +370,123 @@ def train(
 ) -> dict[str, Any]:
     """Train one model into `out_dir`; returns the summary (also written to summary.json).
 
-    setup (checks, model, optimizer, data, resume) -> steps (`TrainStep`) -> at every evaluation:
-    `TrainStep.evaluate`, metrics, checkpoint (`CheckpointWriter`), report -> summary.
+    `setup` (checks, model, optimizer, data, resume) -> every step: Q/K unfreeze, lr, `TrainStep`,
+    log -> at every evaluation: `evaluate`, `checkpoint` (metrics row, latest.pt, report) -> `finish`.
     """
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
     cfg.validate()
     t = cfg.train
-    out = Path(out_dir)
+    run = setup(cfg, Path(out_dir), resume, data, log)
+    interval = Interval(run.device)
+    status, train_loss = "completed", math.nan
+    run.model.train()
+    try:
+        while run.step < t.max_steps:
+            if qk_unfrozen_at(run.step, cfg) and not run.trainer.qk_unfrozen:
+                run.trainer.unfreeze_qk()
+                log(f"step {run.step}: Q/K unfrozen in {len(cfg.model.frozen_qk_layers)} block(s)")
+            lr = lr_at(run.step, cfg)
+            run.trainer.set_lr(lr)
+            x, y = run.batches.next()
+            interval.add(run.trainer(x, y))
+            run.writer.poll()  # a background checkpoint that has landed: its report goes out now
+            run.step += 1
+            run.tokens += run.tok_per_step
+            is_eval = run.step % t.eval_interval == 0 or run.step == t.max_steps
+            if run.step % t.log_interval == 0 or is_eval:
+                train_loss = interval.mean_loss(run.world)  # the one host sync per log interval
+                if not math.isfinite(train_loss):
+                    status = "diverged"
+                    log(f"step {run.step}: training loss is {train_loss}: the run diverged; stopping")
+                    break
+                if run.step % t.log_interval == 0:
+                    dt = interval.seconds() / interval.steps
+                    log(f"step {run.step}/{t.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/step | {run.tok_per_step / dt:,.0f} tok/s")
+            if not is_eval:
+                continue
+            metrics = evaluate(run, interval, train_loss, lr)
+            if not math.isfinite(metrics["val/loss"]):
+                status = "diverged"
+                log(f"step {run.step}: validation loss is {metrics['val/loss']}: the run diverged; stopping")
+                break
+            log(f"step {run.step}: val loss {metrics['val/loss']:.4f} | val ppl {metrics['val/ppl']:.3f} | eval {metrics['eval_time_s']:.2f}s")
+            checkpoint(run, metrics, report)
+            interval.reset()
+        run.writer.wait()
+    finally:
+        run.writer.close()
+    return finish(run, status, report, log)
+
+
+@dataclass
+class Run:
+    """One run between steps: what `setup` builds, the loop advances and a checkpoint saves."""
+
+    cfg: Config
+    out: Path
+    device: torch.device
+    amp_dtype: torch.dtype | None  # bf16 autocast, or None for plain fp32
+    rank: int  # this process under DDP (rank 0 writes the files), else 0 of 1
+    world: int
+    model: GPT  # the raw model: what checkpoints hold; `trainer` may run it compiled or DDP-wrapped
+    trainer: TrainStep
+    batches: Batches
+    val_set: list[tuple[torch.Tensor, torch.Tensor]]  # on the device, scored in this order
+    val_tokens: int  # targets an evaluation scores
+    counts: dict[str, int]  # trainable / frozen / total parameters at setup: the run's figures
+    writer: CheckpointWriter
+    step: int = 0  # optimizer steps taken
+    tokens: int = 0  # training tokens seen (global batch)
+    best_val: float = math.inf
+    elapsed: float = 0.0  # wall time of the processes before this one (resume)
+    train_time: float = 0.0  # seconds in training intervals, evaluations excluded
+    t0: float = field(default_factory=time.perf_counter)  # this process's clock starts here
+
+    @property
+    def tok_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.model.block_size
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def wall(self) -> float:
+        """Wall time of the whole run, earlier processes included."""
+        return self.elapsed + time.perf_counter() - self.t0
+
+
+class Interval:
+    """The training since the last evaluation: losses summed on the device, step count, start time."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss  # no host sync
+        self.steps += 1
+
+    def mean_loss(self, world: int) -> float:
+        if world > 1:  # the global batch's mean loss, as one process would see it
+            torch.distributed.all_reduce(self.loss_sum)
+            self.loss_sum /= world
+        return self.loss_sum.item() / self.steps
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.steps = 0
+        self.start = time.perf_counter()
+
+
+def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Callable[[str], None]) -> Run:
+    """Checks, data, model, optimizer, batches and validation set; restored from latest.pt on resume."""
+    t = cfg.train
     # every check that can fail cheaply runs before the model is built
-    latest = out / "latest.pt"
-    ckpt = None
-    if resume:
-        for p in out.glob(".*.pt.*.tmp"):  # a write the last process was killed in; latest.pt itself is whole
-            p.unlink(missing_ok=True)
-        ckpt = load_checkpoint(latest, expect_config=cfg.to_dict())
-    elif latest.exists() or (out / "summary.json").exists():
-        raise RunExistsError(
-            f"{out} already holds a run: pass --resume to continue it, or choose another --out-dir "
-            "(nothing was overwritten)"
-        )
+    ckpt = _checkpoint_to_resume(out, cfg) if resume else _refuse_existing_run(out)
     data = data or load_prepared(cfg.data)
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
@@ -397,183 +501,163 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(t.seed)
-    raw_model = GPT(cfg.model)
+    model = GPT(cfg.model)
     batches = Batches(Sampler(data.train, cfg.model.block_size, t.batch_size, seed=t.seed), device, rank, world)
     val_set = eval_batches(data.val, cfg)
-    step, tokens, best_val, elapsed, train_time = 0, 0, math.inf, 0.0, 0.0
+    state: dict[str, Any] = {}
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        step, tokens = ckpt["step"], ckpt["tokens"]
-        best_val, elapsed, train_time = ckpt["best_val_loss"], ckpt["elapsed_s"], ckpt["train_time_s"]
-        log(f"resumed from {latest} at step {step}")
+        model.load_state_dict(ckpt["model"])
+        state = {"step": ckpt["step"], "tokens": ckpt["tokens"], "best_val": ckpt["best_val_loss"],
+                 "elapsed": ckpt["elapsed_s"], "train_time": ckpt["train_time_s"]}
+        log(f"resumed from {out / 'latest.pt'} at step {state['step']}")
+    step = state.get("step", 0)
     if qk_unfrozen_at(step, cfg):
-        raw_model.set_qk_trainable(True)
-    raw_model.to(device)
-    trainer = TrainStep(raw_model, build_optimizer(raw_model, cfg, device, step), cfg, device, amp_dtype, world, log)
+        model.set_qk_trainable(True)
+    model.to(device)
+    trainer = TrainStep(model, build_optimizer(model, cfg, device, step), cfg, device, amp_dtype, world, log)
     if ckpt is not None:
         trainer.load_optimizer(ckpt["optimizer"])
         batches.load_state_dict(ckpt["sampler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    metrics_path = out / "metrics.jsonl"
     if rank == 0:
-        _truncate_metrics(metrics_path, step)
+        _truncate_metrics(out / "metrics.jsonl", step)
     val_set = [(x.to(device), y.to(device)) for x, y in val_set]
-    counts = raw_model.param_counts()
-    n_trainable, n_total = counts["trainable"], counts["total"]
+    counts = model.param_counts()
     log(
-        f"{cfg.model.method}: {n_trainable:,} trainable + {counts['frozen']:,} frozen = {n_total:,} parameters "
+        f"{cfg.model.method}: {counts['trainable']:,} trainable + {counts['frozen']:,} frozen = {counts['total']:,} parameters "
         f"on {device}{' (bf16 autocast)' if amp_dtype else ''}; steps {step} -> {t.max_steps}"
     )
     log(trainer.describe)
-    val_tokens = scored_tokens(val_set)
     background = BACKGROUND_CHECKPOINTS if BACKGROUND_CHECKPOINTS is not None else (device.type == "cuda" and world == 1)
-    writer = CheckpointWriter(background)
+    return Run(cfg, out, device, amp_dtype, rank, world, model, trainer, batches, val_set,
+               scored_tokens(val_set), counts, CheckpointWriter(background), **state)
 
-    def checkpoint(val_loss: float, after: Callable[[], None]) -> None:
-        """latest.pt (and best.pt when val improved), then `after` once they are on disk."""
-        nonlocal best_val
-        payload = {
-            "format": 1,
-            "config": cfg.to_dict(),
-            "step": step,
-            "tokens": tokens,
-            "model": raw_model.state_dict(),
-            "optimizer": trainer.optimizer.state_dict(),
-            "sampler": batches.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-            },
-            "best_val_loss": min(best_val, val_loss),
-            "elapsed_s": elapsed + time.perf_counter() - t0,
-            "train_time_s": train_time,
-        }
-        if writer.background:  # a device-to-host copy now; the file is written while training goes on
-            payload = host_copy(payload)
-        files = []
-        if val_loss < best_val:
-            best_val = val_loss
-            best = {k: payload[k] for k in ("format", "config", "step", "tokens", "model")} | {"val_loss": val_loss}
-            files.append((out / "best.pt", best))
-        files.append((latest, payload))
-        writer.save(files, after)
 
-    status = "completed"
-    tok_per_step = t.batch_size * cfg.model.block_size
-    loss_sum = torch.zeros((), device=device)
-    loss_n, interval_steps = 0, 0
-    last_train_loss = math.nan
-    t0 = time.perf_counter()
-    t_interval = time.perf_counter()
-    raw_model.train()
-    try:
-        while step < t.max_steps:
-            if qk_unfrozen_at(step, cfg) and not any(g["name"] == "qk_unfrozen" for g in trainer.optimizer.param_groups):
-                trainer.unfreeze_qk()
-                log(f"step {step}: Q/K unfrozen in {len(cfg.model.frozen_qk_layers)} block(s)")
-            lr = lr_at(step, cfg)
-            trainer.set_lr(lr)
-            x, y = batches.next()
-            loss_sum += trainer(x, y)
-            if writer.busy:  # a background checkpoint that has landed: its report goes out now
-                writer.poll()
-            loss_n += 1
-            step += 1
-            interval_steps += 1
-            tokens += tok_per_step
-            is_eval = step % t.eval_interval == 0 or step == t.max_steps
-            if step % t.log_interval == 0 or is_eval:
-                if world > 1:  # the global batch's mean loss, as one process would see it
-                    torch.distributed.all_reduce(loss_sum)
-                    loss_sum /= world
-                mean_loss = loss_sum.item() / loss_n  # the one host sync per log interval
-                if not math.isfinite(mean_loss):
-                    status = "diverged"
-                    log(f"step {step}: training loss is {mean_loss}: the run diverged; stopping")
-                    break
-                last_train_loss = mean_loss
-                if step % t.log_interval == 0:
-                    dt = (time.perf_counter() - t_interval) / interval_steps
-                    log(f"step {step}/{t.max_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/step | {tok_per_step / dt:,.0f} tok/s")
-            if not is_eval:
-                continue
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            interval_s = time.perf_counter() - t_interval
-            train_time += interval_s
-            t_eval = time.perf_counter()
-            val_loss = trainer.evaluate(val_set, val_tokens)
-            eval_s = time.perf_counter() - t_eval
-            if not math.isfinite(val_loss):
-                status = "diverged"
-                log(f"step {step}: validation loss is {val_loss}: the run diverged; stopping")
-                break
-            metrics = {
-                "step": step,
-                "tokens": tokens,
-                "train/loss": last_train_loss,
-                "val/loss": val_loss,
-                "val/ppl": math.exp(val_loss),
-                "val/best_ppl": math.exp(min(best_val, val_loss)),
-                "lr": lr,
-                "step_time_s": interval_s / interval_steps,
-                "tokens_per_s": tok_per_step * interval_steps / interval_s,
-                "eval_time_s": eval_s,
-                "val/tokens": val_tokens,
-                "wall_time_s": elapsed + time.perf_counter() - t0,
-                "trainable_params": n_trainable,
-                "total_params": n_total,
-            }
-            log(f"step {step}: val loss {val_loss:.4f} | val ppl {metrics['val/ppl']:.3f} | eval {eval_s:.2f}s")
-            # the report follows a complete latest.pt: at once when writing inline, else when the write lands
-            after = (lambda m=metrics: report(m)) if report is not None else None
-            if rank == 0:  # one writer; the other ranks hold identical weights
-                _append_jsonl(metrics_path, metrics)
-                checkpoint(val_loss, after)
-            else:
-                best_val = min(best_val, val_loss)
-                if after is not None:
-                    after()
-            loss_sum.zero_()
-            loss_n, interval_steps = 0, 0
-            t_interval = time.perf_counter()
-        writer.wait()
-    finally:
-        writer.close()
+def _checkpoint_to_resume(out: Path, cfg: Config) -> dict:
+    """latest.pt, checked against the config; a write the last process was killed in is removed."""
+    for p in out.glob(".*.pt.*.tmp"):  # latest.pt itself is whole: writes are atomic
+        p.unlink(missing_ok=True)
+    return load_checkpoint(out / "latest.pt", expect_config=cfg.to_dict())
 
-    wall = elapsed + time.perf_counter() - t0
-    history = read_metrics(metrics_path)
+
+def _refuse_existing_run(out: Path) -> None:
+    if (out / "latest.pt").exists() or (out / "summary.json").exists():
+        raise RunExistsError(
+            f"{out} already holds a run: pass --resume to continue it, or choose another --out-dir "
+            "(nothing was overwritten)"
+        )
+
+
+def evaluate(run: Run, interval: Interval, train_loss: float, lr: float) -> dict[str, Any]:
+    """Close the training interval, score the validation set: this evaluation's metrics row."""
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    interval_s = interval.seconds()
+    run.train_time += interval_s
+    t_eval = time.perf_counter()
+    val_loss = run.trainer.evaluate(run.val_set, run.val_tokens)
+    eval_s = time.perf_counter() - t_eval
+    return {
+        "step": run.step,
+        "tokens": run.tokens,
+        "train/loss": train_loss,
+        "val/loss": val_loss,
+        "val/ppl": math.exp(val_loss),
+        "val/best_ppl": math.exp(min(run.best_val, val_loss)),
+        "lr": lr,
+        "step_time_s": interval_s / interval.steps,
+        "tokens_per_s": run.tok_per_step * interval.steps / interval_s,
+        "eval_time_s": eval_s,
+        "val/tokens": run.val_tokens,
+        "wall_time_s": run.wall(),
+        "trainable_params": run.counts["trainable"],
+        "total_params": run.counts["total"],
+    }
+
+
+def checkpoint(run: Run, metrics: dict[str, Any], report: Report | None) -> None:
+    """This evaluation's metrics row, latest.pt (best.pt when val improved), then the report.
+
+    The report follows a complete latest.pt: at once when writing inline, else when the background
+    write lands. Rank 0 writes; the other ranks hold identical weights.
+    """
+    after = (lambda m=metrics: report(m)) if report is not None else None
+    if run.rank == 0:
+        _append_jsonl(run.metrics_path, metrics)
+        save(run, metrics["val/loss"], after)
+    else:
+        run.best_val = min(run.best_val, metrics["val/loss"])
+        if after is not None:
+            after()
+
+
+def save(run: Run, val_loss: float, after: Callable[[], None] | None) -> None:
+    """latest.pt (and best.pt when val improved), then `after` once they are on disk."""
+    payload = {
+        "format": 1,
+        "config": run.cfg.to_dict(),
+        "step": run.step,
+        "tokens": run.tokens,
+        "model": run.model.state_dict(),
+        "optimizer": run.trainer.optimizer.state_dict(),
+        "sampler": run.batches.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None,
+        },
+        "best_val_loss": min(run.best_val, val_loss),
+        "elapsed_s": run.wall(),
+        "train_time_s": run.train_time,
+    }
+    if run.writer.background:  # a device-to-host copy now; the file is written while training goes on
+        payload = host_copy(payload)
+    files = []
+    if val_loss < run.best_val:
+        run.best_val = val_loss
+        best = {k: payload[k] for k in ("format", "config", "step", "tokens", "model")} | {"val_loss": val_loss}
+        files.append((run.out / "best.pt", best))
+    files.append((run.out / "latest.pt", payload))
+    run.writer.save(files, after)
+
+
+def finish(run: Run, status: str, report: Report | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """The summary: written to summary.json (rank 0), logged and returned; a diverged run reports it."""
+    cfg, t = run.cfg, run.cfg.train
+    wall = run.wall()
+    history = read_metrics(run.metrics_path)
+    best_ppl = math.exp(run.best_val) if math.isfinite(run.best_val) else math.nan
+    counts = run.counts
     summary = {
         "model_type": "gpt",
         "method": cfg.model.method,
         "init_method": qk_init_name(cfg),
         "status": status,
-        "steps": step,
-        "tokens": tokens,
+        "steps": run.step,
+        "tokens": run.tokens,
         "final_val_ppl": history[-1]["val/ppl"] if history else math.nan,
-        "best_val_ppl": math.exp(best_val) if math.isfinite(best_val) else math.nan,
-        "final_perplexity": math.exp(best_val) if math.isfinite(best_val) else math.nan,
+        "best_val_ppl": best_ppl,
+        "final_perplexity": best_ppl,
         "total_wall_time": wall,
-        "train_time_s": train_time,
-        "mean_step_time": train_time / step if step else math.nan,
-        "tokens_per_s": tokens / train_time if train_time else math.nan,
+        "train_time_s": run.train_time,
+        "mean_step_time": run.train_time / run.step if run.step else math.nan,
+        "tokens_per_s": run.tokens / run.train_time if run.train_time else math.nan,
         "eval_time_s": sum(h["eval_time_s"] for h in history),
-        "trainable_params": n_trainable,
+        "trainable_params": counts["trainable"],
         "frozen_param_count": counts["frozen"],
-        "total_params": n_total,
-        "frozen_params": raw_model.frozen_param_names(),
-        "val_tokens": val_tokens,
+        "total_params": counts["total"],
+        "frozen_params": run.model.frozen_param_names(),
+        "val_tokens": run.val_tokens,
         "val_scope": "whole split" if t.eval_batches == 0 else f"{t.eval_batches} sampled batches",
-        "device": str(device),
+        "device": str(run.device),
         "config": cfg.to_dict(),
     }
     if status == "diverged" and report is not None:
-        report({"step": step, "tokens": tokens, "val/loss": math.inf, "val/ppl": math.inf, "diverged": 1})
-    if rank == 0:
-        write_json(out / "summary.json", summary)
-    log(f"done ({status}): best val ppl {summary['best_val_ppl']:.3f}, wall {wall:.1f}s -> {out}")
+        report({"step": run.step, "tokens": run.tokens, "val/loss": math.inf, "val/ppl": math.inf, "diverged": 1})
+    if run.rank == 0:
+        write_json(run.out / "summary.json", summary)
+    log(f"done ({status}): best val ppl {summary['best_val_ppl']:.3f}, wall {wall:.1f}s -> {run.out}")
     return summary
 
 
