@@ -502,6 +502,7 @@ def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Call
 
     torch.manual_seed(t.seed)
     model = GPT(cfg.model)
+    counts = model.param_counts()  # as the run starts (Q/K frozen), also when it resumes after an unfreeze
     batches = Batches(Sampler(data.train, cfg.model.block_size, t.batch_size, seed=t.seed), device, rank, world)
     val_set = eval_batches(data.val, cfg)
     state: dict[str, Any] = {}
@@ -524,7 +525,6 @@ def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Call
     if rank == 0:
         _truncate_metrics(out / "metrics.jsonl", step)
     val_set = [(x.to(device), y.to(device)) for x, y in val_set]
-    counts = model.param_counts()
     log(
         f"{cfg.model.method}: {counts['trainable']:,} trainable + {counts['frozen']:,} frozen = {counts['total']:,} parameters "
         f"on {device}{' (bf16 autocast)' if amp_dtype else ''}; steps {step} -> {t.max_steps}"
