@@ -47,11 +47,11 @@ from oelm_ray import experiments as E  # noqa: E402
 from oelm_ray import results, search  # noqa: E402
 from oelm_ray.sweep import Sweep, run  # noqa: E402
 
-SPACE = search.Space(lrs=search.log_spaced(2e-3, 3.2e-2, 5), warmup_fracs=[0.03, 0.1, 0.3, 0.6])
+SPACE = search.Space(lrs=search.log_spaced(4e-3, 6.4e-2, 5), warmup_fracs=[0.1, 0.3, 0.6, 0.9, 0.99])
 SHRINK = dict(max_steps=300, eval_interval=30, log_interval=30)
 TRAIN_SEED = 0
 PPL_TOL, STEPS_MAX = 1.02, 0.40
-GRACE_FRAC = 0.3  # ASHA rungs at 90 and 270 steps (0.1: 30, 90, 270 -- cuts long warmups while they warm up)
+GRACE_FRAC, REDUCTION_FACTOR = 0.2, 4  # rungs at 60 and 240 steps; keep the best quarter at each
 
 
 def parse_seed_list(text: str) -> list[int]:
@@ -73,20 +73,23 @@ def grid_frame(exp, storage: str, common: dict):
     return results.trials_frame(results.load_records(grid.run_dir))
 
 
-def one_search(exp, storage: str, common: dict, seed: int, searcher: str, samples: int | None, grace_frac: float) -> dict:
-    tag = f"-g{grace_frac:g}" + ("" if searcher == "asha-grid" else f"-{searcher}{samples}")
+def one_search(exp, storage: str, common: dict, seed: int, searcher: str, samples: int | None, grace_frac: float,
+               reduction_factor: float = REDUCTION_FACTOR) -> dict:
+    tag = f"-{searcher}" + (f"{samples}" if searcher == "tpe" else "") + f"-g{grace_frac:g}-rf{reduction_factor:g}"
     base = Sweep(name=f"search_efficiency{tag}-s{seed}", experiments=[exp], seeds=[TRAIN_SEED], storage=storage,
                  common=common)
     return search.search_cells(base, SPACE, samples, seed=seed, train_seed=TRAIN_SEED, searcher_kind=searcher,
-                               n_startup=4, grace_frac=grace_frac)[0]
+                               n_startup=4, grace_frac=grace_frac, reduction_factor=reduction_factor)[0]
 
 
-def replay(exp, seed: int, grid_dir: Path, grace_frac: float = GRACE_FRAC, workers: int = 2) -> dict:
-    """The asha-grid search of `seed` replayed on the grid's recorded curves, without training.
+def replay(exp, seed: int, grid_dir: Path, grace_frac: float = GRACE_FRAC, workers: int = 2,
+           reduction_factor: float = REDUCTION_FACTOR, searcher: str = "sha-grid") -> dict:
+    """The sha-grid or asha-grid search of `seed` replayed on the grid's recorded curves, without training.
 
     Exact up to timing: a search trial's val losses are bit-identical to the grid trial's (tested), and
-    Ray's own ASHA bracket makes the decisions; only which of `workers` concurrent trials reaches a
-    rung first is modelled (equal speed, all trials start in grid_order). Returns a cell like search_cells'.
+    the search's own scheduler object (SyncHalving, or Ray's ASHA) makes every decision; only the
+    timing is modelled: `workers` trials at a time, equal speed, pending trials in grid_order(seed)
+    first, then paused ones it promotes. Returns a cell like search_cells'.
     """
     import heapq
 
@@ -95,32 +98,63 @@ def replay(exp, seed: int, grid_dir: Path, grace_frac: float = GRACE_FRAC, worke
     for r in results.load_records(grid_dir):
         t = r["config"]["train"]
         curves[(t["lr"], t["warmup_steps"])] = [(h["step"], h["val/loss"]) for h in r["history"]]
-    bracket = search.early_stopper(max_steps, every, grace_frac)._brackets[0]  # Ray's ASHA, one bracket, fresh
-    queue = [(c["lr"], c["warmup_steps"]) for c in search.grid_order(SPACE, max_steps, seed)]
-    running: list = []  # (time of its next report, worker, index into its curve, candidate)
-    for w in range(min(workers, len(queue))):
-        heapq.heappush(running, (1.0 + w * 1e-6, w, 0, queue.pop(0)))
-    tried = []
+    n = SPACE.size(max_steps)
+    sched = (search.sync_halving(n, max_steps, every, grace_frac, reduction_factor) if searcher == "sha-grid"
+             else search.early_stopper(max_steps, every, grace_frac, reduction_factor))
 
-    class _T:  # what _Bracket reads of a trial
+    class _T:  # what the schedulers read of a trial
         def __init__(self, cand):
-            self.trial_id = f"{cand}"
+            self.cand, self.trial_id, self.status, self.i, self.trained = cand, f"{cand}", "PENDING", 0, 0
 
+    class _Ctl:  # what they call on Tune's controller
+        def get_trials(self):
+            return trials
+
+        def stop_trial(self, t):
+            t.status = "TERMINATED"
+
+    trials, ctl = [_T((c["lr"], c["warmup_steps"])) for c in search.grid_order(SPACE, max_steps, seed)], _Ctl()
+    for t in trials:
+        sched.on_trial_add(ctl, t)
+    running: list = []  # (time of its next report, tie-break, trial)
+    now, tick = 0.0, 0
+
+    def start_free():
+        nonlocal tick
+        while len(running) < workers:
+            t = sched.choose_trial_to_run(ctl)
+            if t is None:
+                return
+            t.status = "RUNNING"
+            tick += 1
+            heapq.heappush(running, (now + 1.0, tick, t))
+
+    start_free()
     while running:
-        now, w, i, cand = heapq.heappop(running)
-        step, loss = curves[cand][i]
-        stop = bracket.on_result(_T(cand), step, -loss) == "STOP"
-        if stop or i + 1 == len(curves[cand]):
-            tried.append((cand, curves[cand][: i + 1]))
-            if queue:
-                heapq.heappush(running, (now + 1.0, w, 0, queue.pop(0)))
+        now, _, t = heapq.heappop(running)
+        step, loss = curves[t.cand][t.i]
+        t.trained = t.i + 1
+        action = sched.on_trial_result(ctl, t, {"step": step, search.METRIC: loss})
+        if step >= max_steps or action == "STOP":
+            t.status = "TERMINATED"
+            if action != "STOP":
+                sched.on_trial_complete(ctl, t, {})
+        elif action == "PAUSE":
+            t.status = "PAUSED"
+            t.i += 1
         else:
-            heapq.heappush(running, (now + 1.0, w, i + 1, cand))
-    recs = [{"name": f"{c}", "status": "completed" if h[-1][0] >= max_steps else "stopped", "seed": TRAIN_SEED,
-             "experiment_id": exp.id, "dataset": "stories", "method": exp.method,
-             "config": {"train": {"lr": c[0], "warmup_steps": c[1], "max_steps": max_steps}, "model": {}},
-             "history": [{"step": st, "val/loss": lo, "val/ppl": math.exp(lo)} for st, lo in h]} for c, h in tried]
-    return search.cell_summary(exp, recs, SPACE.size(max_steps), max_steps, grid_dir)
+            t.i += 1
+            tick += 1
+            heapq.heappush(running, (now + 1.0, tick, t))
+        start_free()
+    left = [t.cand for t in trials if t.status != "TERMINATED"]
+    assert not left, f"replay ended with trials neither run nor stopped: {left}"
+    recs = [{"name": f"{t.cand}", "status": "completed" if curves[t.cand][t.trained - 1][0] >= max_steps else "stopped",
+             "seed": TRAIN_SEED, "experiment_id": exp.id, "dataset": "stories", "method": exp.method,
+             "config": {"train": {"lr": t.cand[0], "warmup_steps": t.cand[1], "max_steps": max_steps}, "model": {}},
+             "history": [{"step": st, "val/loss": lo, "val/ppl": math.exp(lo)} for st, lo in curves[t.cand][: t.trained]]}
+            for t in trials]
+    return search.cell_summary(exp, recs, n, max_steps, grid_dir)
 
 
 def row(exp, seed: int, cell: dict, gdf) -> dict:
@@ -168,12 +202,14 @@ def main(argv=None) -> int:
     one = ap.add_mutually_exclusive_group()
     one.add_argument("--seed", type=int, help="one searcher seed (default 0)")
     one.add_argument("--seeds", help="several searcher seeds against one grid: 0-4 or 0,2,5")
-    ap.add_argument("--searcher", choices=search.SEARCHERS, default="asha-grid")
+    ap.add_argument("--searcher", choices=search.SEARCHERS, default="sha-grid")
     ap.add_argument("--samples", type=int, default=10, help="trials per search (tpe only; asha-grid starts every candidate)")
     ap.add_argument("--grace-frac", type=float, default=GRACE_FRAC,
-                    help="ASHA's first rung as a fraction of the run (rungs then x3); default %(default)s")
+                    help="the first rung as a fraction of the run (rungs then x --reduction-factor); default %(default)s")
+    ap.add_argument("--reduction-factor", type=float, default=REDUCTION_FACTOR,
+                    help="keep the best 1/rf at each rung (rungs rf apart); default %(default)s")
     ap.add_argument("--replay", action="store_true",
-                    help="asha-grid only: replay each seed's search on the grid's recorded curves instead of training it")
+                    help="sha-grid / asha-grid: replay each seed's search on the grid's recorded curves instead of training it")
     args = ap.parse_args(argv)
     seeds = parse_seed_list(args.seeds) if args.seeds else [args.seed or 0]
     try:
@@ -182,8 +218,10 @@ def main(argv=None) -> int:
         ap.error(str(e))
     if args.searcher == "tpe" and args.samples < 1:
         ap.error("--samples must be >= 1")
-    if args.replay and args.searcher != "asha-grid":
-        ap.error("--replay replays asha-grid searches only")
+    if args.replay and args.searcher == "tpe":
+        ap.error("--replay replays sha-grid and asha-grid searches only")
+    if args.reduction_factor <= 1:
+        ap.error("--reduction-factor must be > 1")
 
     storage = str(Path(args.storage).resolve())
     common = {**SHRINK, "data_dir": str(Path(storage) / "data")}
@@ -192,15 +230,17 @@ def main(argv=None) -> int:
         gdf = grid_frame(exp, storage, common)
         for seed in seeds:
             if args.replay:
-                cell = replay(exp, seed, Path(storage) / f"search_efficiency-grid-{exp.id}", args.grace_frac)
+                cell = replay(exp, seed, Path(storage) / f"search_efficiency-grid-{exp.id}", args.grace_frac,
+                              reduction_factor=args.reduction_factor, searcher=args.searcher)
             else:
                 cell = one_search(exp, storage, common, seed, args.searcher, args.samples if args.searcher == "tpe" else None,
-                                  args.grace_frac)
+                                  args.grace_frac, args.reduction_factor)
             rows.append({**row(exp, seed, cell, gdf), "replayed": args.replay})
     text = table(rows)
-    out = Path(storage) / f"search_efficiency{'-replay' if args.replay else ''}.json"
-    results.write_json(out, {"searcher": args.searcher, "grace_frac": args.grace_frac, "rows": rows})
-    print(f"\nsearcher {args.searcher}{' (REPLAYED on the grid, not trained)' if args.replay else ''}, ASHA grace {args.grace_frac:g}, {SPACE.size(SHRINK['max_steps'])} candidates x {SHRINK['max_steps']} steps, "
+    out = Path(storage) / f"search_efficiency-{args.searcher}{'-replay' if args.replay else ''}.json"
+    results.write_json(out, {"searcher": args.searcher, "grace_frac": args.grace_frac,
+                             "reduction_factor": args.reduction_factor, "rows": rows})
+    print(f"\nsearcher {args.searcher}{' (REPLAYED on the grid, not trained)' if args.replay else ''}, first rung {args.grace_frac:g} of the run, reduction factor {args.reduction_factor:g}, {SPACE.size(SHRINK['max_steps'])} candidates x {SHRINK['max_steps']} steps, "
           f"training seed {TRAIN_SEED}\n\n{text}")
     ok = all(r["passed"] for r in rows)
     print("\nPASS" if ok else "\nFAIL")

@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from . import results
 from .config import ConfigError
@@ -112,6 +114,108 @@ def early_stopper(max_steps: int, eval_interval: int, grace_frac: float = 0.1, r
                          grace_period=grace, reduction_factor=reduction_factor)
 
 
+def halving_rungs(max_steps: int, eval_interval: int, first_frac: float, reduction_factor: float) -> list[int]:
+    """Rung steps first, first*rf, ... below max_steps, each on an evaluation point (at least one eval in)."""
+    first = max(eval_interval, int(round(first_frac * max_steps / eval_interval)) * eval_interval)
+    rungs, r = [], float(first)
+    while r < max_steps:
+        step = max(eval_interval, int(round(r / eval_interval)) * eval_interval)
+        if step < max_steps and (not rungs or step > rungs[-1]):
+            rungs.append(step)
+        r *= reduction_factor
+    return rungs
+
+
+def sync_halving(n_trials: int, max_steps: int, eval_interval: int, first_frac: float = 0.2,
+                 reduction_factor: float = 4):
+    """Synchronous successive halving over a fixed set of trials (rungs: halving_rungs)."""
+    return SyncHalving(n_trials, halving_rungs(max_steps, eval_interval, first_frac, reduction_factor),
+                       reduction_factor)
+
+
+class SyncHalving(FIFOScheduler):
+    """Synchronous successive halving: each trial pauses at a rung until every live trial has reached
+    it; then the best ceil(n / reduction_factor) of the n go on and the others stop.
+
+    Unlike ASHA (asynchronous), no trial passes a rung before the whole field is known, so which
+    candidates survive and what the search costs do not depend on the order trials start in.
+    Paused trials resume from their checkpoint (taken at every evaluation), bit-for-bit. Like Ray's
+    HyperBandScheduler, it stops paused losers through the controller it is handed. A trial that
+    ends before a rung (diverged) counts there as the worst.
+    """
+
+    _supports_buffered_results = False  # a decision per evaluation, as Ray's HyperBandScheduler
+
+    def __init__(self, n_trials: int, rungs: list[int], reduction_factor: float, time_attr: str = "step"):
+        super().__init__()
+        if n_trials < 1 or reduction_factor <= 1 or list(rungs) != sorted(set(rungs)):
+            raise ConfigError(f"sync halving: n_trials {n_trials}, rungs {rungs}, reduction_factor {reduction_factor}")
+        self.n, self.rungs, self.rf, self.time_attr = n_trials, list(rungs), reduction_factor, time_attr
+        self.sign = 1.0 if MODE == "min" else -1.0
+        self.values: list[dict] = [{} for _ in self.rungs]  # rung -> {trial: metric at the rung}
+        self.expected = [n_trials] + [0] * (len(self.rungs) - 1)  # trials that will report at each rung
+        self.level: dict = {}  # trial -> index of its next rung
+        self.losers: set = set()
+        self.resume: set = set()
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if trial in self.losers:
+            return TrialScheduler.STOP
+        k = self.level.get(trial, 0)
+        if k >= len(self.rungs) or result.get(self.time_attr, 0) < self.rungs[k]:
+            return TrialScheduler.CONTINUE
+        self.values[k][trial] = self.sign * float(result[METRIC])
+        self.level[trial] = k + 1
+        return self._process(tune_controller, k, trial)
+
+    def _process(self, tune_controller, k: int, current=None) -> str:
+        vals = self.values[k]
+        if len(vals) < self.expected[k]:
+            return TrialScheduler.PAUSE  # wait for the rest of the field
+        keep = max(1, math.ceil(len(vals) / self.rf))
+        ranked = sorted(vals, key=lambda t: (math.isnan(vals[t]), vals[t]))
+        good, bad = ranked[:keep], ranked[keep:]
+        if k + 1 < len(self.rungs):
+            self.expected[k + 1] = len(good)
+        action = TrialScheduler.CONTINUE
+        for t in bad:
+            self.losers.add(t)
+            if t is current:
+                action = TrialScheduler.STOP
+            elif t.status == Trial.PAUSED:
+                tune_controller.stop_trial(t)
+        self.resume.update(t for t in good if t is not current and t.status == Trial.PAUSED)
+        return action
+
+    def _ended(self, tune_controller, trial):
+        # a trial that ended before its next rung (diverged, errored) counts there as the worst
+        k = self.level.get(trial, 0)
+        if trial in self.losers or k >= len(self.rungs):
+            return
+        self.values[k][trial] = math.inf
+        self.level[trial] = len(self.rungs)
+        self._process(tune_controller, k)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._ended(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial):
+        self._ended(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller):
+        for trial in tune_controller.get_trials():
+            if trial.status == Trial.PENDING:
+                return trial
+        for trial in tune_controller.get_trials():
+            if trial.status == Trial.PAUSED and trial in self.resume:
+                self.resume.discard(trial)
+                return trial
+        return None
+
+    def debug_string(self) -> str:
+        return f"Synchronous successive halving: rungs {self.rungs}, reduction factor {self.rf:g}, {self.n} trials."
+
+
 def trial_steps(records: list[dict]) -> int:
     """Steps actually trained, summed over trials (the last step each one reported)."""
     return sum((r.get("history") or [{}])[-1].get("step", 0) for r in records)
@@ -132,15 +236,17 @@ def cell_name(base: Sweep, exp: Experiment) -> str:
     return f"{base.name}-search-{exp.dataset}-{exp.method}"
 
 
-SEARCHERS = ("asha-grid", "tpe")
+SEARCHERS = ("sha-grid", "asha-grid", "tpe")
 
 
 def search_cells(base: Sweep, space: Space, num_samples: int | None = None, seed: int = 0, train_seed: int = 0,
-                 searcher_kind: str = "asha-grid", n_startup: int = 4, grace_frac: float = 0.1,
-                 reduction_factor: int = 3) -> list[dict]:
+                 searcher_kind: str = "sha-grid", n_startup: int = 4, grace_frac: float = 0.2,
+                 reduction_factor: float = 4) -> list[dict]:
     """Search every experiment of `base` (its own run each); return the best of each cell.
 
-    searcher_kind "asha-grid": every candidate starts, in an order shuffled by `seed`, and ASHA
+    searcher_kind "sha-grid": every candidate starts, in an order shuffled by `seed`, and synchronous
+    successive halving (SyncHalving: rungs at grace_frac, x reduction_factor, ... of the run) keeps the
+    best 1/reduction_factor at each rung. "asha-grid": the same candidates, but ASHA (asynchronous)
     stops the poor ones at its rungs (num_samples is the grid's size). "tpe": `num_samples` trials
     that seeded TPE proposes, stopped by the same ASHA. Either way every trial trains with
     `train_seed` (init and data order), whatever the searcher's `seed`: a candidate scores exactly
@@ -152,7 +258,7 @@ def search_cells(base: Sweep, space: Space, num_samples: int | None = None, seed
     for exp in base.experiments:
         max_steps, eval_interval = budget(base, exp)
         domains = space.domains(max_steps)
-        if searcher_kind == "asha-grid":
+        if searcher_kind in ("sha-grid", "asha-grid"):
             n, alg = space.size(max_steps), every_candidate(space, max_steps, seed)
         else:
             if not num_samples:
@@ -161,7 +267,8 @@ def search_cells(base: Sweep, space: Space, num_samples: int | None = None, seed
         cell = dataclasses.replace(
             base, name=cell_name(base, exp), experiments=[exp], seeds=[train_seed], common=_without(base.common, domains),
             search=domains, num_samples=n, search_alg=alg,
-            scheduler=early_stopper(max_steps, eval_interval, grace_frac, reduction_factor),
+            scheduler=sync_halving(n, max_steps, eval_interval, grace_frac, reduction_factor) if searcher_kind == "sha-grid"
+            else early_stopper(max_steps, eval_interval, grace_frac, reduction_factor),
         )
         recs = results.load_records(cell.run_dir)
         if sum(r["status"] in TERMINAL for r in recs) >= n:
