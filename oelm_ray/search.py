@@ -1,4 +1,4 @@
-"""Hyper-parameter search on top of `sweep.run`: successive halving over every candidate, and the
+"""Hyper-parameter search on top of `sweep.run`: synchronous successive halving over every candidate, and the
 bookkeeping that says what a search found and what it cost.
 
     space = Space(lrs=[...], warmup_fracs=[...])        # discrete, log-spaced candidates
@@ -8,14 +8,17 @@ bookkeeping that says what a search found and what it cost.
 Why one run per cell: Ray 2.60 refuses `grid_search` together with a searcher, so experiments are
 not a grid axis here; each cell is a `Sweep` of one experiment.
 
-The searcher ("asha-grid", the default): every candidate starts, in an order the search seed
-shuffles (Tune's variant generator fed them as points to evaluate), and ASHA stops poor trials at
-evaluation points (`time_attr="step"`, `val/loss`; the recipes put the rungs at 30% and 90% of the
-run). Chosen by benchmarks/search_efficiency.py and an offline replay: seeded TPE sampling 10 of
-20 candidates missed the best one for most searcher seeds, and so did ASHA with a first rung at 10% of the run (it cuts
-long-warmup candidates while they are still warming up); ASHA over the grid with rungs at 30% and
-90% found the best candidate for every seed, for about 55% of the grid's trial-steps.
-"tpe" (Optuna's TPE, seeded, + the same ASHA) is still there to compare.
+The searcher ("sha-grid", the default): every candidate starts, in an order the search seed
+shuffles (Tune's variant generator fed them as points to evaluate), and synchronous successive
+halving (SyncHalving, a Tune scheduler) pauses each trial at a rung until every live trial has
+reached it, then keeps the best 1/reduction_factor (`val/loss`; the recipes put the rungs at 20% and
+80% of the run and keep a quarter). Chosen by benchmarks/search_efficiency.py: seeded TPE sampling
+part of the grid missed the best candidate for most searcher seeds; ASHA over the grid (asynchronous:
+"asha-grid") lets early arrivals pass a rung before the field is known, so its cost ranged 31-68% of
+the grid's trial-steps with the same rungs, over 40% for some seeds, while later first rungs cost
+over 40% for every seed; early rungs at 10% cut long-warmup candidates while they warm up. Being
+synchronous, sha-grid's survivors and cost do not depend on the searcher's seed.
+"asha-grid" and "tpe" (Optuna's TPE, seeded, + ASHA) are still there to compare.
 Every trial trains with the cell's `train_seed`, never the searcher's seed: a candidate scores
 bit-for-bit what it scores in a plain sweep (tests/test_searches.py).
 
@@ -25,8 +28,9 @@ trial-steps where the grid costs Y" is a fair comparison. A trial-step is one op
 one trial: the cost of a trial is the last step it trained.
 
 Resume: the same command again resumes every cell (Tuner.restore; the searcher's state is
-restored, ASHA's is not -- ray#30838 -- so trials unfinished at an interrupt run to the end) and
-skips cells that are done.
+restored, the scheduler's is not -- ray#30838 --: with asha-grid trials unfinished at an interrupt run
+to the end; with sha-grid a rung that can no longer fill is decided among the trials that reached it)
+and skips cells that are done.
 """
 
 from __future__ import annotations
@@ -203,13 +207,24 @@ class SyncHalving(FIFOScheduler):
         self._ended(tune_controller, trial)
 
     def choose_trial_to_run(self, tune_controller):
-        for trial in tune_controller.get_trials():
+        trials = tune_controller.get_trials()
+        for trial in trials:
             if trial.status == Trial.PENDING:
                 return trial
-        for trial in tune_controller.get_trials():
+        for trial in trials:
             if trial.status == Trial.PAUSED and trial in self.resume:
                 self.resume.discard(trial)
                 return trial
+        paused = [t for t in trials if t.status == Trial.PAUSED and t not in self.losers]
+        if paused and not any(t.status == Trial.RUNNING for t in trials):
+            # nobody runs, yet some wait: the field a rung waits for cannot all arrive (after a resume,
+            # whose scheduler state Ray does not restore; or a trial lost). Decide that rung with those there.
+            for k, vals in enumerate(self.values):
+                if vals and len(vals) < self.expected[k]:
+                    self.expected[k] = len(vals)
+                    self._process(tune_controller, k)
+                    return self.choose_trial_to_run(tune_controller)
+            return paused[0]  # paused before an interrupt: it reports to this scheduler when it resumes
         return None
 
     def debug_string(self) -> str:

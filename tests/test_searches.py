@@ -104,6 +104,16 @@ def test_sync_halving_waits_for_the_whole_field_then_keeps_the_best_quarter():
     sched.on_trial_complete(ctl, trials[1], {})  # t1 ended (diverged) before 240
     assert sched.choose_trial_to_run(ctl) is trials[3]
 
+    # a field that can never fill (scheduler state is not restored on resume): once nobody runs, the
+    # rung is decided among the trials that reached it instead of waiting forever
+    trials, ctl = [T(i) for i in range(4)], Ctl()
+    sched = search.sync_halving(5, 300, 30, 0.2, 2)
+    for t, v in zip(trials, (3.0, 1.0, 2.0, 4.0)):
+        assert sched.on_trial_result(ctl, t, {"step": 60, "val/loss": v}) == "PAUSE"
+        t.status = "PAUSED"
+    assert sched.choose_trial_to_run(ctl) in (trials[1], trials[2])
+    assert {t.trial_id for t in trials if t.status == "TERMINATED"} == {"t0", "t3"}
+
 
 def test_space_grid_and_cost_bookkeeping():
     space = search.Space(lrs=[1e-3, 2e-3, 4e-3], warmup_fracs=[0.1, 0.3])
