@@ -7,29 +7,32 @@
 Per experiment, one full grid (every candidate trained to max_steps, training seed 0) and, for each
 searcher seed, one search over the same candidates (oelm_ray.search, as sweeps/lr_warmup.py runs it,
 training seed 0 too: a candidate scores exactly what it scores in the grid). The space: 5 lrs
-(2e-3 ... 3.2e-2, doubling) x 4 warmups (3%, 10%, 30%, 60%) = 20 candidates, chosen so that the
-grid's best would be interior (it is for the baseline's lr; both methods still want the longest
-warmup, and oelm_freeze the highest lr too). The cpu preset's model on the stories corpus, shrunk to
-max_steps 300, eval every 30. The default searcher, asha-grid, starts every candidate in an order the
-seed shuffles and stops poor ones with ASHA (rungs at 90 and 270 steps, --grace-frac 0.3, reduction
-factor 3); tpe is Optuna's TPE + the same ASHA, --samples trials. --replay replays asha-grid searches
-on the grid's recorded curves instead of training them (exact but for which of two concurrent
-trials reaches a rung first).
+(4e-3 ... 6.4e-2, doubling) x 5 warmups (10%, 30%, 60%, 90%, 99%) = 25 candidates; both methods'
+best candidates are interior. The cpu preset's model on the stories corpus, shrunk to max_steps 300,
+eval every 30. The default searcher, sha-grid, starts every candidate in an order the seed shuffles
+and halves synchronously: rungs at 60 and 240 steps (--grace-frac 0.2, --reduction-factor 4), where
+every trial waits for the whole field and the best quarter go on. asha-grid: the same candidates and
+rungs, asynchronous (Ray's ASHA); tpe: Optuna's TPE + ASHA, --samples trials. --replay replays
+sha-grid / asha-grid searches on the grid's recorded curves instead of training them, the search's
+own scheduler making the decisions (exact but for timing: two trials at a time, equal speed).
 Pass, per seed: the pick's final val PPL within 2% of the grid's best, for at most 40% of the
 grid's trial-steps (steps actually trained, summed over trials). Everything resumes if re-run;
-the table goes to <storage>/search_efficiency.json too.
+the table goes to <storage>/search_efficiency-<searcher>[-replay].json too.
 
-Measured (README, "search_efficiency", has the grid and the per-seed table; grids on branch
-issue-15 with main 398b261's model and trainer, 2-core box shared with 3 other developers):
-  --grace-frac 0.3 (default), --replay, seeds 0-19: the pick is the grid's best for 20/20 seeds on
-    baseline (lr 8e-3, warmup 180, PPL 8.160) and on oelm_freeze (3.2e-2, 180, 7.435), for 42.5-63.0%
-    (baseline) and 43.5-63.5% (oelm_freeze) of the grid's 6,000 trial-steps: the 40% goal is missed.
-    Seeds 0-4, share of grid: baseline 52.5 42.5 56.0 60.0 50.5%, oelm_freeze 53.0 49.0 55.5 60.5 49.5%.
-  --grace-frac 0.1, --replay, seeds 0-19: oelm_freeze 20/20 picks within 2% at 20.5-40.5%; baseline
-    1/20 (PPL / grid best 1.138 1.000 1.165 1.199 1.295 for seeds 0-4): a first rung at 30 steps cuts
-    the baseline's best candidate while it is still warming up.
-  --grace-frac 0.1, trained, oelm_freeze seeds 0-4: picks the grid's best every time (bit-for-bit its grid
-    PPL), for 37.0 27.0 36.0 44.5 20.5% of the grid (replayed: 33.5 28.0 40.5 40.5 25.0%).
+Measured (README, "search_efficiency", has the grids and the per-seed table; branch issue-15b, model
+and trainer as main b476dbd; 2-core box shared with other developers' work, load 4-11, no timings):
+  grid best: baseline lr 8e-3 / warmup 180 (60%), final val PPL 8.015; oelm_freeze 3.2e-2 / 270 (90%),
+    7.431; each grid 7,500 trial-steps.
+  sha-grid (default), --replay, seeds 0-19: 20/20 pass on both methods. baseline picks 1.6e-2 / 180
+    (8.073, x1.0073) and oelm_freeze the grid's best (x1.0000), each for 2,880 trial-steps (38.4%),
+    identical for every seed (synchronous rungs: order does not matter).
+REAL_DOC
+  sha-grid --reduction-factor 3 (rungs 60, 180), --replay, seeds 0-19: 0/20 on both (x1.151, x1.311; 39.2%).
+  asha-grid, same rungs, --replay, seeds 0-19: within 2% for 20/20 on both, but share of grid
+    31.2-68.0% (baseline; seeds 0-4: 41.6 68.0 34.4 38.4 42.4%) and 36.8-59.2% (oelm_freeze; 42.4 59.2
+    44.8 42.4 47.2%): 7/20 and 3/20 pass. The old default (asha-grid, --grace-frac 0.3
+    --reduction-factor 3): 0/20, 48.0-76.0% and 45.6-67.6%. No asha-grid setting tried (first rung 10-40%
+    x reduction factor 2-10) passed all 20 seeds even on the baseline (best 13/20).
 """
 
 from __future__ import annotations
