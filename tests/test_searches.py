@@ -238,7 +238,7 @@ def test_a_candidate_scores_the_same_in_a_plain_sweep_and_in_a_search(tmp_path, 
     for cand, (seed, threads, hist) in searched.items():
         g_seed, g_threads, g_hist = grid[cand]
         assert (seed, threads) == (g_seed, g_threads) == (0, 0)
-        # bit-identical val loss at every evaluation (a trial ASHA stopped: a prefix of the grid's curve)
+        # bit-identical val loss at every evaluation, across pauses (a stopped trial: a prefix of the grid's curve)
         assert hist and hist == g_hist[: len(hist)], cand
     pick = cell["best"]
     assert pick["final_val_ppl"] == math.exp(grid[(pick["lr"], pick["warmup_steps"])][2][-1][1])
@@ -266,7 +266,7 @@ def test_lr_warmup_smoke_finds_best_and_compares_again(lr_warmup_smoke):
     assert [c["method"] for c in cells] == ["baseline", "oelm_freeze"]
     for c in cells:
         assert c["best"] and c["trial_steps"] < c["grid_trial_steps"] == 6 * 30
-        assert c["trials"] == 6  # asha-grid: every candidate started
+        assert c["trials"] == 6  # sha-grid: every candidate started
     for f in ("summary.md", "trials.parquet", "val_ppl.png", "search.md"):
         assert (final / f).exists(), f
     df = results.trials_frame(results.load_records(final))
