@@ -26,8 +26,9 @@ and trainer as main b476dbd; 2-core box shared with other developers' work, load
   sha-grid (default), --replay, seeds 0-19: 20/20 pass on both methods. baseline picks 1.6e-2 / 180
     (8.073, x1.0073) and oelm_freeze the grid's best (x1.0000), each for 2,880 trial-steps (38.4%),
     identical for every seed (synchronous rungs: order does not matter).
-  sha-grid (default), trained, baseline seeds 0,1,2,3,4: 5/5 pass; picks 0.016/180, 0.016/180, 0.016/180, 0.016/180, 0.016/180 (PPL 8.073 8.073 8.073 8.073 8.073, bit-for-bit the grid's), shares 38.4% 38.4% 38.4% 38.4% 38.4%.
-  sha-grid (default), trained, oelm_freeze seeds 0,1,2,3,4: 5/5 pass; picks 0.032/270, 0.032/270, 0.032/270, 0.032/270, 0.032/270 (PPL 7.431 7.431 7.431 7.431 7.431, bit-for-bit the grid's), shares 38.4% 38.4% 38.4% 38.4% 38.4%.
+  sha-grid (default), trained for real, seeds 0-4: 5/5 pass on each method; baseline picks 1.6e-2 / 180
+    (8.073) and oelm_freeze 3.2e-2 / 270 (7.431) for every seed, bit-for-bit their grid PPLs, each
+    search 2,880 trial-steps (38.4%): the replay's decisions exactly.
   sha-grid --reduction-factor 3 (rungs 60, 180), --replay, seeds 0-19: 0/20 on both (x1.151, x1.311; 39.2%).
   asha-grid, same rungs, --replay, seeds 0-19: within 2% for 20/20 on both, but share of grid
     31.2-68.0% (baseline; seeds 0-4: 41.6 68.0 34.4 38.4 42.4%) and 36.8-59.2% (oelm_freeze; 42.4 59.2
