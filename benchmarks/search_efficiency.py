@@ -7,29 +7,34 @@
 Per experiment, one full grid (every candidate trained to max_steps, training seed 0) and, for each
 searcher seed, one search over the same candidates (oelm_ray.tune.search, as sweeps/lr_warmup.py runs it,
 training seed 0 too: a candidate scores exactly what it scores in the grid). The space: 5 lrs
-(2e-3 ... 3.2e-2, doubling) x 4 warmups (3%, 10%, 30%, 60%) = 20 candidates, chosen so that the
-grid's best would be interior (it is for the baseline's lr; both methods still want the longest
-warmup, and oelm_freeze the highest lr too). The cpu preset's model on the stories corpus, shrunk to
-max_steps 300, eval every 30. The default searcher, asha-grid, starts every candidate in an order the
-seed shuffles and stops poor ones with ASHA (rungs at 90 and 270 steps, --grace-frac 0.3, reduction
-factor 3); tpe is Optuna's TPE + the same ASHA, --samples trials. --replay replays asha-grid searches
-on the grid's recorded curves instead of training them (exact but for which of two concurrent
-trials reaches a rung first).
+(4e-3 ... 6.4e-2, doubling) x 5 warmups (10%, 30%, 60%, 90%, 99%) = 25 candidates; both methods'
+best candidates are interior. The cpu preset's model on the stories corpus, shrunk to max_steps 300,
+eval every 30. The default searcher, sha-grid, starts every candidate in an order the seed shuffles
+and halves synchronously: rungs at 60 and 240 steps (--grace-frac 0.2, --reduction-factor 4), where
+every trial waits for the whole field and the best quarter go on. asha-grid: the same candidates and
+rungs, asynchronous (Ray's ASHA); tpe: Optuna's TPE + ASHA, --samples trials. --replay replays
+sha-grid / asha-grid searches on the grid's recorded curves instead of training them, the search's
+own scheduler making the decisions (exact but for timing: two trials at a time, equal speed).
 Pass, per seed: the pick's final val PPL within 2% of the grid's best, for at most 40% of the
 grid's trial-steps (steps actually trained, summed over trials). Everything resumes if re-run;
-the table goes to <storage>/search_efficiency.json too.
+the table goes to <storage>/search_efficiency-<searcher>[-replay].json too.
 
-Measured (README, "search_efficiency", has the grid and the per-seed table; grids on branch
-issue-15 with main 398b261's model and trainer, 2-core box shared with 3 other developers):
-  --grace-frac 0.3 (default), --replay, seeds 0-19: the pick is the grid's best for 20/20 seeds on
-    baseline (lr 8e-3, warmup 180, PPL 8.160) and on oelm_freeze (3.2e-2, 180, 7.435), for 42.5-63.0%
-    (baseline) and 43.5-63.5% (oelm_freeze) of the grid's 6,000 trial-steps: the 40% goal is missed.
-    Seeds 0-4, share of grid: baseline 52.5 42.5 56.0 60.0 50.5%, oelm_freeze 53.0 49.0 55.5 60.5 49.5%.
-  --grace-frac 0.1, --replay, seeds 0-19: oelm_freeze 20/20 picks within 2% at 20.5-40.5%; baseline
-    1/20 (PPL / grid best 1.138 1.000 1.165 1.199 1.295 for seeds 0-4): a first rung at 30 steps cuts
-    the baseline's best candidate while it is still warming up.
-  --grace-frac 0.1, trained, oelm_freeze seeds 0-4: picks the grid's best every time (bit-for-bit its grid
-    PPL), for 37.0 27.0 36.0 44.5 20.5% of the grid (replayed: 33.5 28.0 40.5 40.5 25.0%).
+Measured (README, "search_efficiency", has the grids and the per-seed table; branch issue-15b, model
+and trainer as main b476dbd; 2-core box shared with other developers' work, load 4-11, no timings):
+  grid best: baseline lr 8e-3 / warmup 180 (60%), final val PPL 8.015; oelm_freeze 3.2e-2 / 270 (90%),
+    7.431; each grid 7,500 trial-steps.
+  sha-grid (default), --replay, seeds 0-19: 20/20 pass on both methods. baseline picks 1.6e-2 / 180
+    (8.073, x1.0073) and oelm_freeze the grid's best (x1.0000), each for 2,880 trial-steps (38.4%),
+    identical for every seed (synchronous rungs: order does not matter).
+  sha-grid (default), trained for real, seeds 0-4: 5/5 pass on each method; baseline picks 1.6e-2 / 180
+    (8.073) and oelm_freeze 3.2e-2 / 270 (7.431) for every seed, bit-for-bit their grid PPLs, each
+    search 2,880 trial-steps (38.4%): the replay's decisions exactly.
+  sha-grid --reduction-factor 3 (rungs 60, 180), --replay, seeds 0-19: 0/20 on both (x1.151, x1.311; 39.2%).
+  asha-grid, same rungs, --replay, seeds 0-19: within 2% for 20/20 on both, but share of grid
+    31.2-68.0% (baseline; seeds 0-4: 41.6 68.0 34.4 38.4 42.4%) and 36.8-59.2% (oelm_freeze; 42.4 59.2
+    44.8 42.4 47.2%): 7/20 and 3/20 pass. The old default (asha-grid, --grace-frac 0.3
+    --reduction-factor 3): 0/20, 48.0-76.0% and 45.6-67.6%. No asha-grid setting tried (first rung 10-40%
+    x reduction factor 2-10) passed all 20 seeds even on the baseline (best 13/20).
 """
 
 from __future__ import annotations
@@ -48,11 +53,11 @@ from oelm_ray import results  # noqa: E402
 from oelm_ray.tune import search  # noqa: E402
 from oelm_ray.tune.sweep import Sweep, run  # noqa: E402
 
-SPACE = search.Space(lrs=search.log_spaced(2e-3, 3.2e-2, 5), warmup_fracs=[0.03, 0.1, 0.3, 0.6])
+SPACE = search.Space(lrs=search.log_spaced(4e-3, 6.4e-2, 5), warmup_fracs=[0.1, 0.3, 0.6, 0.9, 0.99])
 SHRINK = dict(max_steps=300, eval_interval=30, log_interval=30)
 TRAIN_SEED = 0
 PPL_TOL, STEPS_MAX = 1.02, 0.40
-GRACE_FRAC = 0.3  # ASHA rungs at 90 and 270 steps (0.1: 30, 90, 270 -- cuts long warmups while they warm up)
+GRACE_FRAC, REDUCTION_FACTOR = 0.2, 4  # rungs at 60 and 240 steps; keep the best quarter at each
 
 
 def parse_seed_list(text: str) -> list[int]:
@@ -74,20 +79,23 @@ def grid_frame(exp, storage: str, common: dict):
     return results.trials_frame(results.load_records(grid.run_dir))
 
 
-def one_search(exp, storage: str, common: dict, seed: int, searcher: str, samples: int | None, grace_frac: float) -> dict:
-    tag = f"-g{grace_frac:g}" + ("" if searcher == "asha-grid" else f"-{searcher}{samples}")
+def one_search(exp, storage: str, common: dict, seed: int, searcher: str, samples: int | None, grace_frac: float,
+               reduction_factor: float = REDUCTION_FACTOR) -> dict:
+    tag = f"-{searcher}" + (f"{samples}" if searcher == "tpe" else "") + f"-g{grace_frac:g}-rf{reduction_factor:g}"
     base = Sweep(name=f"search_efficiency{tag}-s{seed}", experiments=[exp], seeds=[TRAIN_SEED], storage=storage,
                  common=common)
     return search.search_cells(base, SPACE, samples, seed=seed, train_seed=TRAIN_SEED, searcher_kind=searcher,
-                               n_startup=4, grace_frac=grace_frac)[0]
+                               n_startup=4, grace_frac=grace_frac, reduction_factor=reduction_factor)[0]
 
 
-def replay(exp, seed: int, grid_dir: Path, grace_frac: float = GRACE_FRAC, workers: int = 2) -> dict:
-    """The asha-grid search of `seed` replayed on the grid's recorded curves, without training.
+def replay(exp, seed: int, grid_dir: Path, grace_frac: float = GRACE_FRAC, workers: int = 2,
+           reduction_factor: float = REDUCTION_FACTOR, searcher: str = "sha-grid") -> dict:
+    """The sha-grid or asha-grid search of `seed` replayed on the grid's recorded curves, without training.
 
     Exact up to timing: a search trial's val losses are bit-identical to the grid trial's (tested), and
-    Ray's own ASHA bracket makes the decisions; only which of `workers` concurrent trials reaches a
-    rung first is modelled (equal speed, all trials start in grid_order). Returns a cell like search_cells'.
+    the search's own scheduler object (SyncHalving, or Ray's ASHA) makes every decision; only the
+    timing is modelled: `workers` trials at a time, equal speed, pending trials in grid_order(seed)
+    first, then paused ones it promotes. Returns a cell like search_cells'.
     """
     import heapq
 
@@ -96,32 +104,63 @@ def replay(exp, seed: int, grid_dir: Path, grace_frac: float = GRACE_FRAC, worke
     for r in results.load_records(grid_dir):
         t = r["config"]["train"]
         curves[(t["lr"], t["warmup_steps"])] = [(h["step"], h["val/loss"]) for h in r["history"]]
-    bracket = search.early_stopper(max_steps, every, grace_frac)._brackets[0]  # Ray's ASHA, one bracket, fresh
-    queue = [(c["lr"], c["warmup_steps"]) for c in search.grid_order(SPACE, max_steps, seed)]
-    running: list = []  # (time of its next report, worker, index into its curve, candidate)
-    for w in range(min(workers, len(queue))):
-        heapq.heappush(running, (1.0 + w * 1e-6, w, 0, queue.pop(0)))
-    tried = []
+    n = SPACE.size(max_steps)
+    sched = (search.sync_halving(n, max_steps, every, grace_frac, reduction_factor) if searcher == "sha-grid"
+             else search.early_stopper(max_steps, every, grace_frac, reduction_factor))
 
-    class _T:  # what _Bracket reads of a trial
+    class _T:  # what the schedulers read of a trial
         def __init__(self, cand):
-            self.trial_id = f"{cand}"
+            self.cand, self.trial_id, self.status, self.i, self.trained = cand, f"{cand}", "PENDING", 0, 0
 
+    class _Ctl:  # what they call on Tune's controller
+        def get_trials(self):
+            return trials
+
+        def stop_trial(self, t):
+            t.status = "TERMINATED"
+
+    trials, ctl = [_T((c["lr"], c["warmup_steps"])) for c in search.grid_order(SPACE, max_steps, seed)], _Ctl()
+    for t in trials:
+        sched.on_trial_add(ctl, t)
+    running: list = []  # (time of its next report, tie-break, trial)
+    now, tick = 0.0, 0
+
+    def start_free():
+        nonlocal tick
+        while len(running) < workers:
+            t = sched.choose_trial_to_run(ctl)
+            if t is None:
+                return
+            t.status = "RUNNING"
+            tick += 1
+            heapq.heappush(running, (now + 1.0, tick, t))
+
+    start_free()
     while running:
-        now, w, i, cand = heapq.heappop(running)
-        step, loss = curves[cand][i]
-        stop = bracket.on_result(_T(cand), step, -loss) == "STOP"
-        if stop or i + 1 == len(curves[cand]):
-            tried.append((cand, curves[cand][: i + 1]))
-            if queue:
-                heapq.heappush(running, (now + 1.0, w, 0, queue.pop(0)))
+        now, _, t = heapq.heappop(running)
+        step, loss = curves[t.cand][t.i]
+        t.trained = t.i + 1
+        action = sched.on_trial_result(ctl, t, {"step": step, search.METRIC: loss})
+        if step >= max_steps or action == "STOP":
+            t.status = "TERMINATED"
+            if action != "STOP":
+                sched.on_trial_complete(ctl, t, {})
+        elif action == "PAUSE":
+            t.status = "PAUSED"
+            t.i += 1
         else:
-            heapq.heappush(running, (now + 1.0, w, i + 1, cand))
-    recs = [{"name": f"{c}", "status": "completed" if h[-1][0] >= max_steps else "stopped", "seed": TRAIN_SEED,
-             "experiment_id": exp.id, "dataset": "stories", "method": exp.method,
-             "config": {"train": {"lr": c[0], "warmup_steps": c[1], "max_steps": max_steps}, "model": {}},
-             "history": [{"step": st, "val/loss": lo, "val/ppl": math.exp(lo)} for st, lo in h]} for c, h in tried]
-    return search.cell_summary(exp, recs, SPACE.size(max_steps), max_steps, grid_dir)
+            t.i += 1
+            tick += 1
+            heapq.heappush(running, (now + 1.0, tick, t))
+        start_free()
+    left = [t.cand for t in trials if t.status != "TERMINATED"]
+    assert not left, f"replay ended with trials neither run nor stopped: {left}"
+    recs = [{"name": f"{t.cand}", "status": "completed" if curves[t.cand][t.trained - 1][0] >= max_steps else "stopped",
+             "seed": TRAIN_SEED, "experiment_id": exp.id, "dataset": "stories", "method": exp.method,
+             "config": {"train": {"lr": t.cand[0], "warmup_steps": t.cand[1], "max_steps": max_steps}, "model": {}},
+             "history": [{"step": st, "val/loss": lo, "val/ppl": math.exp(lo)} for st, lo in curves[t.cand][: t.trained]]}
+            for t in trials]
+    return search.cell_summary(exp, recs, n, max_steps, grid_dir)
 
 
 def row(exp, seed: int, cell: dict, gdf) -> dict:
@@ -169,12 +208,14 @@ def main(argv=None) -> int:
     one = ap.add_mutually_exclusive_group()
     one.add_argument("--seed", type=int, help="one searcher seed (default 0)")
     one.add_argument("--seeds", help="several searcher seeds against one grid: 0-4 or 0,2,5")
-    ap.add_argument("--searcher", choices=search.SEARCHERS, default="asha-grid")
+    ap.add_argument("--searcher", choices=search.SEARCHERS, default="sha-grid")
     ap.add_argument("--samples", type=int, default=10, help="trials per search (tpe only; asha-grid starts every candidate)")
     ap.add_argument("--grace-frac", type=float, default=GRACE_FRAC,
-                    help="ASHA's first rung as a fraction of the run (rungs then x3); default %(default)s")
+                    help="the first rung as a fraction of the run (rungs then x --reduction-factor); default %(default)s")
+    ap.add_argument("--reduction-factor", type=float, default=REDUCTION_FACTOR,
+                    help="keep the best 1/rf at each rung (rungs rf apart); default %(default)s")
     ap.add_argument("--replay", action="store_true",
-                    help="asha-grid only: replay each seed's search on the grid's recorded curves instead of training it")
+                    help="sha-grid / asha-grid: replay each seed's search on the grid's recorded curves instead of training it")
     args = ap.parse_args(argv)
     seeds = parse_seed_list(args.seeds) if args.seeds else [args.seed or 0]
     try:
@@ -183,8 +224,10 @@ def main(argv=None) -> int:
         ap.error(str(e))
     if args.searcher == "tpe" and args.samples < 1:
         ap.error("--samples must be >= 1")
-    if args.replay and args.searcher != "asha-grid":
-        ap.error("--replay replays asha-grid searches only")
+    if args.replay and args.searcher == "tpe":
+        ap.error("--replay replays sha-grid and asha-grid searches only")
+    if args.reduction_factor <= 1:
+        ap.error("--reduction-factor must be > 1")
 
     storage = str(Path(args.storage).resolve())
     common = {**SHRINK, "data_dir": str(Path(storage) / "data")}
@@ -193,15 +236,17 @@ def main(argv=None) -> int:
         gdf = grid_frame(exp, storage, common)
         for seed in seeds:
             if args.replay:
-                cell = replay(exp, seed, Path(storage) / f"search_efficiency-grid-{exp.id}", args.grace_frac)
+                cell = replay(exp, seed, Path(storage) / f"search_efficiency-grid-{exp.id}", args.grace_frac,
+                              reduction_factor=args.reduction_factor, searcher=args.searcher)
             else:
                 cell = one_search(exp, storage, common, seed, args.searcher, args.samples if args.searcher == "tpe" else None,
-                                  args.grace_frac)
+                                  args.grace_frac, args.reduction_factor)
             rows.append({**row(exp, seed, cell, gdf), "replayed": args.replay})
     text = table(rows)
-    out = Path(storage) / f"search_efficiency{'-replay' if args.replay else ''}.json"
-    results.write_json(out, {"searcher": args.searcher, "grace_frac": args.grace_frac, "rows": rows})
-    print(f"\nsearcher {args.searcher}{' (REPLAYED on the grid, not trained)' if args.replay else ''}, ASHA grace {args.grace_frac:g}, {SPACE.size(SHRINK['max_steps'])} candidates x {SHRINK['max_steps']} steps, "
+    out = Path(storage) / f"search_efficiency-{args.searcher}{'-replay' if args.replay else ''}.json"
+    results.write_json(out, {"searcher": args.searcher, "grace_frac": args.grace_frac,
+                             "reduction_factor": args.reduction_factor, "rows": rows})
+    print(f"\nsearcher {args.searcher}{' (REPLAYED on the grid, not trained)' if args.replay else ''}, first rung {args.grace_frac:g} of the run, reduction factor {args.reduction_factor:g}, {SPACE.size(SHRINK['max_steps'])} candidates x {SHRINK['max_steps']} steps, "
           f"training seed {TRAIN_SEED}\n\n{text}")
     ok = all(r["passed"] for r in rows)
     print("\nPASS" if ok else "\nFAIL")

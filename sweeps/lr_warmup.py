@@ -5,9 +5,11 @@
 
 Phase 1: for each method (x dataset) its own Tune run, `<name>-search-<dataset>-<method>`, where
 every lr x warmup candidate (log-spaced lrs, warmups as fractions of the run) starts, in an order
-the search seed shuffles, and ASHA stops poor trials at evaluation points: successive halving over
-the whole grid, chosen by benchmarks/search_efficiency.py (seeded TPE missed the best candidate for
-some seeds; a preset with searcher="tpe" still runs it). Every search trial trains with seed 0.
+the search seed shuffles, and synchronous successive halving keeps the best quarter at 20% and at
+80% of the run (trials pause at a rung until all have reached it): chosen by
+benchmarks/search_efficiency.py (seeded TPE missed the best candidate for some seeds; asynchronous
+ASHA either cut the best or cost over 40% of the grid for some seeds; searcher="asha-grid" / "tpe"
+in a preset still run them). Every search trial trains with seed 0.
 Phase 2: each method at its own best lr and warmup over fresh seeds, in `<name>` (summary.md as
 phase 3, plus search.md and best.json: the best settings and the compute the search spent beside a
 full grid). Run the same command again to resume either phase.
@@ -18,17 +20,17 @@ from oelm_ray.tune import recipe, search
 
 PRESETS = {
     # 6 lrs (1e-3 ... 3.2e-2, doubling) x 3 warmups = 18 candidates per method, around the cpu preset's
-    # 1e-2 and up into the range where training blows up; every candidate starts, ASHA (rungs at 300 and
-    # 900 steps: 30% and 90% of the run, as in benchmarks/search_efficiency.py) stops the poor ones
-    "embedded": dict(experiments=list(experiments.EMBEDDED), seeds=[1, 2], searcher="asha-grid", search_seed=0,
-                     train_seed=0, grace_frac=0.3, reduction_factor=3,
+    # 1e-2 and up into the range where training blows up; every candidate starts, synchronous halving
+    # (rungs at 100 and 400 of 500 steps, the best quarter goes on: as in benchmarks/search_efficiency.py)
+    "embedded": dict(experiments=list(experiments.EMBEDDED), seeds=[1, 2], searcher="sha-grid", search_seed=0,
+                     train_seed=0, grace_frac=0.2, reduction_factor=4,
                      space=search.Space(lrs=search.log_spaced(1e-3, 3.2e-2, 6), warmup_fracs=[0.02, 0.1, 0.3])),
     # quarter-decade lrs around the research's 3e-4 / 1e-3; warmups 1% (theirs) to 10%
-    "paper": dict(experiments=["GPT-01", "GPT-02", "GPT-03"], seeds=[1, 2, 3], searcher="asha-grid", search_seed=0,
-                  train_seed=0, grace_frac=0.3, reduction_factor=3,
+    "paper": dict(experiments=["GPT-01", "GPT-02", "GPT-03"], seeds=[1, 2, 3], searcher="sha-grid", search_seed=0,
+                  train_seed=0, grace_frac=0.2, reduction_factor=4,
                   space=search.Space(lrs=search.log_spaced(1e-4, 3.2e-3, 7), warmup_fracs=[0.01, 0.03, 0.1])),
 }
-# 3 x 2 candidates of 30 steps: ASHA's rung at 10 steps
+# 3 x 2 candidates of 30 steps: one rung, at 10 steps (the best 2 of 6 finish)
 SMOKE = dict(seeds=[1], space=search.Space(lrs=[1e-3, 4e-3, 1.6e-2], warmup_fracs=[0.1, 0.3]))
 
 

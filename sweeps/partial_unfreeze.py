@@ -13,8 +13,8 @@ Run the same command again after an interruption to resume.
 
     python sweeps/partial_unfreeze.py --best runs/lr_warmup-embedded/best.json
 
---best trains each arm at the learning rate and warmup that sweeps/lr_warmup.py's search (successive
-halving over every candidate) found: the baseline at the baseline's, the full freeze and every PU-
+--best trains each arm at the learning rate and warmup that sweeps/lr_warmup.py's search (synchronous
+successive halving over every candidate) found: the baseline at the baseline's, the full freeze and every PU-
 variant at oelm_freeze's (same dataset). The run is then named <name>-tuned unless --name is given.
 """
 

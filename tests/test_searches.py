@@ -65,6 +65,57 @@ def test_asha_grid_starts_every_candidate_in_a_seeded_order():
     assert [p["trial"]["config"]["train"] for p in gen._points_to_evaluate] == a  # at the fields they set
 
 
+def test_sync_halving_waits_for_the_whole_field_then_keeps_the_best_quarter():
+    assert search.halving_rungs(300, 30, 0.2, 4) == [60, 240]
+    assert search.halving_rungs(30, 10, 0.34, 3) == [10]
+
+    class T:
+        def __init__(self, i):
+            self.trial_id, self.status = f"t{i}", "RUNNING"
+
+    class Ctl:
+        stopped: list = []
+
+        def get_trials(self):
+            return trials
+
+        def stop_trial(self, t):
+            self.stopped.append(t)
+            t.status = "TERMINATED"
+
+    trials, ctl = [T(i) for i in range(8)], Ctl()
+    sched = search.sync_halving(8, 300, 30, 0.2, 4)
+    loss = [5.0, 1.0, 4.0, 2.0, 6.0, 3.0, 7.0, 8.0]  # at step 60: t1 and t3 are the best quarter
+    for t in trials[:7]:
+        assert sched.on_trial_result(ctl, t, {"step": 30, "val/loss": 0.0}) == "CONTINUE"  # before the rung
+        assert sched.on_trial_result(ctl, t, {"step": 60, "val/loss": loss[int(t.trial_id[1:])]}) == "PAUSE"
+        t.status = "PAUSED"
+    assert sched.choose_trial_to_run(ctl) is None  # nobody goes on before the last trial reports
+    last = trials[7]
+    assert sched.on_trial_result(ctl, last, {"step": 60, "val/loss": 8.0}) == "STOP"  # the worst: stopped at once
+    assert {t.trial_id for t in ctl.stopped} == {"t0", "t2", "t4", "t5", "t6"}
+    assert {sched.choose_trial_to_run(ctl).trial_id for _ in range(2)} == {"t1", "t3"}  # the promoted resume
+    assert sched.choose_trial_to_run(ctl) is None
+    for t in (trials[1], trials[3]):
+        t.status = "RUNNING"
+        assert sched.on_trial_result(ctl, t, {"step": 90, "val/loss": 0.5}) == "CONTINUE"
+    # next rung (240): one of the two goes on; a trial that diverged before it counts as the worst
+    assert sched.on_trial_result(ctl, trials[3], {"step": 240, "val/loss": 0.4}) == "PAUSE"
+    trials[3].status = "PAUSED"
+    sched.on_trial_complete(ctl, trials[1], {})  # t1 ended (diverged) before 240
+    assert sched.choose_trial_to_run(ctl) is trials[3]
+
+    # a field that can never fill (scheduler state is not restored on resume): once nobody runs, the
+    # rung is decided among the trials that reached it instead of waiting forever
+    trials, ctl = [T(i) for i in range(4)], Ctl()
+    sched = search.sync_halving(5, 300, 30, 0.2, 2)
+    for t, v in zip(trials, (3.0, 1.0, 2.0, 4.0)):
+        assert sched.on_trial_result(ctl, t, {"step": 60, "val/loss": v}) == "PAUSE"
+        t.status = "PAUSED"
+    assert sched.choose_trial_to_run(ctl) in (trials[1], trials[2])
+    assert {t.trial_id for t in trials if t.status == "TERMINATED"} == {"t0", "t3"}
+
+
 def test_space_grid_and_cost_bookkeeping():
     space = search.Space(lrs=[1e-3, 2e-3, 4e-3], warmup_fracs=[0.1, 0.3])
     assert space.size(1000) == 6 and space.warmups(1000) == [100, 300]
@@ -175,7 +226,9 @@ def test_a_candidate_scores_the_same_in_a_plain_sweep_and_in_a_search(tmp_path, 
                   search=space.grid(30))
     run(plain, report=False)
     base = Sweep(name="searched", experiments=[exp], seeds=[7], storage=str(tmp_path / "runs"), common=common)
-    cell = search.search_cells(base, space, seed=1, train_seed=0, grace_frac=0.34)[0]
+    # sha-grid, rungs at 10 and 20 steps keeping half: trials pause and resume from their checkpoints
+    cell = search.search_cells(base, space, seed=1, train_seed=0, searcher_kind="sha-grid", grace_frac=0.34,
+                               reduction_factor=2)[0]
 
     def curves(run_dir):
         return {(r["config"]["train"]["lr"], r["config"]["train"]["warmup_steps"]): (r["seed"], r["config"]["train"]["num_threads"],
@@ -186,10 +239,17 @@ def test_a_candidate_scores_the_same_in_a_plain_sweep_and_in_a_search(tmp_path, 
     for cand, (seed, threads, hist) in searched.items():
         g_seed, g_threads, g_hist = grid[cand]
         assert (seed, threads) == (g_seed, g_threads) == (0, 0)
-        # bit-identical val loss at every evaluation (a trial ASHA stopped: a prefix of the grid's curve)
+        # bit-identical val loss at every evaluation, across pauses (a stopped trial: a prefix of the grid's curve)
         assert hist and hist == g_hist[: len(hist)], cand
     pick = cell["best"]
     assert pick["final_val_ppl"] == math.exp(grid[(pick["lr"], pick["warmup_steps"])][2][-1][1])
+    # synchronous halving: the best two at step 10 (on the grid's curves) reached step 20, the better of
+    # those at step 20 finished; the other two stopped at 10
+    at = lambda cand, step: dict(grid[cand][2])[step]
+    top2 = sorted(grid, key=lambda c: at(c, 10))[:2]
+    winner = min(top2, key=lambda c: at(c, 20))
+    assert {c: h[-1][0] for c, (_, _, h) in searched.items()} == {c: 30 if c == winner else 20 if c in top2 else 10 for c in grid}
+    assert (pick["lr"], pick["warmup_steps"]) == winner
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +267,7 @@ def test_lr_warmup_smoke_finds_best_and_compares_again(lr_warmup_smoke):
     assert [c["method"] for c in cells] == ["baseline", "oelm_freeze"]
     for c in cells:
         assert c["best"] and c["trial_steps"] < c["grid_trial_steps"] == 6 * 30
-        assert c["trials"] == 6  # asha-grid: every candidate started
+        assert c["trials"] == 6  # sha-grid: every candidate started
     for f in ("summary.md", "trials.parquet", "val_ppl.png", "search.md"):
         assert (final / f).exists(), f
     df = results.trials_frame(results.load_records(final))

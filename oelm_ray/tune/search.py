@@ -1,4 +1,4 @@
-"""Hyper-parameter search on top of `sweep.run`: successive halving over every candidate, and the
+"""Hyper-parameter search on top of `sweep.run`: synchronous successive halving over every candidate, and the
 bookkeeping that says what a search found and what it cost.
 
     space = Space(lrs=[...], warmup_fracs=[...])        # discrete, log-spaced candidates
@@ -8,14 +8,18 @@ bookkeeping that says what a search found and what it cost.
 Why one run per cell: Ray 2.60 refuses `grid_search` together with a searcher, so experiments are
 not a grid axis here; each cell is a `Sweep` of one experiment.
 
-The searcher ("asha-grid", the default): every candidate starts, in an order the search seed
-shuffles (Tune's variant generator fed them as points to evaluate), and ASHA stops poor trials at
-evaluation points (`time_attr="step"`, `val/loss`; the recipes put the rungs at 30% and 90% of the
-run). Chosen by benchmarks/search_efficiency.py and an offline replay: seeded TPE sampling 10 of
-20 candidates missed the best one for most searcher seeds, and so did ASHA with a first rung at 10% of the run (it cuts
-long-warmup candidates while they are still warming up); ASHA over the grid with rungs at 30% and
-90% found the best candidate for every seed, for about 55% of the grid's trial-steps.
-"tpe" (Optuna's TPE, seeded, + the same ASHA) is still there to compare.
+The searcher ("sha-grid", the default): every candidate starts, in an order the search seed
+shuffles (Tune's variant generator fed them as points to evaluate), and synchronous successive
+halving (SyncHalving, a Tune scheduler) pauses each trial at a rung until every live trial has
+reached it, then keeps the best 1/reduction_factor (`val/loss`; the recipes put the rungs at 20% and
+80% of the run and keep a quarter). Chosen by benchmarks/search_efficiency.py: seeded TPE sampling
+part of the grid missed the best candidate for most searcher seeds; ASHA over the grid (asynchronous:
+"asha-grid") lets early arrivals pass a rung before the field is known, so its cost depends on the
+searcher's seed (31-68% of the grid's trial-steps with the same rungs); no first rung / reduction
+factor tried met "within 2% and at most 40%" for every seed, and rungs at 10% cut long-warmup
+candidates while they warm up. Being synchronous, sha-grid's survivors and cost do not depend on
+the searcher's seed.
+"asha-grid" and "tpe" (Optuna's TPE, seeded, + ASHA) are still there to compare.
 Every trial trains with the cell's `train_seed`, never the searcher's seed: a candidate scores
 bit-for-bit what it scores in a plain sweep (tests/test_searches.py).
 
@@ -25,8 +29,9 @@ trial-steps where the grid costs Y" is a fair comparison. A trial-step is one op
 one trial: the cost of a trial is the last step it trained.
 
 Resume: the same command again resumes every cell (Tuner.restore; the searcher's state is
-restored, ASHA's is not -- ray#30838 -- so trials unfinished at an interrupt run to the end) and
-skips cells that are done.
+restored, the scheduler's is not -- ray#30838 --: with asha-grid trials unfinished at an interrupt run
+to the end; with sha-grid a rung that can no longer fill is decided among the trials that reached it)
+and skips cells that are done.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from .. import results
 from ..core.config import ConfigError
@@ -89,7 +96,7 @@ def searcher(seed: int, n_startup: int = 4):
 
 
 def grid_order(space: Space, max_steps: int, seed: int) -> list[dict[str, Any]]:
-    """Every candidate once, in an order shuffled by `seed` (ASHA's early rungs favour early arrivals)."""
+    """Every candidate once, in an order shuffled by `seed` (asynchronous rungs favour early arrivals)."""
     import random
 
     cands = [{"lr": lr, "warmup_steps": w} for lr in space.lrs for w in space.warmups(max_steps)]
@@ -113,6 +120,119 @@ def early_stopper(max_steps: int, eval_interval: int, grace_frac: float = 0.1, r
                          grace_period=grace, reduction_factor=reduction_factor)
 
 
+def halving_rungs(max_steps: int, eval_interval: int, first_frac: float, reduction_factor: float) -> list[int]:
+    """Rung steps first, first*rf, ... below max_steps, each on an evaluation point (at least one eval in)."""
+    first = max(eval_interval, int(round(first_frac * max_steps / eval_interval)) * eval_interval)
+    rungs, r = [], float(first)
+    while r < max_steps:
+        step = max(eval_interval, int(round(r / eval_interval)) * eval_interval)
+        if step < max_steps and (not rungs or step > rungs[-1]):
+            rungs.append(step)
+        r *= reduction_factor
+    return rungs
+
+
+def sync_halving(n_trials: int, max_steps: int, eval_interval: int, first_frac: float = 0.2,
+                 reduction_factor: float = 4):
+    """Synchronous successive halving over a fixed set of trials (rungs: halving_rungs)."""
+    return SyncHalving(n_trials, halving_rungs(max_steps, eval_interval, first_frac, reduction_factor),
+                       reduction_factor)
+
+
+class SyncHalving(FIFOScheduler):
+    """Synchronous successive halving: each trial pauses at a rung until every live trial has reached
+    it; then the best ceil(n / reduction_factor) of the n go on and the others stop.
+
+    Unlike ASHA (asynchronous), no trial passes a rung before the whole field is known, so which
+    candidates survive and what the search costs do not depend on the order trials start in.
+    Paused trials resume from their checkpoint (taken at every evaluation), bit-for-bit. Like Ray's
+    HyperBandScheduler, it stops paused losers through the controller it is handed. A trial that
+    ends before a rung (diverged) counts there as the worst.
+    """
+
+    _supports_buffered_results = False  # a decision per evaluation, as Ray's HyperBandScheduler
+
+    def __init__(self, n_trials: int, rungs: list[int], reduction_factor: float, time_attr: str = "step"):
+        super().__init__()
+        if n_trials < 1 or reduction_factor <= 1 or list(rungs) != sorted(set(rungs)):
+            raise ConfigError(f"sync halving: n_trials {n_trials}, rungs {rungs}, reduction_factor {reduction_factor}")
+        self.n, self.rungs, self.rf, self.time_attr = n_trials, list(rungs), reduction_factor, time_attr
+        self.sign = 1.0 if MODE == "min" else -1.0
+        self.values: list[dict] = [{} for _ in self.rungs]  # rung -> {trial: metric at the rung}
+        self.expected = [n_trials] + [0] * (len(self.rungs) - 1)  # trials that will report at each rung
+        self.level: dict = {}  # trial -> index of its next rung
+        self.losers: set = set()
+        self.resume: set = set()
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if trial in self.losers:
+            return TrialScheduler.STOP
+        k = self.level.get(trial, 0)
+        if k >= len(self.rungs) or result.get(self.time_attr, 0) < self.rungs[k]:
+            return TrialScheduler.CONTINUE
+        self.values[k][trial] = self.sign * float(result[METRIC])
+        self.level[trial] = k + 1
+        return self._process(tune_controller, k, trial)
+
+    def _process(self, tune_controller, k: int, current=None) -> str:
+        vals = self.values[k]
+        if len(vals) < self.expected[k]:
+            return TrialScheduler.PAUSE  # wait for the rest of the field
+        keep = max(1, math.ceil(len(vals) / self.rf))
+        ranked = sorted(vals, key=lambda t: (math.isnan(vals[t]), vals[t]))
+        good, bad = ranked[:keep], ranked[keep:]
+        if k + 1 < len(self.rungs):
+            self.expected[k + 1] = len(good)
+        action = TrialScheduler.CONTINUE
+        for t in bad:
+            self.losers.add(t)
+            if t is current:
+                action = TrialScheduler.STOP
+            elif t.status == Trial.PAUSED:
+                tune_controller.stop_trial(t)
+        self.resume.update(t for t in good if t is not current and t.status == Trial.PAUSED)
+        return action
+
+    def _ended(self, tune_controller, trial):
+        # a trial that ended before its next rung (diverged, errored) counts there as the worst
+        k = self.level.get(trial, 0)
+        if trial in self.losers or k >= len(self.rungs):
+            return
+        self.values[k][trial] = math.inf
+        self.level[trial] = len(self.rungs)
+        self._process(tune_controller, k)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._ended(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial):
+        self._ended(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller):
+        trials = tune_controller.get_trials()
+        for trial in trials:
+            if trial.status == Trial.PENDING:
+                return trial
+        for trial in trials:
+            if trial.status == Trial.PAUSED and trial in self.resume:
+                self.resume.discard(trial)
+                return trial
+        paused = [t for t in trials if t.status == Trial.PAUSED and t not in self.losers]
+        if paused and not any(t.status == Trial.RUNNING for t in trials):
+            # nobody runs, yet some wait: the field a rung waits for cannot all arrive (after a resume,
+            # whose scheduler state Ray does not restore; or a trial lost). Decide that rung with those there.
+            for k, vals in enumerate(self.values):
+                if vals and len(vals) < self.expected[k]:
+                    self.expected[k] = len(vals)
+                    self._process(tune_controller, k)
+                    return self.choose_trial_to_run(tune_controller)
+            return paused[0]  # paused before an interrupt: it reports to this scheduler when it resumes
+        return None
+
+    def debug_string(self) -> str:
+        return f"Synchronous successive halving: rungs {self.rungs}, reduction factor {self.rf:g}, {self.n} trials."
+
+
 def trial_steps(records: list[dict]) -> int:
     """Steps actually trained, summed over trials (the last step each one reported)."""
     return sum((r.get("history") or [{}])[-1].get("step", 0) for r in records)
@@ -134,15 +254,17 @@ def cell_name(base: Sweep, exp: Experiment) -> str:
     return f"{base.name}-search-{exp.dataset}-{exp.method}"
 
 
-SEARCHERS = ("asha-grid", "tpe")
+SEARCHERS = ("sha-grid", "asha-grid", "tpe")
 
 
 def search_cells(base: Sweep, space: Space, num_samples: int | None = None, seed: int = 0, train_seed: int = 0,
-                 searcher_kind: str = "asha-grid", n_startup: int = 4, grace_frac: float = 0.1,
-                 reduction_factor: int = 3) -> list[dict]:
+                 searcher_kind: str = "sha-grid", n_startup: int = 4, grace_frac: float = 0.2,
+                 reduction_factor: float = 4) -> list[dict]:
     """Search every experiment of `base` (its own run each); return the best of each cell.
 
-    searcher_kind "asha-grid": every candidate starts, in an order shuffled by `seed`, and ASHA
+    searcher_kind "sha-grid": every candidate starts, in an order shuffled by `seed`, and synchronous
+    successive halving (SyncHalving: rungs at grace_frac, x reduction_factor, ... of the run) keeps the
+    best 1/reduction_factor at each rung. "asha-grid": the same candidates, but ASHA (asynchronous)
     stops the poor ones at its rungs (num_samples is the grid's size). "tpe": `num_samples` trials
     that seeded TPE proposes, stopped by the same ASHA. Either way every trial trains with
     `train_seed` (init and data order), whatever the searcher's `seed`: a candidate scores exactly
@@ -154,7 +276,7 @@ def search_cells(base: Sweep, space: Space, num_samples: int | None = None, seed
     for exp in base.experiments:
         max_steps, eval_interval = budget(base, exp)
         domains = space.domains(max_steps)
-        if searcher_kind == "asha-grid":
+        if searcher_kind in ("sha-grid", "asha-grid"):
             n, alg = space.size(max_steps), every_candidate(space, max_steps, seed)
         else:
             if not num_samples:
@@ -163,7 +285,8 @@ def search_cells(base: Sweep, space: Space, num_samples: int | None = None, seed
         cell = dataclasses.replace(
             base, name=cell_name(base, exp), experiments=[exp], seeds=[train_seed], common=_without(base.common, domains),
             search=domains, num_samples=n, search_alg=alg,
-            scheduler=early_stopper(max_steps, eval_interval, grace_frac, reduction_factor),
+            scheduler=sync_halving(n, max_steps, eval_interval, grace_frac, reduction_factor) if searcher_kind == "sha-grid"
+            else early_stopper(max_steps, eval_interval, grace_frac, reduction_factor),
         )
         recs = results.load_records(cell.run_dir)
         if sum(r["status"] in TERMINAL for r in recs) >= n:
