@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray_jobs import until_job_agent
 import yaml
 
 from oelm_ray.cluster.launcher import check_cluster, placeholders
@@ -307,8 +308,8 @@ def test_driver_joins_a_running_head_by_ray_address_and_by_job_submit(tmp_path, 
     job_env = {**ray_head["env"], "RAY_ADDRESS": ray_head["dashboard"]}
     entry = f"{sys.executable} {ROOT / 'sweeps' / 'phase3.py'} --smoke-test --seeds 0 --experiments CPU-02 " \
             f"--storage {tmp_path / 'b'} --no-wandb"
-    sub = subprocess.run(["ray", "job", "submit", "--no-wait", "--", *entry.split()], env=job_env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    sub = until_job_agent(lambda: subprocess.run(["ray", "job", "submit", "--no-wait", "--", *entry.split()], env=job_env,
+                                                 cwd=ROOT, capture_output=True, text=True, timeout=300))
     assert sub.returncode == 0, sub.stdout + sub.stderr
     job_id = re.search(r"raysubmit_\w+", sub.stdout + sub.stderr).group(0)
     deadline, status = time.time() + 600, ""

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray_jobs import until_job_agent
 import yaml
 
 from oelm_ray.cluster.launcher import placeholders
@@ -167,9 +168,9 @@ def test_ray_up_exec_job_submit_status_down_over_real_ssh():
         # the README's job submission (over the dashboard on the head's loopback: the same loopback here)
         runs = server / "runs"
         t1 = time.time()
-        code, out = ray("job", "submit", "--working-dir", ".", "--", "python", "sweeps/phase3.py", "--smoke-test",
-                     "--seeds", "0", "--storage", str(runs), "--no-wandb",
-                     RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token")
+        code, out = until_job_agent(lambda: ray(
+            "job", "submit", "--working-dir", ".", "--", "python", "sweeps/phase3.py", "--smoke-test", "--seeds", "0",
+            "--storage", str(runs), "--no-wandb", RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token"))
         t_job = time.time() - t1
         assert code == 0 and re.search(r"Job 'raysubmit_\w+' succeeded", out), out[-4000:]
 
