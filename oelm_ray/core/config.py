@@ -406,7 +406,7 @@ def section_classes() -> dict[str, type]:
 
 
 def options_markdown() -> str:
-    """The README's table of config fields, from the field docstrings (`python -m oelm_ray.config`)."""
+    """The README's table of config fields, from the field docstrings (`python -m oelm_ray.core.config`)."""
     rows = ["| field | section | cpu | medium-512 | meaning |", "|---|---|---|---|---|"]
     cpu, med = preset("cpu").to_dict(), preset("medium-512").to_dict()
     for sec, cls in section_classes().items():
