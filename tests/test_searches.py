@@ -115,6 +115,19 @@ def test_sync_halving_waits_for_the_whole_field_then_keeps_the_best_quarter():
     assert sched.choose_trial_to_run(ctl) in (trials[1], trials[2])
     assert {t.trial_id for t in trials if t.status == "TERMINATED"} == {"t0", "t3"}
 
+    # a rung decided while two trials' pauses are still in flight (Tune pauses after saving): the loser is
+    # stopped and the winner resumed once they are paused, instead of both waiting forever
+    trials, ctl = [T(i) for i in range(4)], Ctl()
+    sched = search.sync_halving(4, 300, 30, 0.2, 2)
+    for t, v in zip(trials[:3], (1.0, 4.0, 3.0)):
+        assert sched.on_trial_result(ctl, t, {"step": 60, "val/loss": v}) == "PAUSE"  # t0..t2 still RUNNING
+    assert sched.on_trial_result(ctl, trials[3], {"step": 60, "val/loss": 2.0}) == "CONTINUE"  # t3 and t0 go on
+    assert trials[1].status == trials[2].status == "RUNNING"  # nothing to stop yet: they are still pausing
+    for t in trials[:3]:
+        t.status = "PAUSED"  # the pauses land
+    assert sched.choose_trial_to_run(ctl) is trials[0]
+    assert trials[1].status == trials[2].status == "TERMINATED"
+
 
 def test_space_grid_and_cost_bookkeeping():
     space = search.Space(lrs=[1e-3, 2e-3, 4e-3], warmup_fracs=[0.1, 0.3])

@@ -190,7 +190,8 @@ class SyncHalving(FIFOScheduler):
                 action = TrialScheduler.STOP
             elif t.status == Trial.PAUSED:
                 tune_controller.stop_trial(t)
-        self.resume.update(t for t in good if t is not current and t.status == Trial.PAUSED)
+            # else its pause is still in flight (Tune saves, then pauses): choose_trial_to_run stops it once paused
+        self.resume.update(t for t in good if t is not current)  # paused, or about to be: resumed once paused
         return action
 
     def _ended(self, tune_controller, trial):
@@ -210,6 +211,9 @@ class SyncHalving(FIFOScheduler):
 
     def choose_trial_to_run(self, tune_controller):
         trials = tune_controller.get_trials()
+        for trial in trials:  # losers whose pause was still in flight when their rung was decided
+            if trial.status == Trial.PAUSED and trial in self.losers:
+                tune_controller.stop_trial(trial)
         for trial in trials:
             if trial.status == Trial.PENDING:
                 return trial
