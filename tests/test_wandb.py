@@ -238,8 +238,11 @@ def test_smoke_sweep_without_key_logs_one_offline_run_per_trial(tmp_path, ray_lo
     sw = recipe.build("phase3", PRESETS, recipe.parser("phase3", PRESETS).parse_args(argv))
     run_dir = run(sw, report=True)
     W.finish_sweep(run_dir)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert out.count("W&B: offline (no W&B API key") == 1 and f"oelm-ray sync {run_dir}" in out
+    # W&B itself prints nothing into the sweep's console (no banner or run summary per trial)
+    assert "wandb:" not in out + captured.err
     records = results.load_records(run_dir)
     segs = W.offline_runs(run_dir)
     assert len(records) == len(segs) == 2

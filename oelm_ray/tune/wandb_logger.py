@@ -141,7 +141,9 @@ class Callback(LoggerCallback):
         run_dir = self.run_dir or _run_dir_of(trial)
         kwargs = dict(**trial_init(trial.config, trial.trial_id, str(trial)), project=self.project, group=self.group,
                       dir=str(run_dir), resume="allow", reinit="create_new", allow_val_change=True,
-                      settings=wandb.Settings(console="off"))  # the driver's console is the sweep's, not a trial's
+                      # the driver's console is the sweep's: no trial output there, and no W&B banner or summary per run
+                      # (this logger says the mode once; `oelm-ray sync` and the report say the rest)
+                      settings=wandb.Settings(console="off", silent=True))
         kwargs.update(self.init_kwargs)
         run = self._init(kwargs, str(trial))
         meta = {"project": self.project, "entity": self.init_kwargs.get("entity") or os.environ.get("WANDB_ENTITY"),
