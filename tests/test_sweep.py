@@ -183,12 +183,10 @@ def test_trial_config_is_plain_data_read_back_whole(tmp_path):
 
 
 def test_bad_trial_config_is_caught_before_ray(tmp_path):
-    from oelm_ray.tune.sweep import validate
-
     with pytest.raises(ConfigError, match="CPU-01-baseline-s0: lr=-1.0"):
-        validate(smoke_sweep(tmp_path, "bad", common={"lr": -1.0}))
+        smoke_sweep(tmp_path, "bad", common={"lr": -1.0}).trials()
     with pytest.raises(ConfigError, match="seeds"):
-        validate(Sweep("bad", list(E.EMBEDDED.values()), ["a"], str(tmp_path)))
+        Sweep("bad", list(E.EMBEDDED.values()), ["a"], str(tmp_path)).trials()
 
 
 def _recipe(tmp_path: Path, *extra: str) -> list[str]:

@@ -147,11 +147,6 @@ def _sample_value(v: Any) -> Any:
     return v
 
 
-def validate(sweep: Sweep) -> list[TrialSpec]:
-    """Build every trial's config; raise ConfigError on the first bad one."""
-    return sweep.trials()
-
-
 def check_run_dir(sweep: Sweep, trials: list[TrialSpec] | None = None) -> bool:
     """True when the run exists and is the same sweep (resume); raise when it is another sweep."""
     run = sweep.run_dir
