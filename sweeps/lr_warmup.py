@@ -3,7 +3,7 @@
     python sweeps/lr_warmup.py                  # embedded default: local Ray, cpu preset, stories corpus
     python sweeps/lr_warmup.py --preset paper   # GPT-01..03 (TinyStories) on the running cluster
 
-Phase 1: for each method (x dataset) its own Tune run, `<name>-search-<dataset>-<method>`, where
+Phase 1: for each method (x dataset) its own Tune run, `<name>-search-<experiment>-<dataset>-<method>`, where
 every lr x warmup candidate (log-spaced lrs, warmups as fractions of the run) starts, in an order
 the search seed shuffles, and synchronous successive halving keeps the best quarter at 20% and at
 80% of the run (trials pause at a rung until all have reached it): chosen by

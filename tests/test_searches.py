@@ -129,6 +129,25 @@ def test_sync_halving_waits_for_the_whole_field_then_keeps_the_best_quarter():
     assert trials[1].status == trials[2].status == "TERMINATED"
 
 
+def test_every_experiment_gets_its_own_search(tmp_path):
+    """CPU-03 and its control CPU-04 are both oelm_random on stories: once they shared one search run, and
+    the second cell reported the first one's best as its own."""
+    from oelm_ray.core import experiments as E
+    from oelm_ray.core.io import write_json
+    from oelm_ray.tune.sweep import Sweep
+
+    base = Sweep(name="lw", experiments=list(E.EMBEDDED.values()), seeds=[1], storage=str(tmp_path))
+    names = {search.cell_name(base, e) for e in base.experiments}
+    assert len(names) == len(base.experiments)
+    # a finished search is kept only if it is this search: another sweep under the name is refused
+    space = search.Space(lrs=[1e-3], warmup_fracs=[0.1])
+    other = Sweep(name=search.cell_name(base, E.EMBEDDED["CPU-04"]), experiments=[E.EMBEDDED["CPU-03"]], seeds=[0],
+                  storage=str(tmp_path))
+    write_json(other.run_dir / "sweep.json", other.identity())
+    with pytest.raises(ConfigError, match="different sweep config"):
+        search.search_cells(Sweep(name="lw", experiments=[E.EMBEDDED["CPU-04"]], seeds=[1], storage=str(tmp_path)), space)
+
+
 def test_space_grid_and_cost_bookkeeping():
     space = search.Space(lrs=[1e-3, 2e-3, 4e-3], warmup_fracs=[0.1, 0.3])
     assert space.size(1000) == 6 and space.warmups(1000) == [100, 300]

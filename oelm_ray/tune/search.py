@@ -51,7 +51,7 @@ from .. import results
 from ..core.config import ConfigError
 from ..core.io import write_json, write_text
 from ..core.experiments import Experiment
-from .sweep import METRIC, MODE, Sweep, point, run
+from .sweep import METRIC, MODE, Sweep, check_run_dir, point, run
 
 TERMINAL = ("completed", "stopped", "diverged")
 
@@ -255,7 +255,8 @@ def budget(sw: Sweep, exp: Experiment) -> tuple[int, int]:
 
 
 def cell_name(base: Sweep, exp: Experiment) -> str:
-    return f"{base.name}-search-{exp.dataset}-{exp.method}"
+    # the experiment's id too: two experiments of one method (CPU-03 and its control CPU-04) are two searches
+    return f"{base.name}-search-{exp.id}-{exp.dataset}-{exp.method}"
 
 
 SEARCHERS = ("sha-grid", "asha-grid", "tpe")
@@ -293,7 +294,7 @@ def search_cells(base: Sweep, space: Space, num_samples: int | None = None, seed
             else early_stopper(max_steps, eval_interval, grace_frac, reduction_factor),
         )
         recs = results.load_records(cell.run_dir)
-        if sum(r["status"] in TERMINAL for r in recs) >= n:
+        if check_run_dir(cell) and sum(r["status"] in TERMINAL for r in recs) >= n:  # the same search, finished
             print(f"search {cell.name}: done ({len(recs)} trials), kept", flush=True)
         else:
             print(f"search {cell.name} ({searcher_kind}, seed {seed}): {n} trials of {space.size(max_steps)} candidates", flush=True)
