@@ -88,7 +88,9 @@ def trials_frame(records: list[dict]) -> pd.DataFrame:
     for r in records:
         hist = r.get("history") or []
         last = hist[-1] if hist else {}
-        ppls = [h["val/ppl"] for h in hist if finite(h.get("val/ppl"))]
+        qk_check = r.get("qk_check") or last.get("qk_check") or "-"  # "ok", or what failed
+        # a trial whose Q/K broke its method's rule has no valid result, whatever it reported before
+        ppls = [h["val/ppl"] for h in hist if finite(h.get("val/ppl"))] if qk_check in ("ok", "-") else []
         cfg = r.get("config") or {}
         steps = [h for h in hist if h.get("step_time_s")]
         train_s = sum(h["step_time_s"] * _interval(hist, i) for i, h in enumerate(hist) if h.get("step_time_s"))
@@ -116,6 +118,7 @@ def trials_frame(records: list[dict]) -> pd.DataFrame:
                 "mean_step_time_s": (train_s / n_steps) if n_steps and steps else math.nan,
                 "wall_time_s": last.get("wall_time_s", math.nan),
                 "status": r.get("status", "unknown"),
+                "qk_check": qk_check,
             }
         )
     df = pd.DataFrame(rows)
@@ -208,6 +211,9 @@ def summary_markdown(df: pd.DataFrame, title: str) -> str:
             f"| {'-' if is_ref else _gap(r.gap_mean, r.gap_std)} | {met} | {params} | {r.steps} | {r.statuses} |"
         )
     lines += controls_markdown(s)
+    broken = df[~df.qk_check.isin(["ok", "-"])] if "qk_check" in df else df.iloc[:0]
+    for r in broken.itertuples():
+        lines += ["", f"**{r.name}: no valid result.** {r.qk_check}"]
     lines += ["", "Per trial:", "", _trial_table(df), ""]
     lines += savings_markdown(df) + compute_markdown(df)
     return "\n".join(lines)
@@ -371,7 +377,9 @@ def status_table(run: str | os.PathLike, now: float | None = None) -> str:
     for r in load_records(run):
         hist = r.get("history") or []
         last = hist[-1] if hist else {}
-        ppls = [h["val/ppl"] for h in hist if finite(h.get("val/ppl"))]
+        qk_check = r.get("qk_check") or last.get("qk_check") or "-"  # "ok", or what failed
+        # a trial whose Q/K broke its method's rule has no valid result, whatever it reported before
+        ppls = [h["val/ppl"] for h in hist if finite(h.get("val/ppl"))] if qk_check in ("ok", "-") else []
         max_steps = (r.get("config") or {}).get("train", {}).get("max_steps", "?")
         age = now - r["last_report"] if r.get("last_report") else None
         rows.append(

@@ -6,6 +6,7 @@ a GPU: `benchmarks/gpu_speed.py` checks them there. Everything else runs here on
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -110,7 +111,7 @@ def test_a_compiler_that_fails_falls_back_to_eager_and_says_why(tmp_path, data_d
     lines = []
     T.train(cfg(data_dir, compile="default"), tmp_path / "a", log=lines.append)
     T.train(cfg(data_dir, compile="off"), tmp_path / "b", log=lambda _: None)
-    assert any("failed (RuntimeError: no C++ compiler found): training eager" in l for l in lines)
+    assert any("failed in a training step (RuntimeError: no C++ compiler found): training eager" in l for l in lines)
     assert rows(tmp_path / "a") == rows(tmp_path / "b")  # the failed attempt left no trace in the run
 
 
@@ -118,21 +119,25 @@ def test_a_compiler_that_fails_falls_back_to_eager_and_says_why(tmp_path, data_d
 # the input pipeline's state
 
 
-def test_batches_state_is_the_sampler_state_before_the_staged_batch(data_dir):
-    """On CPU nothing is staged; the staged path (CUDA) must hand back the state before its batch."""
+def test_batches_stage_ahead_and_their_state_is_the_one_before_the_staged_batch(data_dir):
+    """The staging path runs on CPU too: next() hands out the staged batch and stages the following one."""
     from oelm_ray.core.data import load_prepared
 
     data = load_prepared(cfg(data_dir).data)
+    ref = T.Sampler(data.train, 32, 4, seed=0)
     a = T.Batches(T.Sampler(data.train, 32, 4, seed=0), torch.device("cpu"))
-    b = T.Batches(T.Sampler(data.train, 32, 4, seed=0), torch.device("cpu"))
     for _ in range(3):
-        a.next()
-    b.load_state_dict(a.state_dict())
+        x, y = a.next()
+        buf = ref.next_buf()
+        assert torch.equal(x, buf[:, :-1]) and torch.equal(y, buf[:, 1:])  # the sampler's batches, in order
+    assert a.staged is not None  # the fourth batch is already drawn...
+    b = T.Batches(T.Sampler(data.train, 32, 4, seed=1), torch.device("cpu"))
+    b.load_state_dict(a.state_dict())  # ...but the state is from before it: a restore draws it again
+    fourth = ref.next_buf()
+    for batches in (a, b):
+        x, y = batches.next()
+        assert torch.equal(x, fourth[:, :-1]) and torch.equal(y, fourth[:, 1:])
     assert all(torch.equal(u, v) for u, v in zip(a.next(), b.next()))
-    # emulate staging: a batch drawn ahead is not part of the saved state
-    a.staged = (a.sampler.state_dict(), *a.sampler.next())
-    b.load_state_dict(a.state_dict())
-    assert torch.equal(a.staged[1], b.next()[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,20 +145,26 @@ def test_batches_state_is_the_sampler_state_before_the_staged_batch(data_dir):
 
 
 def test_background_checkpoints_report_after_the_write_and_resume_exactly(tmp_path, data_dir, monkeypatch):
+    import threading
+
+    from oelm_ray.core import checkpoint
+
     c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15)
-    monkeypatch.setattr(T, "BACKGROUND_CHECKPOINTS", False)
-    T.train(c, tmp_path / "inline", log=lambda _: None)
-    monkeypatch.setattr(T, "BACKGROUND_CHECKPOINTS", True)
+    T.train(c, tmp_path / "inline", log=lambda _: None, background=False)
+    writers, real_save = [], checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint",
+                        lambda path, payload: (writers.append(threading.current_thread().name), real_save(path, payload)))
     seen = []
 
     def check(m):  # the report comes once latest.pt holds this very step
         seen.append((m["step"], torch.load(tmp_path / "bg" / "latest.pt", weights_only=True)["step"]))
 
-    T.train(c, tmp_path / "bg", report=check, log=lambda _: None)
+    T.train(c, tmp_path / "bg", report=check, log=lambda _: None, background=True)
     assert seen == [(10, 10), (20, 20)]
+    assert writers and set(writers) == {"checkpoint-writer"}  # every file written off the training thread
     with pytest.raises(Stop):
-        T.train(c, tmp_path / "cut", report=stop_at(10), log=lambda _: None)
-    T.train(c, tmp_path / "cut", resume=True, log=lambda _: None)
+        T.train(c, tmp_path / "cut", report=stop_at(10), log=lambda _: None, background=True)
+    T.train(c, tmp_path / "cut", resume=True, log=lambda _: None, background=True)
     assert rows(tmp_path / "bg") == rows(tmp_path / "inline") == rows(tmp_path / "cut")
     for name in ("latest.pt", "best.pt"):
         a = torch.load(tmp_path / "inline" / name, weights_only=True)["model"]
@@ -294,3 +305,125 @@ def test_cuda_fast_path_through_unfreeze_background_checkpoints_and_resume(tmp_p
         T.train(c, tmp_path / "cut", report=stop_at(10), log=lambda _: None)
     T.train(c, tmp_path / "cut", resume=True, log=lambda _: None)
     assert flat(tmp_path / "cut") == pytest.approx(flat(tmp_path / "fast"), rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# the Q/K unfreeze under compile, and compiler failures after the first forward
+
+
+class StaleGraph(torch.nn.Module):
+    """A stand-in for torch.compile that behaves like a graph compiled once and reused whatever changes.
+
+    It keeps the requires_grad flags the Q/K had when it was built, as dynamo does on torch versions
+    that skip the tensor guards of parameters whose module dict did not change: Q/K frozen at compile
+    time get no gradient from it, even after `set_qk_trainable(True)`.
+    """
+
+    def __init__(self, model, **kw):
+        super().__init__()
+        self.inner = model
+        self.frozen = [p for p in model.qk_params().values() if not p.requires_grad]
+
+    def forward(self, x, y):
+        flags = [p.requires_grad for p in self.frozen]
+        for p in self.frozen:
+            p.requires_grad_(False)
+        try:
+            return self.inner(x, y)
+        finally:
+            for p, f in zip(self.frozen, flags):
+                p.requires_grad_(f)
+
+
+def test_unfrozen_qk_train_even_where_the_compiled_graph_would_be_stale(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr(torch, "compile", StaleGraph)
+    lines = []
+    c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15, compile="default")
+    summary = T.train(c, tmp_path / "a", log=lines.append)
+    T.train(c.override({"compile": "off"}), tmp_path / "eager", log=lambda _: None)
+    assert summary["qk_check"] == "ok"
+    assert rows(tmp_path / "a") == rows(tmp_path / "eager")  # the same run as eager: Q/K trained from step 15
+    assert any("Q/K unfrozen in 2 block(s); the training step is compiled afresh" in l for l in lines), lines
+
+
+class FailingCompile(torch.nn.Module):
+    """torch.compile whose result fails at one point: the forward of a given call, its backward, or in eval mode."""
+
+    calls = 0
+
+    def __init__(self, model, fail: str, **kw):
+        super().__init__()
+        self.inner, self.fail, self.n = model, fail, 0
+        FailingCompile.calls += 1
+        self.nth_compile = FailingCompile.calls
+
+    def forward(self, x, y):
+        self.n += 1
+        if self.fail == "eval" and not self.training:
+            raise RuntimeError("inductor: eval graph failed")
+        if self.fail == "second call" and self.n == 2 and self.training:
+            raise RuntimeError("cudagraphs: recording failed")
+        if self.fail == "after unfreeze" and self.nth_compile == 2:
+            raise RuntimeError("inductor: recompile failed")
+        logits, loss = self.inner(x, y)
+        return logits, (_FailInBackward.apply(loss) if self.fail == "backward" and self.training else loss)
+
+
+class _FailInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("aot_autograd: backward compile failed")
+
+
+@pytest.mark.parametrize("fail,where", [("backward", "in a training step"), ("second call", "in a training step"),
+                                        ("eval", "in evaluation"), ("after unfreeze", "in a training step")])
+def test_a_compiler_failure_after_the_first_forward_falls_back_too(tmp_path, data_dir, monkeypatch, fail, where):
+    FailingCompile.calls = 0
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: FailingCompile(model, fail, **kw))
+    c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15)
+    lines = []
+    T.train(c.override({"compile": "default"}), tmp_path / "a", log=lines.append)
+    T.train(c.override({"compile": "off"}), tmp_path / "b", log=lambda _: None)
+    assert sum(f"failed {where} (RuntimeError:" in l for l in lines) == 1, lines  # said once, with the reason
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")  # redone eager from the same RNG state: no trace
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints and precision on GPUs
+
+
+def test_a_host_copy_keeps_the_tied_embedding_once(tmp_path):
+    from oelm_ray.core.checkpoint import host_copy
+    from oelm_ray.core.model import GPT
+
+    model = GPT(make_config("cpu").model)
+    sd = model.state_dict()
+    copy = host_copy(sd)
+    assert copy["lm_head.weight"] is copy["transformer.wte.weight"]  # one tensor, as the live ones share storage
+    assert copy["lm_head.weight"].data_ptr() != sd["lm_head.weight"].data_ptr()  # and a copy, not an alias
+    save_checkpoint(tmp_path / "live.pt", sd)
+    save_checkpoint(tmp_path / "copy.pt", copy)
+    assert (tmp_path / "copy.pt").stat().st_size == pytest.approx((tmp_path / "live.pt").stat().st_size, rel=0.01)
+
+
+@pytest.mark.parametrize("capability,dtype", [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_precision_is_bf16_only_where_the_gpu_has_it(monkeypatch, capability, dtype):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # V100 and T4 emulate it
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert T.resolve_device(make_config("medium-512"))[1] == dtype
+    assert T.resolve_device(make_config("medium-512", dtype="bf16"))[1] == torch.bfloat16  # asked for: as asked
+    assert T.resolve_device(make_config("cpu", device="cpu"))[1] is None  # fp32 on CPU
+
+
+def test_fp16_trains_with_a_gradient_scaler(tmp_path, data_dir):
+    lines = []
+    summary = T.train(cfg(data_dir, dtype="fp16"), tmp_path, log=lines.append)
+    ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert ckpt["scaler"]["scale"] > 0 and summary["qk_check"] == "ok"
+    assert math.isfinite(summary["best_val_ppl"])

@@ -45,7 +45,7 @@ def test_smoke_sweep_runs_the_matrix_and_writes_results(tmp_path, ray_local):
     run_dir = run(smoke_sweep(tmp_path, "smoke"))
     df = pd.read_parquet(run_dir / "trials.parquet")
     assert len(df) == 8 and set(COLUMNS) <= set(df.columns)
-    assert set(df.status) == {"completed"}
+    assert set(df.status) == {"completed"} and set(df.qk_check) == {"ok"}
     assert sorted(df.method.unique()) == ["baseline", "oelm_freeze", "oelm_random"]
     # the scale-matched control follows the smoke model's d_model, and the table says it is a control
     ctl = df[df.experiment_id == "CPU-04"]
@@ -248,6 +248,8 @@ def test_report_from_synthetic_records(tmp_path):
         # controls: a better baseline at the frozen arms' rate must not become the reference
         rec("L-s0", "baseline", 0, [5.0, 3.9], 1000, isolates="learning rate"),
         rec("S-s0", "oelm_random", 0, [5.0, 4.52], 900, qk_std=0.0, isolates="init scale"),
+        # a trial stopped by the Q/K check: what it reported before is no valid result
+        rec("Q-s0", "oelm_freeze", 0, [5.0, 3.0], 900, status="error") | {"qk_check": "Q/K check failed at step 300: x"},
     ]:
         results.write_record(run_dir, r)
     (run_dir / "sweep.json").write_text("{}")
@@ -266,7 +268,10 @@ def test_report_from_synthetic_records(tmp_path):
     # the config fields that differ between trials, with the scale-matched std resolved
     assert df.loc["B-s0", "lr"] == 3e-4 and df.loc["S-s0", "qk_random_std"] == 64**-0.5 and df.loc["S-s0", "d_model"] == 64
     assert df.loc["B-s0", "val_tokens"] == 4096
+    assert math.isnan(df.loc["Q-s0", "best_val_ppl"]) and df.loc["Q-s0", "qk_check"].startswith("Q/K check failed")
+    assert df.loc["F-s0", "qk_check"] == "-"  # records from before the check: unknown, not failed
     md = paths[1].read_text()
+    assert "**Q-s0: no valid result.** Q/K check failed at step 300: x" in md
     assert "| stories | F | protocol | oelm_freeze | 2 | 4.470 ± 0.523 | +6.2% ± 5.3 | 1/2 | 900 |" in md
     assert "whole validation split (4,096 tokens)" in md
     assert "| stories | L | baseline | 0.001 | - | 3.900 ± 0.000 | -2.5% ± 0.0 | -4.9% ± 0.0 | learning rate |" in md

@@ -15,6 +15,7 @@ from oelm_ray.core.checkpoint import CheckpointError
 from oelm_ray.core.config import make_config
 from oelm_ray.core.data import load_prepared, prepare
 from oelm_ray.core.model import GPT
+from oelm_ray.core.qkcheck import QKCheckError
 from oelm_ray.core.trainer import RunExistsError, build_optimizer, eval_batches, train
 
 TINY = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, max_steps=40,
@@ -76,6 +77,8 @@ def _straight_and_cut(c, tmp_path, at: int):
 @pytest.mark.parametrize("method,extra", [
     ("baseline", {}),
     ("oelm_freeze", {"qk_unfreeze_step": 15, "qk_lr_mult": 0.5, "qk_freeze_layers": 1}),
+    ("oelm_freeze", {"qk_unfreeze_step": 20}),  # cut at the checkpoint of the unfreeze step itself
+    ("baseline", {"dtype": "fp16"}),  # fp16 autocast: the gradient scaler's state resumes too
 ])
 def test_resume_is_bit_for_bit(tmp_path, data_dir, method, extra):
     c = cfg(data_dir, method=method, **extra)
@@ -102,7 +105,8 @@ def test_partial_unfreeze_trains_qk_only_after_the_step(tmp_path, data_dir):
     train(c, tmp_path, report=grab, log=quiet)
     assert torch.equal(snaps[10], snaps[20])  # frozen through step 20
     assert not torch.equal(snaps[20], snaps[30])  # trains after it
-    assert json.loads((tmp_path / "summary.json").read_text())["frozen_params"] == []
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["frozen_params"] == [] and summary["qk_check"] == "ok"
 
 
 def test_divergence_ends_with_status_diverged(tmp_path, data_dir):
@@ -279,3 +283,47 @@ def test_medium_512_takes_an_optimizer_step_on_gpt2_tokens(tmp_path, gpt2_ranks)
     for w in qk:  # still the head-wise orthogonal init: each head's 64 rows orthonormal (a step would break it)
         heads = w.reshape(16, 64, 512)  # (2 * n_head, d_head, d_model): Q heads, then K heads
         assert torch.allclose(heads @ heads.transpose(1, 2), torch.eye(64).expand(16, 64, 64), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# the method's invariant, checked at every checkpoint
+
+
+@pytest.mark.parametrize("method,extra", [("baseline", {}), ("oelm_freeze", {}), ("oelm_random", {"qk_freeze_layers": 1}),
+                                          ("oelm_freeze", {"qk_unfreeze_step": 20})])
+def test_every_checkpoint_checks_the_qk_policy(tmp_path, data_dir, method, extra):
+    summary = train(cfg(data_dir, method=method, **extra), tmp_path, log=quiet)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["qk_check"] == "ok" and [r["qk_check"] for r in rows] == ["ok"] * 4
+    assert len(torch.load(tmp_path / "latest.pt", weights_only=True)["qk_init"]) == 2  # one digest per block
+
+
+def test_qk_that_never_unfreeze_stop_the_run(tmp_path, data_dir, monkeypatch):
+    """An unfreeze that does nothing (as a stale compiled graph would): Q/K unchanged where they should train."""
+    real = GPT.set_qk_trainable
+    monkeypatch.setattr(GPT, "set_qk_trainable", lambda self, unfrozen: real(self, False))
+    reports = []
+    with pytest.raises(QKCheckError, match=r"at step 30: Q/K of block\(s\) 0, 1 should have trained but are bit-identical"):
+        train(cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=20), tmp_path, report=reports.append, log=quiet)
+    assert [m["step"] for m in reports] == [10, 20]  # step 30 is never reported, nor written
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] == 20
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "qk_check_failed" and "should have trained" in summary["qk_check"]
+
+
+def test_frozen_qk_that_move_stop_the_run(tmp_path, data_dir, monkeypatch):
+    """An optimizer that reaches the frozen Q/K: the first checkpoint says which blocks changed."""
+    from oelm_ray.core import trainer
+
+    real = trainer.build_optimizer
+
+    def leaky(model, c, device, qk_unfrozen=False):
+        for w in model.qk_params().values():
+            w.requires_grad_(True)
+        return real(model, c, device, qk_unfrozen=True)
+
+    monkeypatch.setattr(trainer, "build_optimizer", leaky)
+    with pytest.raises(QKCheckError, match=r"at step 10: Q/K of block\(s\) 0, 1 should be frozen \(oelm_freeze\) but changed"):
+        train(cfg(data_dir, method="oelm_freeze"), tmp_path, log=quiet)
+    assert not (tmp_path / "latest.pt").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "qk_check_failed"

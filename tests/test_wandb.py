@@ -46,7 +46,7 @@ def steps_of(run_dir: Path, trial_id: str) -> list[int]:
     """Training steps with val/ppl across every offline segment of one trial, in start order."""
     out = []
     for seg in W.offline_runs(run_dir):
-        if seg.name.endswith("-" + trial_id):
+        if W.offline_run_id(seg) == trial_id:
             out += [h["_step"] for h in read_finished(seg)["history"] if "val/ppl" in h]
     return out
 
@@ -113,7 +113,7 @@ class FakeTrial:
 
 def _result(it: int, step: int) -> dict:
     return {"training_iteration": it, "step": step, "val/ppl": 100.0 / step, "trial_id": "trial_00000",
-            "hostname": "h", "node": "127.0.0.1", "done": False, "config": {"trial": {}}}
+            "hostname": "h", "node": "127.0.0.1", "done": False, "config": {"trial": {}}, "qk_check": "ok"}
 
 
 def test_callback_logs_at_the_training_step_and_a_restored_copy_adds_no_duplicates(tmp_path, no_key, monkeypatch, capsys):
@@ -141,7 +141,7 @@ def test_callback_logs_at_the_training_step_and_a_restored_copy_adds_no_duplicat
     restored.on_trial_complete(0, [t], t)
 
     segs = W.offline_runs(tmp_path)
-    assert len(segs) == 2 and all(s.name.endswith("-trial_00000") for s in segs)
+    assert len(segs) == 2 and all(W.offline_run_id(s) == "trial_00000" for s in segs)
     assert steps_of(tmp_path, "trial_00000") == [10, 20, 30]
     first, second = read_finished(segs[0]), read_finished(segs[1])
     assert [h["step"] for h in first["history"]] == [h["_step"] for h in first["history"]] == [10, 20]
@@ -150,6 +150,7 @@ def test_callback_logs_at_the_training_step_and_a_restored_copy_adds_no_duplicat
     assert first["config"]["lr"] == E.EMBEDDED["CPU-02"].config(0, **E.SMOKE).train.lr
     assert first["config"]["hostname"] == "h" and first["config"]["node"] == "127.0.0.1"
     assert not any("hostname" in h or "done" in h or "trial" in first["config"] for h in first["history"])
+    assert first["summary"]["qk_check"] == "ok" and not any("qk_check" in h for h in first["history"])
 
     # restored where W&B is now off: it logs nothing
     off = pickle.loads(state)
@@ -182,7 +183,7 @@ def test_online_init_failure_falls_back_to_offline_once(tmp_path, no_key, monkey
         cb.on_trial_complete(0, [t], t)
     assert modes == ["online", "offline", "offline"]  # one failed attempt per sweep, not one wait per trial
     assert capsys.readouterr().out.count("online init failed") == 1
-    assert [s.name.rsplit("-", 1)[-1] for s in W.offline_runs(tmp_path)] == ["trial_00000", "trial_00001"]
+    assert [W.offline_run_id(s) for s in W.offline_runs(tmp_path)] == ["trial_00000", "trial_00001"]
     assert W._read_meta(tmp_path)["mode"] == "offline"  # so finish_sweep says to `oelm-ray sync`, which uploads them
 
 
@@ -247,7 +248,7 @@ def test_smoke_sweep_without_key_logs_one_offline_run_per_trial(tmp_path, ray_lo
     segs = W.offline_runs(run_dir)
     assert len(records) == len(segs) == 2
     for rec in records:
-        (seg,) = [s for s in segs if s.name.endswith("-" + rec["trial_id"])]
+        (seg,) = [s for s in segs if W.offline_run_id(s) == rec["trial_id"]]
         r = read_finished(seg)
         method = rec["method"]
         assert (r["id"], r["name"], r["group"], r["job_type"]) == (rec["trial_id"], rec["name"], "phase3-smoke", method)
@@ -290,5 +291,5 @@ def test_retried_and_restored_trials_continue_their_run(tmp_path, ray_local, mon
     (rec2,) = results.load_records(restored)
     assert rec2["status"] == "completed" and rec2["trial_id"] == rec["trial_id"]
     segs = W.offline_runs(restored)
-    assert len(segs) == 2 and all(s.name.endswith("-" + rec["trial_id"]) for s in segs)  # two segments, one run id
+    assert len(segs) == 2 and all(W.offline_run_id(s) == rec["trial_id"] for s in segs)  # two segments, one run id
     assert steps_of(restored, rec["trial_id"]) == [10, 20, 30]  # `wandb sync` replays them in order: no duplicates

@@ -40,8 +40,8 @@ def read_records(path: str | os.PathLike) -> Iterator[Any]:
 
 
 def read_run(path: str | os.PathLike) -> dict:
-    """id, group, job_type, tags, config, history ([{key: value, "_step": n}]) and exit_code of one `.wandb` file."""
-    out: dict[str, Any] = {"config": {}, "history": [], "exit_code": None}
+    """id, group, job_type, tags, config, history ([{key: value, "_step": n}]), summary and exit_code of one `.wandb` file."""
+    out: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "exit_code": None}
     for rec in read_records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
@@ -55,6 +55,9 @@ def read_run(path: str | os.PathLike) -> dict:
             row = {"/".join(i.nested_key) if i.nested_key else i.key: _item_value(i) for i in rec.history.item}
             row["_step"] = rec.history.step.num if rec.history.HasField("step") else row.get("_step")
             out["history"].append(row)
+        elif kind == "summary":
+            out["summary"].update({"/".join(i.nested_key) if i.nested_key else i.key: json.loads(i.value_json)
+                                   for i in rec.summary.update})
         elif kind == "exit":
             out["exit_code"] = rec.exit.exit_code
     return out

@@ -61,16 +61,23 @@ def host_copy(obj: Any) -> Any:
     """A copy of obj whose tensors live in host memory and no longer alias the training state.
 
     CUDA tensors are copied device-to-host without blocking (into pinned memory) and waited for
-    once; CPU tensors are cloned, since training goes on updating them in place.
+    once; CPU tensors are cloned, since training goes on updating them in place. Tensors that are
+    the same view of one storage (the tied embedding and LM head: two state-dict entries) become
+    one copy, so `torch.save` writes it once, as it does for the live tensors.
     """
     cuda = []
+    seen: dict[tuple, torch.Tensor] = {}
 
     def copy(o: Any) -> Any:
         if isinstance(o, torch.Tensor):
-            if o.is_cuda:
-                cuda.append(o.device)
-                return o.detach().to("cpu", non_blocking=True)
-            return o.detach().clone()
+            key = (o.device, o.untyped_storage().data_ptr(), o.storage_offset(), o.dtype, tuple(o.shape), o.stride())
+            if key not in seen:
+                if o.is_cuda:
+                    cuda.append(o.device)
+                    seen[key] = o.detach().to("cpu", non_blocking=True)
+                else:
+                    seen[key] = o.detach().clone()
+            return seen[key]
         if isinstance(o, dict):
             return {k: copy(v) for k, v in o.items()}
         if isinstance(o, (list, tuple)):

@@ -26,7 +26,7 @@ HUB_DATASETS = ("tinystories", "openwebtext", "wikitext103")
 DATASETS = ("stories",) + HUB_DATASETS
 TOKENIZERS = ("bytes", "gpt2")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "fp32", "bf16")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -165,7 +165,7 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda when available; in a Ray trial, cuda only if Ray assigned it a GPU), cpu or cuda."""
     dtype: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16."""
+    """auto (bf16 autocast on a CUDA GPU with native bf16, fp16 autocast with a gradient scaler on one without, fp32 on CPU), fp32, bf16 or fp16."""
     compile: str = "auto"
     """torch.compile of the training step: off (eager), default, reduce-overhead (CUDA graphs), or auto (reduce-overhead on one CUDA GPU, default under DDP, off on CPU); true/false mean default/off."""
     num_threads: int = 0

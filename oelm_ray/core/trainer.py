@@ -32,6 +32,7 @@ from .io import UserError, atomic_write, write_json
 from .config import Config, ConfigError
 from .data import Prepared, load_prepared
 from .model import GPT
+from .qkcheck import QKCheckError, check_qk, qk_digests
 
 Report = Callable[[dict[str, Any]], None]
 EVAL_SEED = 1337  # the validation windows are the same for every method and seed: a fair comparison
@@ -51,8 +52,19 @@ def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
     if want == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA GPU is visible: use device=auto or cpu")
     dev = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
-    use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and dev.type == "cuda")
-    return dev, (torch.bfloat16 if use_bf16 else None)
+    dtype = cfg.train.dtype
+    if dtype == "auto":
+        dtype = "fp32" if dev.type != "cuda" else "bf16" if native_bf16(dev) else "fp16"
+    return dev, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this CUDA GPU computes bf16 natively: compute capability 8.0 (Ampere) and newer, or ROCm.
+
+    `torch.cuda.is_bf16_supported()` also says yes where bf16 is only emulated (V100, T4), and asks
+    about the current device rather than this one.
+    """
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
 
 
 class Sampler:
@@ -133,11 +145,12 @@ def qk_unfrozen_at(step: int, cfg: Config) -> bool:
     return cfg.train.qk_unfreeze_step != -1 and step >= cfg.train.qk_unfreeze_step
 
 
-def build_optimizer(model: GPT, cfg: Config, device: torch.device, step: int = 0) -> torch.optim.AdamW:
+def build_optimizer(model: GPT, cfg: Config, device: torch.device, qk_unfrozen: bool = False) -> torch.optim.AdamW:
     """AdamW over trainable parameters only: matrices decay, norms and biases do not, Q/K get lr_mult.
 
-    The groups follow the policy, not the current requires_grad flags: a run resumed after a Q/K
-    unfreeze rebuilds exactly the groups (and their order) that its checkpoint's optimizer holds.
+    The groups follow the policy, not the current requires_grad flags; `qk_unfrozen` adds the group
+    the policy's frozen Q/K join at their unfreeze, last, as `TrainStep.unfreeze_qk` does: a resumed
+    run passes what its checkpoint's optimizer holds (`qk_unfrozen_in`), so the groups match.
     """
     frozen_qk = {id(model.transformer.h[i].attn.c_qk.weight) for i in cfg.model.frozen_qk_layers}
     qk = {id(p) for p in model.qk_params().values()}
@@ -155,7 +168,7 @@ def build_optimizer(model: GPT, cfg: Config, device: torch.device, step: int = 0
         for name, ps in groups.items()
         if ps
     ]
-    if qk_unfrozen_at(step, cfg):
+    if qk_unfrozen:
         param_groups.append(qk_unfrozen_group(model, cfg))
     return torch.optim.AdamW(param_groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
 
@@ -164,6 +177,15 @@ def qk_unfrozen_group(model: GPT, cfg: Config) -> dict:
     """The optimizer group that the policy's frozen Q/K join once they are unfrozen."""
     params = [model.transformer.h[i].attn.c_qk.weight for i in cfg.model.frozen_qk_layers]
     return {"params": params, "weight_decay": cfg.train.weight_decay, "lr_mult": cfg.train.qk_lr_mult, "name": "qk_unfrozen"}
+
+
+def qk_unfrozen_in(optimizer_state: dict) -> bool:
+    """Whether a saved optimizer state holds the unfrozen Q/K's group.
+
+    The checkpoint of step `qk_unfreeze_step` is written before the loop unfreezes (at the top of the
+    next step), so the step number alone does not say; the optimizer's own groups do.
+    """
+    return any(g.get("name") == "qk_unfrozen" for g in optimizer_state["param_groups"])
 
 
 def qk_init_name(cfg: Config) -> str:
@@ -197,12 +219,13 @@ def resolve_compile(cfg: Config, device: torch.device, world: int = 1) -> tuple[
 
 
 class Batches:
-    """This rank's training batches from the sampler; on CUDA the next one is staged ahead.
+    """This rank's training batches from the sampler, the next one always staged ahead.
 
-    On CUDA a batch is drawn (random windows from the memmap, on the host), pinned and copied to the
-    GPU on a side stream while the current step runs; the step's stream waits for that copy only.
-    `state_dict()` is the sampler's state before the staged (not yet consumed) batch, so a resumed
-    run draws exactly that batch next: resume stays exact.
+    The batch after the current one is drawn (random windows from the memmap, on the host) when the
+    current one is handed out; on CUDA it is pinned and copied to the GPU on a side stream while the
+    current step runs, and the step's stream waits for that copy only. `state_dict()` is the
+    sampler's state before the staged (not yet consumed) batch, so a resumed run draws exactly that
+    batch next: resume stays exact. The same code stages on CPU, without the copy.
     """
 
     def __init__(self, sampler: Sampler, device: torch.device, rank: int = 0, world: int = 1):
@@ -213,25 +236,27 @@ class Batches:
         self.staged: tuple[dict, torch.Tensor, torch.Tensor] | None = None
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.stream is None:
-            buf = self.sampler.next_buf()[self.rows]  # (b, T+1)
-            return buf[:, :-1], buf[:, 1:]
         if self.staged is None:
             self._stage()
         _, x, y = self.staged
-        main = torch.cuda.current_stream(self.device)
-        main.wait_stream(self.stream)
-        x.record_stream(main)  # allocated on the side stream, used on the main one
-        y.record_stream(main)
+        if self.stream is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(self.stream)
+            x.record_stream(main)  # allocated on the side stream, used on the main one
+            y.record_stream(main)
         self._stage()
         return x, y
 
     def _stage(self) -> None:
         state = self.sampler.state_dict()
-        buf = self.sampler.next_buf()[self.rows].pin_memory()  # (b, T+1)
-        with torch.cuda.stream(self.stream):
-            dev = buf.to(self.device, non_blocking=True)
-            x, y = dev[:, :-1].contiguous(), dev[:, 1:].contiguous()
+        buf = self.sampler.next_buf()[self.rows]  # (b, T+1)
+        if self.stream is None:
+            x, y = buf[:, :-1], buf[:, 1:]
+        else:
+            buf = buf.pin_memory()
+            with torch.cuda.stream(self.stream):
+                dev = buf.to(self.device, non_blocking=True)
+                x, y = dev[:, :-1].contiguous(), dev[:, 1:].contiguous()
         self.staged = (state, x, y)
 
     def state_dict(self) -> dict:
@@ -242,35 +267,52 @@ class Batches:
         self.staged = None
 
 
+GUARDED_STEPS = 3
+"""Steps after every (re)compile that fall back to eager if the compiler fails: the first compiles
+the forward and (lazily) the backward, the next ones record and replay the CUDA graphs."""
+
+
 class TrainStep:
     """The model, its optimizer and one training step (fwd, bwd, clip, AdamW), eager or compiled.
 
     On CUDA the AdamW is fused and its learning rates are device tensors updated in place, so a new
     lr every step needs neither a host sync nor a recompile; under reduce-overhead the compiled
-    forward and backward replay as CUDA graphs (cudagraph_mark_step_begin marks each step). If
-    compiling fails at the first step, training goes on eager and the log says why.
+    forward and backward replay as CUDA graphs (cudagraph_mark_step_begin marks each step). Under
+    fp16 autocast a GradScaler scales the loss. A compiler failure in the first `GUARDED_STEPS`
+    steps after a (re)compile, or in the first compiled evaluation, is logged and that work redone
+    eager from the same RNG state; the run goes on eager (evaluation alone, if only it failed).
     """
 
     def __init__(self, raw_model: GPT, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device,
                  amp_dtype: torch.dtype | None, world: int, log: Callable[[str], None]):
         self.raw, self.optimizer, self.cfg, self.device, self.world, self.log = raw_model, optimizer, cfg, device, world, log
         self.amp_dtype = amp_dtype
+        self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         self.mode, why = resolve_compile(cfg, device, world)
         self.tensor_lr = device.type == "cuda"  # fused AdamW takes lr as a device tensor
         self._set_lr_types()
-        self.proven = self.mode is None
-        if self.mode:  # one run per process: earlier runs' compiled frames would count against the recompile limit
-            torch._dynamo.reset()
-        self.compiled = torch.compile(raw_model, mode=self.mode, dynamic=False) if self.mode else raw_model
-        self.model = self._wrap()
-        self._params()
+        self.compiles = 0  # how often the step was (re)compiled: once, plus once per Q/K unfreeze
+        self.eval_failed = False  # a compiled evaluation failed once: evaluations run eager from then on
+        self._build()
         self.describe = f"training step: {'torch.compile(mode=' + repr(self.mode) + ')' if self.mode else 'eager'} ({why})"
 
-    def _wrap(self) -> torch.nn.Module:  # DDP averages the gradients; each rank trains on its slice of the batch
-        return _ddp(self.compiled, self.device) if self.world > 1 else self.compiled
+    def _build(self) -> None:
+        """(Re)build the step's model: compiled afresh (no graph compiled before is reused), DDP-wrapped under DDP.
 
-    def _params(self) -> None:
+        A fresh compile at the Q/K unfreeze, rather than trusting dynamo to notice the new
+        requires_grad flags: with skip_tensor_guards_with_matching_dict_tags (on by default) some
+        torch versions keep replaying the frozen graph, in which Q/K get no gradient.
+        """
+        if self.mode:
+            torch._dynamo.reset()  # also the CUDA graph trees of the old graphs
+            self.compiled = torch.compile(self.raw, mode=self.mode, dynamic=False)
+            self.compiles += 1
+        else:
+            self.compiled = self.raw
+        self.model = _ddp(self.compiled, self.device) if self.world > 1 else self.compiled
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.unproven = GUARDED_STEPS if self.mode else 0
+        self.eval_compiled, self.eval_proven = self.mode is not None and not self.eval_failed, False
 
     def _set_lr_types(self) -> None:
         """lr as a device tensor (fused AdamW on CUDA) or a float, whatever a new group or a loaded state held."""
@@ -283,9 +325,15 @@ class TrainStep:
             elif lr.device != self.device:
                 g["lr"] = lr.to(self.device)
 
-    def load_optimizer(self, sd: dict) -> None:
-        self.optimizer.load_state_dict(sd)
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the step: the optimizer's state and the gradient scaler's (fp16)."""
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def load_state(self, sd: dict) -> None:
+        self.optimizer.load_state_dict(sd["optimizer"])
         self._set_lr_types()
+        if self.scaler is not None and sd.get("scaler"):
+            self.scaler.load_state_dict(sd["scaler"])
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -300,13 +348,11 @@ class TrainStep:
         return any(g["name"] == "qk_unfrozen" for g in self.optimizer.param_groups)
 
     def unfreeze_qk(self) -> None:
-        """Frozen Q/K train from now on (a compiled model recompiles once: requires_grad changed)."""
+        """Frozen Q/K train from now on: they join the optimizer, and the step is compiled afresh."""
         self.raw.set_qk_trainable(True)
         self.optimizer.add_param_group(qk_unfrozen_group(self.raw, self.cfg))
         self._set_lr_types()
-        self._params()
-        if self.world > 1:  # DDP fixes its parameter set when built: rebuild it with the unfrozen Q/K
-            self.model = self._wrap()
+        self._build()  # also rebuilds DDP, which fixes its parameter set when built
 
     def _forward(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.mode == "reduce-overhead" and model is not self.raw:
@@ -317,43 +363,80 @@ class TrainStep:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = self._forward(self.model, x, y)
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return loss
+
+    def _compiler_failed(self, where: str, e: Exception) -> None:
+        self.log(f"torch.compile(mode={self.mode!r}) failed {where} ({type(e).__name__}: "
+                 f"{(str(e).splitlines() or [''])[0][:200]}): {'training' if where == 'in a training step' else 'evaluating'} eager")
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step on (x, y); returns the loss (on the device, detached)."""
-        if self.proven:
-            loss = self._forward(self.model, x, y)
-        else:  # the first compiled step: a compiler that fails here leaves nothing half-done
+        if not self.unproven:
+            loss = self._forward_backward(x, y)
+        else:  # just (re)compiled: a compiler that fails here leaves nothing half-done
+            rng = _rng_state(self.device)
             try:
-                loss = self._forward(self.model, x, y)
+                loss = self._forward_backward(x, y)
+                self.unproven -= 1
             except Exception as e:
-                self.log(f"torch.compile(mode={self.mode!r}) failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): training eager")
-                self.mode, self.compiled = None, self.raw
-                self.model = self._wrap()
-                loss = self._forward(self.model, x, y)
-            self.proven = True
-        loss.backward()
+                self._compiler_failed("in a training step", e)
+                self.optimizer.zero_grad(set_to_none=True)
+                _set_rng_state(self.device, rng)  # the eager redo draws the same dropout masks
+                self.mode = None
+                self._build()
+                loss = self._forward_backward(x, y)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped where the fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # graph outputs must not be kept across steps
         return loss.detach()
 
     def evaluate(self, val_set: list[tuple[torch.Tensor, torch.Tensor]], val_tokens: int) -> float:
         """Mean loss per scored token over the validation set (one host sync)."""
         self.model.eval()
+        try:
+            if self.eval_compiled and not self.eval_proven:
+                try:
+                    total = self._score(val_set)
+                    self.eval_proven = True
+                except Exception as e:
+                    self._compiler_failed("in evaluation", e)
+                    self.eval_compiled, self.eval_failed = False, True
+            if not self.eval_compiled or not self.eval_proven:
+                total = self._score(val_set)
+            return total / val_tokens
+        finally:
+            self.model.train()
+
+    def _score(self, val_set: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Summed loss over the scored tokens: compiled (if `eval_compiled`) for the main batch shape."""
         main_shape = val_set[0][0].shape
         total = torch.zeros((), device=self.device)
         with torch.no_grad():
             for x, y in val_set:
                 # the whole split's last, smaller batches run uncompiled: no recompile for two shapes
-                m = self.compiled if x.shape == main_shape else self.raw
+                m = self.compiled if self.eval_compiled and x.shape == main_shape else self.raw
                 total += self._forward(m, x, y).float() * y.numel()
-        self.model.train()
-        return total.item() / val_tokens
+        return total.item()
 
 
-BACKGROUND_CHECKPOINTS: bool | None = None
-"""None: write checkpoints in the background on one CUDA GPU (the step is fast, the write is not),
-inline on CPU and under DDP (every rank reports at once); tests set True or False."""
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -367,8 +450,13 @@ def train(
     resume: bool = False,
     data: Prepared | None = None,
     log: Callable[[str], None] = print,
+    background: bool | None = None,
 ) -> dict[str, Any]:
     """Train one model into `out_dir`; returns the summary (also written to summary.json).
+
+    `background`: write checkpoints in a background thread (True) or inline (False); None (the
+    default) writes in the background on one CUDA GPU (the step is fast, the write is not) and inline
+    on CPU and under DDP (every rank reports at once).
 
     `setup` (checks, model, optimizer, data, resume) -> every step: Q/K unfreeze, lr, `TrainStep`,
     log -> at every evaluation: `evaluate`, `checkpoint` (metrics row, latest.pt, report) -> `finish`.
@@ -376,7 +464,7 @@ def train(
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
     cfg.validate()
     t = cfg.train
-    run = setup(cfg, Path(out_dir), resume, data, log)
+    run = setup(cfg, Path(out_dir), resume, data, log, background)
     interval = Interval(run.device)
     status, train_loss = "completed", math.nan
     run.model.train()
@@ -384,7 +472,8 @@ def train(
         while run.step < t.max_steps:
             if qk_unfrozen_at(run.step, cfg) and not run.trainer.qk_unfrozen:
                 run.trainer.unfreeze_qk()
-                log(f"step {run.step}: Q/K unfrozen in {len(cfg.model.frozen_qk_layers)} block(s)")
+                log(f"step {run.step}: Q/K unfrozen in {len(cfg.model.frozen_qk_layers)} block(s)"
+                    + ("; the training step is compiled afresh" if run.trainer.mode else ""))
             lr = lr_at(run.step, cfg)
             run.trainer.set_lr(lr)
             x, y = run.batches.next()
@@ -410,7 +499,13 @@ def train(
                 log(f"step {run.step}: validation loss is {metrics['val/loss']}: the run diverged; stopping")
                 break
             log(f"step {run.step}: val loss {metrics['val/loss']:.4f} | val ppl {metrics['val/ppl']:.3f} | eval {metrics['eval_time_s']:.2f}s")
-            checkpoint(run, metrics, report)
+            try:
+                checkpoint(run, metrics, report)
+            except QKCheckError as e:  # the method broke: the summary says so, nothing more is reported
+                run.qk_check = str(e)
+                log(f"step {run.step}: {e}")
+                finish(run, "qk_check_failed", None, log)
+                raise
             interval.reset()
         run.writer.wait()
     finally:
@@ -435,6 +530,8 @@ class Run:
     val_tokens: int  # targets an evaluation scores
     counts: dict[str, int]  # trainable / frozen / total parameters at setup: the run's figures
     writer: CheckpointWriter
+    qk_init: list[str]  # each block's Q/K digest at init (qkcheck), kept in every checkpoint
+    qk_check: str = "not checked yet"  # the last checkpoint's Q/K check: "ok", or what failed
     step: int = 0  # optimizer steps taken
     tokens: int = 0  # training tokens seen (global batch)
     best_val: float = math.inf
@@ -482,7 +579,8 @@ class Interval:
         self.start = time.perf_counter()
 
 
-def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Callable[[str], None]) -> Run:
+def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Callable[[str], None],
+          background: bool | None = None) -> Run:
     """Checks, data, model, optimizer, batches and validation set; restored from latest.pt on resume."""
     t = cfg.train
     # every check that can fail cheaply runs before the model is built
@@ -502,22 +600,25 @@ def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Call
 
     torch.manual_seed(t.seed)
     model = GPT(cfg.model)
+    qk_init = qk_digests(model)  # a resumed run checks against the digest its first process took
     counts = model.param_counts()  # as the run starts (Q/K frozen), also when it resumes after an unfreeze
     batches = Batches(Sampler(data.train, cfg.model.block_size, t.batch_size, seed=t.seed), device, rank, world)
     val_set = eval_batches(data.val, cfg)
     state: dict[str, Any] = {}
     if ckpt is not None:
+        qk_init = ckpt.get("qk_init", qk_init)
         model.load_state_dict(ckpt["model"])
         state = {"step": ckpt["step"], "tokens": ckpt["tokens"], "best_val": ckpt["best_val_loss"],
                  "elapsed": ckpt["elapsed_s"], "train_time": ckpt["train_time_s"]}
         log(f"resumed from {out / 'latest.pt'} at step {state['step']}")
     step = state.get("step", 0)
-    if qk_unfrozen_at(step, cfg):
+    unfrozen = ckpt is not None and qk_unfrozen_in(ckpt["optimizer"])
+    if unfrozen:
         model.set_qk_trainable(True)
     model.to(device)
-    trainer = TrainStep(model, build_optimizer(model, cfg, device, step), cfg, device, amp_dtype, world, log)
+    trainer = TrainStep(model, build_optimizer(model, cfg, device, unfrozen), cfg, device, amp_dtype, world, log)
     if ckpt is not None:
-        trainer.load_optimizer(ckpt["optimizer"])
+        trainer.load_state(ckpt)
         batches.load_state_dict(ckpt["sampler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
@@ -530,9 +631,10 @@ def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Call
         f"on {device}{' (bf16 autocast)' if amp_dtype else ''}; steps {step} -> {t.max_steps}"
     )
     log(trainer.describe)
-    background = BACKGROUND_CHECKPOINTS if BACKGROUND_CHECKPOINTS is not None else (device.type == "cuda" and world == 1)
+    if background is None:
+        background = device.type == "cuda" and world == 1
     return Run(cfg, out, device, amp_dtype, rank, world, model, trainer, batches, val_set,
-               scored_tokens(val_set), counts, CheckpointWriter(background), **state)
+               scored_tokens(val_set), counts, CheckpointWriter(background), qk_init, **state)
 
 
 def _checkpoint_to_resume(out: Path, cfg: Config) -> dict:
@@ -578,11 +680,13 @@ def evaluate(run: Run, interval: Interval, train_loss: float, lr: float) -> dict
 
 
 def checkpoint(run: Run, metrics: dict[str, Any], report: Report | None) -> None:
-    """This evaluation's metrics row, latest.pt (best.pt when val improved), then the report.
+    """The Q/K check, this evaluation's metrics row, latest.pt (best.pt when val improved), then the report.
 
+    A failed Q/K check (`QKCheckError`) comes first: nothing of that state is written or reported.
     The report follows a complete latest.pt: at once when writing inline, else when the background
     write lands. Rank 0 writes; the other ranks hold identical weights.
     """
+    run.qk_check = metrics["qk_check"] = check_qk(run.model, run.cfg, run.qk_init, run.step, fp16=run.trainer.scaler is not None)
     after = (lambda m=metrics: report(m)) if report is not None else None
     if run.rank == 0:
         _append_jsonl(run.metrics_path, metrics)
@@ -601,13 +705,14 @@ def save(run: Run, val_loss: float, after: Callable[[], None] | None) -> None:
         "step": run.step,
         "tokens": run.tokens,
         "model": run.model.state_dict(),
-        "optimizer": run.trainer.optimizer.state_dict(),
+        **run.trainer.state_dict(),  # optimizer (and fp16's gradient scaler)
         "sampler": run.batches.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None,
         },
         "best_val_loss": min(run.best_val, val_loss),
+        "qk_init": run.qk_init,
         "elapsed_s": run.wall(),
         "train_time_s": run.train_time,
     }
@@ -648,6 +753,7 @@ def finish(run: Run, status: str, report: Report | None, log: Callable[[str], No
         "frozen_param_count": counts["frozen"],
         "total_params": counts["total"],
         "frozen_params": run.model.frozen_param_names(),
+        "qk_check": run.qk_check,
         "val_tokens": run.val_tokens,
         "val_scope": "whole split" if t.eval_batches == 0 else f"{t.eval_batches} sampled batches",
         "device": str(run.device),

@@ -68,8 +68,23 @@ class Recorder(tune.Callback):
         rec = self._rec(trial)
         rec["status"] = "error"
         rec["error"] = str(getattr(trial, "error_file", "") or "")
+        failed = _qk_check_failure(rec["error"])
+        if failed:
+            rec["qk_check"] = failed
         self._save(rec)
 
 
+def _qk_check_failure(error_file: str) -> str | None:
+    """The trainer's 'Q/K check failed ...' line from a trial's error file, if that is how it ended."""
+    try:
+        text = Path(error_file).read_text(errors="replace") if error_file else ""
+    except OSError:  # on another node's disk: the trial's own summary.json still says it
+        return None
+    for line in text.splitlines():
+        if "Q/K check failed" in line:
+            return line[line.index("Q/K check failed"):]
+    return None
+
+
 _KEEP = {"step", "tokens", "lr", "step_time_s", "tokens_per_s", "eval_time_s", "wall_time_s", "node", "node_id", "gpu",
-         "trainable_params", "total_params", "diverged"}
+         "trainable_params", "total_params", "diverged", "qk_check"}

@@ -180,6 +180,8 @@ class Callback(LoggerCallback):
                 live.run.config.update(config, allow_val_change=True)
                 live.config = config
             live.run.log(log, step=int(step))
+            if "qk_check" in result:  # the method's invariant at this checkpoint: a summary field, not a curve
+                live.run.summary["qk_check"] = result["qk_check"]
         except urllib.error.HTTPError as e:
             print(f"W&B: failed to log step {step} of {trial}: {e}", flush=True)
             return
@@ -256,6 +258,14 @@ def offline_runs(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in (Path(run_dir) / "wandb").glob("offline-run-*") if any(p.glob("*.wandb")))
 
 
+def offline_run_id(folder: Path) -> str:
+    """The W&B run id (= the trial id) of one offline run folder, from its `run-<id>.wandb` file.
+
+    Not from the folder's name: two attempts started in the same second get `...-<id>` and `...-<id>-1`.
+    """
+    return next(folder.glob("run-*.wandb")).stem[len("run-"):]
+
+
 def finish_sweep(run_dir: str | os.PathLike, project: str | None = None) -> None:
     """Call after the sweep's report: online, add the sweep view and table now; offline, say how to."""
     run_dir = Path(run_dir)
@@ -263,7 +273,7 @@ def finish_sweep(run_dir: str | os.PathLike, project: str | None = None) -> None
     if meta is None:  # no trial logged to W&B
         return
     if meta["mode"] != "online":
-        n = len({p.name.rsplit("-", 1)[-1] for p in offline_runs(run_dir)})
+        n = len({offline_run_id(p) for p in offline_runs(run_dir)})
         print(f"W&B: {n} offline run(s) in {run_dir / 'wandb'}; `oelm-ray sync {run_dir}` uploads them "
               "and adds the sweep view and results table", flush=True)
         return
