@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="placeholder hosts (*_TODO) and a missing ssh key file are errors, as right before `ray up`")
 
+    p = sub.add_parser("selftest", help="prove the fast path on this hardware: one line per check per GPU (exit 2 if any fails)")
+    p.add_argument("--local", action="store_true", help="this machine only, without Ray (its GPU if it has one, else the CPU)")
+    p.add_argument("--address", default=None, help="the Ray cluster (default: RAY_ADDRESS, else the one running here)")
+    p.add_argument("--checks", default="", help="only these checks, comma-separated (default: all)")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed check (the correctness checks only)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for every GPU's answer on a cluster (default 600)")
+
     p = sub.add_parser("doctor", help="is this node ready for a --preset paper sweep? one line per check (exit 2 if not)")
     p.add_argument("--storage", default="runs", help="the sweep's --storage (checked writable and seen by every node)")
     p.add_argument("--data-dir", default=None, help="the sweep's --data-dir (default: <storage>/data)")
@@ -128,11 +135,32 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(launcher.check_cluster(args.yaml, allow_placeholders=not args.strict))
         return 0
+    if args.cmd == "selftest":
+        return _selftest(args)
     if args.cmd == "doctor":
         from .cluster import doctor
 
         return doctor.main(args.storage, args.data_dir, args.address)
     raise AssertionError(args.cmd)
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    from .core import selftest
+
+    only = tuple(c for c in args.checks.split(",") if c)
+    if args.local:
+        lines, ok = selftest.render(selftest.where_local(), selftest.run_selftest("auto", speed=not args.no_speed, only=only))
+        print("\n".join(lines))
+    else:
+        from .tune.selftest import run_on_cluster
+
+        ok = run_on_cluster(args.address, speed=not args.no_speed, only=only,
+                            timeout_s=args.timeout or selftest.TIMEOUT_S)
+    if ok:
+        print("selftest passed: the fast path computes what eager does on this hardware")
+        return 0
+    print(f"selftest FAILED: {selftest.FAIL_ADVICE}")
+    return 2
 
 
 if __name__ == "__main__":

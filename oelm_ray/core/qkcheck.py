@@ -15,6 +15,7 @@ result is never reported as valid.
 from __future__ import annotations
 
 import hashlib
+from typing import Iterable
 
 import torch
 
@@ -30,10 +31,10 @@ class QKCheckError(UserError, RuntimeError):
     """Q/K did not behave as the run's method says: the result is not valid."""
 
 
-def qk_digests(model) -> list[str]:
-    """sha256 of each block's [W_q; W_k] bytes, block 0 first."""
+def qk_digests(weights: Iterable[torch.Tensor]) -> list[str]:
+    """sha256 of each block's [W_q; W_k] bytes (`model.qk_params().values()`, block 0 first)."""
     out = []
-    for w in model.qk_params().values():
+    for w in weights:
         host = w.detach().to("cpu").contiguous()
         out.append(hashlib.sha256(host.view(torch.uint8).numpy().tobytes()).hexdigest())
     return out
@@ -53,7 +54,7 @@ def trained_steps(cfg: Config, block: int, step: int) -> int:
 
 def check_qk(model, cfg: Config, init: list[str], step: int, fp16: bool = False) -> str:
     """'ok', or raise QKCheckError naming the blocks whose Q/K broke the method's rule at `step`."""
-    now = qk_digests(model)
+    now = qk_digests(model.qk_params().values())
     changed_frozen, unchanged_trained = [], []
     for i, (a, b) in enumerate(zip(init, now)):
         n = trained_steps(cfg, i, step)

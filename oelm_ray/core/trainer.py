@@ -145,12 +145,14 @@ def qk_unfrozen_at(step: int, cfg: Config) -> bool:
     return cfg.train.qk_unfreeze_step != -1 and step >= cfg.train.qk_unfreeze_step
 
 
-def build_optimizer(model: GPT, cfg: Config, device: torch.device, qk_unfrozen: bool = False) -> torch.optim.AdamW:
+def build_optimizer(model: GPT, cfg: Config, device: torch.device, qk_unfrozen: bool = False,
+                    fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over trainable parameters only: matrices decay, norms and biases do not, Q/K get lr_mult.
 
     The groups follow the policy, not the current requires_grad flags; `qk_unfrozen` adds the group
     the policy's frozen Q/K join at their unfreeze, last, as `TrainStep.unfreeze_qk` does: a resumed
     run passes what its checkpoint's optimizer holds (`qk_unfrozen_in`), so the groups match.
+    `fused` (default: on CUDA) is the fused AdamW, whose `TrainStep` keeps the lr as a device tensor.
     """
     frozen_qk = {id(model.transformer.h[i].attn.c_qk.weight) for i in cfg.model.frozen_qk_layers}
     qk = {id(p) for p in model.qk_params().values()}
@@ -170,7 +172,8 @@ def build_optimizer(model: GPT, cfg: Config, device: torch.device, qk_unfrozen: 
     ]
     if qk_unfrozen:
         param_groups.append(qk_unfrozen_group(model, cfg))
-    return torch.optim.AdamW(param_groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
+    fused = device.type == "cuda" if fused is None else fused
+    return torch.optim.AdamW(param_groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
 
 
 def qk_unfrozen_group(model: GPT, cfg: Config) -> dict:
@@ -289,7 +292,7 @@ class TrainStep:
         self.amp_dtype = amp_dtype
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         self.mode, why = resolve_compile(cfg, device, world)
-        self.tensor_lr = device.type == "cuda"  # fused AdamW takes lr as a device tensor
+        self.tensor_lr = bool(optimizer.defaults.get("fused"))  # fused AdamW takes lr as a device tensor
         self._set_lr_types()
         self.compiles = 0  # how often the step was (re)compiled: once, plus once per Q/K unfreeze
         self.eval_failed = False  # a compiled evaluation failed once: evaluations run eager from then on
@@ -600,7 +603,7 @@ def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Call
 
     torch.manual_seed(t.seed)
     model = GPT(cfg.model)
-    qk_init = qk_digests(model)  # a resumed run checks against the digest its first process took
+    qk_init = qk_digests(model.qk_params().values())  # a resumed run checks against the digest its first process took
     counts = model.param_counts()  # as the run starts (Q/K frozen), also when it resumes after an unfreeze
     batches = Batches(Sampler(data.train, cfg.model.block_size, t.batch_size, seed=t.seed), device, rank, world)
     val_set = eval_batches(data.val, cfg)
