@@ -61,7 +61,7 @@ def test_gpu_bf16_ray_cluster_checks():
     assert D.check_gpus(False, [])[0] is False
     assert D.check_gpus(True, ["NVIDIA RTX A5000"] * 4) == (True, "GPUs torch sees: 4 (4 x NVIDIA RTX A5000)", "")
     assert D.check_bf16(False, False)[0] is None
-    assert D.check_bf16(True, False)[0] is False and "dtype=fp32" in D.check_bf16(True, False)[2]
+    assert D.check_bf16(True, False)[0] is False and "fp16 with a gradient scaler" in D.check_bf16(True, False)[1]
     assert D.check_ray("2.60.0")[0] is True and D.check_ray("2.59.0")[0] is False and D.check_ray(None)[0] is False
     ok, line, fix = D.check_cluster(None, 0, "Connection refused")
     assert ok is False and "Connection refused" in line and "ray up cluster.yaml" in fix
@@ -117,7 +117,8 @@ def test_exit_code_is_2_only_when_a_paper_sweep_needs_what_fails(tmp_path):
     assert code == 0, text
     assert text.splitlines()[-1] == "ready for a --preset paper sweep"
     assert "warn  W&B: no API key" in text  # a sweep logs offline: a warning, not a failure
-    assert len([x for x in text.splitlines() if not x.startswith(" ")]) == len(D.checks(_ready_gpu_node(), s, d, env)) + 1
+    assert "next: `oelm-ray selftest`" in text.splitlines()[-2]
+    assert len([x for x in text.splitlines() if not x.startswith(" ")]) == len(D.checks(_ready_gpu_node(), s, d, env)) + 2
 
     for change, name in [(dict(torch_cuda=None), "torch"), (dict(cuda_available=False, gpu_names=[]), "gpus"),
                          (dict(resources={"CPU": 64.0}), "cluster"), (dict(gpt2_error="offline"), "gpt2"),

@@ -62,9 +62,13 @@ def test_compile_choices_resolve_per_device():
     assert T.resolve_compile(make_config("cpu", compile="reduce-overhead"), cpu)[0] == "default"  # no CUDA graphs on CPU
     assert T.resolve_compile(make_config("cpu", compile="true"), cpu)[0] == "default"  # the old bool spelling
     assert T.resolve_compile(make_config("cpu", compile="off"), cpu)[0] is None
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (7, 0):
+    with pytest.MonkeyPatch.context() as mp:  # a CUDA GPU as resolve_compile sees one: its capability
+        mp.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
         assert T.resolve_compile(make_config("medium-512"), cuda)[0] == "reduce-overhead"
         assert T.resolve_compile(make_config("medium-512"), cuda, world=2)[0] == "default"
+        assert T.resolve_compile(make_config("medium-512", compile="off"), cuda)[0] is None
+        mp.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
+        assert T.resolve_compile(make_config("medium-512"), cuda)[0] is None  # too old for torch.compile
     with pytest.raises(ConfigError, match="compile='fast' is unknown"):
         make_config("cpu", compile="fast")
 
@@ -344,6 +348,14 @@ def test_unfrozen_qk_train_even_where_the_compiled_graph_would_be_stale(tmp_path
     assert summary["qk_check"] == "ok"
     assert rows(tmp_path / "a") == rows(tmp_path / "eager")  # the same run as eager: Q/K trained from step 15
     assert any("Q/K unfrozen in 2 block(s); the training step is compiled afresh" in l for l in lines), lines
+
+
+def test_a_compiled_run_evaluates_again_and_again(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr(torch, "compile", StaleGraph)  # no unfreeze here: the same as a real compiled model
+    c = cfg(data_dir, max_steps=30)
+    T.train(c.override({"compile": "default"}), tmp_path / "a", log=lambda _: None)
+    T.train(c.override({"compile": "off"}), tmp_path / "b", log=lambda _: None)
+    assert len(rows(tmp_path / "a")) == 3 and rows(tmp_path / "a") == rows(tmp_path / "b")
 
 
 class FailingCompile(torch.nn.Module):

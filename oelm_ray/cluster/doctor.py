@@ -68,12 +68,13 @@ def check_gpus(available: bool, names: list[str]) -> Result:
 
 
 def check_bf16(available: bool, supported: bool) -> Result:
-    """bf16 autocast, which the paper preset uses on CUDA (dtype auto)."""
+    """The precision dtype=auto trains in: bf16 where the GPUs have it natively, else fp16 with a gradient scaler."""
     if not available:
-        return None, "bf16: not checked (no GPU)", ""
+        return None, "precision: not checked (no GPU)", ""
     if not supported:
-        return False, "bf16: not supported by these GPUs (pre-Ampere)", "run the sweep with `--set dtype=fp32`"
-    return True, "bf16: supported", ""
+        return False, "precision: these GPUs have no native bf16 (pre-Ampere): dtype=auto trains fp16 with a gradient scaler", (
+            "nothing needed (the research trained fp16 with a GradScaler); `--set dtype=fp32` for full precision")
+    return True, "precision: bf16 (native on these GPUs)", ""
 
 
 def check_ray(version: str | None) -> Result:
@@ -156,7 +157,7 @@ def check_wandb(key: bool, mode: str | None) -> Result:
 
 
 # what a `--preset paper` sweep cannot do without: a failure of one of these exits 2
-PAPER_NEEDS = {"torch", "driver", "gpus", "bf16", "ray", "cluster", "storage", "data", "storage_shared",
+PAPER_NEEDS = {"torch", "driver", "gpus", "ray", "cluster", "storage", "data", "storage_shared",
                "data_shared", "gpt2"}
 
 
@@ -190,7 +191,9 @@ def gather(storage: Path, data_dir: Path, address: str | None, timeout: float = 
         f.cuda_available = torch.cuda.is_available()
         if f.cuda_available:
             f.gpu_names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            f.bf16 = torch.cuda.is_bf16_supported()
+            from ..core.trainer import native_bf16
+
+            f.bf16 = all(native_bf16(torch.device("cuda", i)) for i in range(torch.cuda.device_count()))
     except ImportError:
         pass
     f.gpt2_error = _bounded(_load_gpt2, timeout)
@@ -299,6 +302,7 @@ def render(results: list[tuple[str, Result]]) -> tuple[str, int]:
     if missing:
         lines.append(f"not ready for a --preset paper sweep: {', '.join(missing)} (exit 2)")
     else:
+        lines.append("next: `oelm-ray selftest` proves the trainer's fast path on every GPU of the cluster (minutes)")
         lines.append("ready for a --preset paper sweep")
     return "\n".join(lines), 2 if missing else 0
 

@@ -407,16 +407,15 @@ class TrainStep:
         """Mean loss per scored token over the validation set (one host sync)."""
         self.model.eval()
         try:
-            if self.eval_compiled and not self.eval_proven:
+            if self.eval_compiled and not self.eval_proven:  # the first compiled evaluation may fail to compile
                 try:
                     total = self._score(val_set)
                     self.eval_proven = True
+                    return total / val_tokens
                 except Exception as e:
                     self._compiler_failed("in evaluation", e)
                     self.eval_compiled, self.eval_failed = False, True
-            if not self.eval_compiled or not self.eval_proven:
-                total = self._score(val_set)
-            return total / val_tokens
+            return self._score(val_set) / val_tokens
         finally:
             self.model.train()
 
