@@ -133,10 +133,53 @@ def halving_rungs(max_steps: int, eval_interval: int, first_frac: float, reducti
 
 
 def sync_halving(n_trials: int, max_steps: int, eval_interval: int, first_frac: float = 0.2,
-                 reduction_factor: float = 4):
+                 reduction_factor: float = 4, score: str = "loss"):
     """Synchronous successive halving over a fixed set of trials (rungs: halving_rungs)."""
     return SyncHalving(n_trials, halving_rungs(max_steps, eval_interval, first_frac, reduction_factor),
-                       reduction_factor)
+                       reduction_factor, score=score)
+
+
+def lr_schedule(trial):
+    """The trial's learning rate at each step (the trainer's own lr_at on the trial's config) and its max_steps."""
+    from ..core.config import Config
+    from ..core.trainer import lr_at
+
+    cfg = Config.from_dict(trial.config["trial"]["config"])
+    return (lambda step: lr_at(step, cfg)), cfg.train.max_steps
+
+
+def anneal_slope(curves: dict) -> float:
+    """kappa: how much more the val loss fell, within one evaluation interval, where the lr fell more.
+
+    `curves`: key -> (lr(step), [(step, loss), ...]). Only intervals where a trial's lr decreased count (the
+    annealing this corrects for); each interval is centred on its own mean (a common progress term per
+    interval), and kappa is the least-squares slope of loss change on lr change, at least 0.
+    """
+    by_interval: dict = {}
+    for lr, hist in curves.values():
+        for (a, la), (b, lb) in zip(hist, hist[1:]):
+            d_lr = lr(b) - lr(a)
+            if d_lr < 0 and math.isfinite(la) and math.isfinite(lb):
+                by_interval.setdefault((a, b), []).append((d_lr, lb - la))
+    sxx = sxy = 0.0
+    for pts in by_interval.values():
+        if len(pts) < 2:
+            continue
+        mx, my = sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)
+        sxx += sum((p[0] - mx) ** 2 for p in pts)
+        sxy += sum((p[0] - mx) * (p[1] - my) for p in pts)
+    return max(0.0, sxy / sxx) if sxx > 0 else 0.0
+
+
+def annealed_scores(curves: dict, step: int, ends: dict) -> dict:
+    """Each trial's val loss at `step` less kappa x (its lr at `step` - its lr at its end): the loss it would show
+    once annealed like the others (anneal_slope's kappa, measured on these very curves up to `step`)."""
+    kappa = anneal_slope({k: (lr, [h for h in hist if h[0] <= step]) for k, (lr, hist) in curves.items()})
+    out = {}
+    for k, (lr, hist) in curves.items():
+        at = dict(hist).get(step, math.inf)
+        out[k] = at - kappa * (lr(step) - lr(ends[k])) if math.isfinite(at) else at
+    return out
 
 
 class SyncHalving(FIFOScheduler):
@@ -152,11 +195,16 @@ class SyncHalving(FIFOScheduler):
 
     _supports_buffered_results = False  # a decision per evaluation, as Ray's HyperBandScheduler
 
-    def __init__(self, n_trials: int, rungs: list[int], reduction_factor: float, time_attr: str = "step"):
+    def __init__(self, n_trials: int, rungs: list[int], reduction_factor: float, time_attr: str = "step",
+                 score: str = "loss"):
         super().__init__()
-        if n_trials < 1 or reduction_factor <= 1 or list(rungs) != sorted(set(rungs)):
-            raise ConfigError(f"sync halving: n_trials {n_trials}, rungs {rungs}, reduction_factor {reduction_factor}")
-        self.n, self.rungs, self.rf, self.time_attr = n_trials, list(rungs), reduction_factor, time_attr
+        if n_trials < 1 or reduction_factor <= 1 or list(rungs) != sorted(set(rungs)) or score not in ("loss", "annealed"):
+            raise ConfigError(f"sync halving: n_trials {n_trials}, rungs {rungs}, reduction_factor {reduction_factor}, "
+                              f"score {score!r}")
+        if score == "annealed" and MODE != "min":
+            raise ConfigError("sync halving: score 'annealed' ranks a loss (mode min)")
+        self.n, self.rungs, self.rf, self.time_attr, self.score = n_trials, list(rungs), reduction_factor, time_attr, score
+        self.curves: dict = {}  # trial -> [(step, metric)] of every result it reported (score "annealed")
         self.sign = 1.0 if MODE == "min" else -1.0
         self.values: list[dict] = [{} for _ in self.rungs]  # rung -> {trial: metric at the rung}
         self.expected = [n_trials] + [0] * (len(self.rungs) - 1)  # trials that will report at each rung
@@ -167,6 +215,8 @@ class SyncHalving(FIFOScheduler):
     def on_trial_result(self, tune_controller, trial, result):
         if trial in self.losers:
             return TrialScheduler.STOP
+        if self.score == "annealed" and self.time_attr in result and METRIC in result:
+            self.curves.setdefault(trial, []).append((result[self.time_attr], float(result[METRIC])))
         k = self.level.get(trial, 0)
         if k >= len(self.rungs) or result.get(self.time_attr, 0) < self.rungs[k]:
             return TrialScheduler.CONTINUE
@@ -179,7 +229,8 @@ class SyncHalving(FIFOScheduler):
         if len(vals) < self.expected[k]:
             return TrialScheduler.PAUSE  # wait for the rest of the field
         keep = max(1, math.ceil(len(vals) / self.rf))
-        ranked = sorted(vals, key=lambda t: (math.isnan(vals[t]), vals[t]))
+        score = self._annealed(k, vals) if self.score == "annealed" else vals
+        ranked = sorted(vals, key=lambda t: (math.isnan(score[t]), score[t]))
         good, bad = ranked[:keep], ranked[keep:]
         if k + 1 < len(self.rungs):
             self.expected[k + 1] = len(good)
@@ -193,6 +244,17 @@ class SyncHalving(FIFOScheduler):
             # else its pause is still in flight (Tune saves, then pauses): choose_trial_to_run stops it once paused
         self.resume.update(t for t in good if t is not current)  # paused, or about to be: resumed once paused
         return action
+
+    def _annealed(self, k: int, vals: dict) -> dict:
+        # the field's curves up to the rung, each trial's schedule from its own config (annealed_scores)
+        curves, ends = {}, {}
+        for t, v in vals.items():
+            if not math.isfinite(v):
+                continue
+            lr, ends[t] = lr_schedule(t)
+            curves[t] = (lr, [h for h in self.curves.get(t, []) if h[0] <= self.rungs[k]] or [(self.rungs[k], v)])
+        score = annealed_scores(curves, self.rungs[k], ends)
+        return {t: score.get(t, v) for t, v in vals.items()}
 
     def _ended(self, tune_controller, trial):
         # a trial that ended before its next rung (diverged, errored) counts there as the worst
@@ -234,7 +296,8 @@ class SyncHalving(FIFOScheduler):
         return None
 
     def debug_string(self) -> str:
-        return f"Synchronous successive halving: rungs {self.rungs}, reduction factor {self.rf:g}, {self.n} trials."
+        return (f"Synchronous successive halving: rungs {self.rungs}, reduction factor {self.rf:g}, {self.n} trials, "
+                f"ranked by {'annealed val loss' if self.score == 'annealed' else 'val loss'}.")
 
 
 def trial_steps(records: list[dict]) -> int:
@@ -259,11 +322,28 @@ def cell_name(base: Sweep, exp: Experiment) -> str:
     return f"{base.name}-search-{exp.id}-{exp.dataset}-{exp.method}"
 
 
-SEARCHERS = ("sha-grid", "asha-grid", "tpe")
+SEARCHERS = ("sha-anneal", "sha-grid", "asha-grid", "tpe")
+SCORES = {"sha-anneal": "annealed", "sha-grid": "loss"}  # how a synchronous rung ranks the field
+
+
+def plan(searcher_kind: str, space: Space, max_steps: int, eval_interval: int, seed: int = 0,
+         num_samples: int | None = None, n_startup: int = 4, grace_frac: float = 0.2, reduction_factor: float = 4):
+    """(trials, Tune searcher, Tune scheduler) of one search: what search_cells runs and the benchmark replays."""
+    if searcher_kind not in SEARCHERS:
+        raise ConfigError(f"searcher={searcher_kind!r} is unknown: choose one of {', '.join(SEARCHERS)}")
+    if searcher_kind == "tpe":
+        if not num_samples:
+            raise ConfigError("searcher tpe needs num_samples >= 1")
+        return num_samples, searcher(seed, n_startup), early_stopper(max_steps, eval_interval, grace_frac, reduction_factor)
+    n, alg = space.size(max_steps), every_candidate(space, max_steps, seed)
+    if searcher_kind == "asha-grid":
+        return n, alg, early_stopper(max_steps, eval_interval, grace_frac, reduction_factor)
+    return n, alg, sync_halving(n, max_steps, eval_interval, grace_frac, reduction_factor,
+                                score=SCORES[searcher_kind])
 
 
 def search_cells(base: Sweep, space: Space, num_samples: int | None = None, seed: int = 0, train_seed: int = 0,
-                 searcher_kind: str = "sha-grid", n_startup: int = 4, grace_frac: float = 0.2,
+                 searcher_kind: str = "sha-anneal", n_startup: int = 4, grace_frac: float = 0.2,
                  reduction_factor: float = 4) -> list[dict]:
     """Search every experiment of `base` (its own run each); return the best of each cell.
 
@@ -281,17 +361,11 @@ def search_cells(base: Sweep, space: Space, num_samples: int | None = None, seed
     for exp in base.experiments:
         max_steps, eval_interval = budget(base, exp)
         domains = space.domains(max_steps)
-        if searcher_kind in ("sha-grid", "asha-grid"):
-            n, alg = space.size(max_steps), every_candidate(space, max_steps, seed)
-        else:
-            if not num_samples:
-                raise ConfigError("searcher tpe needs num_samples >= 1")
-            n, alg = num_samples, searcher(seed, n_startup)
+        n, alg, scheduler = plan(searcher_kind, space, max_steps, eval_interval, seed, num_samples, n_startup,
+                                 grace_frac, reduction_factor)
         cell = dataclasses.replace(
             base, name=cell_name(base, exp), experiments=[exp], seeds=[train_seed], common=_without(base.common, domains),
-            search=domains, num_samples=n, search_alg=alg,
-            scheduler=sync_halving(n, max_steps, eval_interval, grace_frac, reduction_factor) if searcher_kind == "sha-grid"
-            else early_stopper(max_steps, eval_interval, grace_frac, reduction_factor),
+            search=domains, num_samples=n, search_alg=alg, scheduler=scheduler,
         )
         recs = results.load_records(cell.run_dir)
         if check_run_dir(cell) and sum(r["status"] in TERMINAL for r in recs) >= n:  # the same search, finished
