@@ -171,10 +171,12 @@ def anneal_slope(curves: dict) -> float:
     return max(0.0, sxy / sxx) if sxx > 0 else 0.0
 
 
-def annealed_scores(curves: dict, step: int, ends: dict) -> dict:
+def annealed_scores(curves: dict, step: int, ends: dict, among: dict | None = None) -> dict:
     """Each trial's val loss at `step` less kappa x (its lr at `step` - its lr at its end): the loss it would show
-    once annealed like the others (anneal_slope's kappa, measured on these very curves up to `step`)."""
-    kappa = anneal_slope({k: (lr, [h for h in hist if h[0] <= step]) for k, (lr, hist) in curves.items()})
+    once annealed like the others. kappa: anneal_slope on the curves in `among` (default: `curves`) up to `step`,
+    e.g. every trial the search has seen, those stopped at earlier rungs too."""
+    seen = curves if among is None else among
+    kappa = anneal_slope({k: (lr, [h for h in hist if h[0] <= step]) for k, (lr, hist) in seen.items()})
     out = {}
     for k, (lr, hist) in curves.items():
         at = dict(hist).get(step, math.inf)
@@ -246,14 +248,17 @@ class SyncHalving(FIFOScheduler):
         return action
 
     def _annealed(self, k: int, vals: dict) -> dict:
-        # the field's curves up to the rung, each trial's schedule from its own config (annealed_scores)
-        curves, ends = {}, {}
+        # the field's curves up to the rung, each trial's schedule from its own config (annealed_scores); kappa
+        # from every curve seen so far (trials stopped at an earlier rung too: their annealing is evidence as well)
+        seen, ends, step = {}, {}, self.rungs[k]
+        for t, hist in self.curves.items():
+            seen[t] = (lr_schedule(t)[0], hist)
+        curves = {}
         for t, v in vals.items():
-            if not math.isfinite(v):
-                continue
-            lr, ends[t] = lr_schedule(t)
-            curves[t] = (lr, [h for h in self.curves.get(t, []) if h[0] <= self.rungs[k]] or [(self.rungs[k], v)])
-        score = annealed_scores(curves, self.rungs[k], ends)
+            if math.isfinite(v):
+                lr, ends[t] = lr_schedule(t)
+                curves[t] = (lr, [h for h in self.curves.get(t, []) if h[0] <= step] or [(step, v)])
+        score = annealed_scores(curves, step, ends, among=seen)
         return {t: score.get(t, v) for t, v in vals.items()}
 
     def _ended(self, tune_controller, trial):
@@ -398,7 +403,7 @@ def cell_summary(exp: Experiment, recs: list[dict], n_candidates: int, max_steps
         "trial_steps": spent, "grid_trial_steps": grid, "fraction_of_grid": spent / grid if grid else math.nan,
         "tried": [] if df.empty else [
             {"trial": r.name, "lr": float(r.lr), "warmup_steps": int(r.warmup_steps), "steps": int(r.steps),
-             "best_val_ppl": float(r.best_val_ppl), "status": r.status}
+             "best_val_ppl": float(r.best_val_ppl), "last_val_ppl": float(r.final_val_ppl), "status": r.status}
             for r in df.sort_values(["lr", "warmup_steps"]).itertuples()
         ],
     }
@@ -453,15 +458,17 @@ def search_markdown(cells: list[dict]) -> str:
                       "| trial | lr | warmup | steps | val PPL | status |", "|---|---|---|---|---|---|"]
             lines += [f"| {t['trial']} | {t['lr']:g} | {t['warmup_steps']} | {t['steps']} | {t['best_val_ppl']:.3f} | {t['status']} |"
                       for t in c["tried"]]
-    lines += ["", "The methods compared again at their own best settings, over fresh seeds: summary.md.", ""]
+    lines += ["", "The searches as heatmaps (lr x warmup, val PPL; stopped candidates hatched, the pick framed): search.png.",
+              "The methods compared again at their own best settings, over fresh seeds: summary.md.", ""]
     return "\n".join(lines)
 
 
 def write_search_report(run_dir: Path, cells: list[dict]) -> str:
-    """best.json and search.md next to the comparison's summary.md; returns the markdown."""
+    """best.json, search.md and search.png (results.plot_search) next to the comparison's summary.md; returns the markdown."""
     text = search_markdown(cells)
     write_json(Path(run_dir) / "best.json", {"cells": cells})
     write_text(Path(run_dir) / "search.md", text)
+    results.plot_search(cells, Path(run_dir) / "search.png")
     return text
 
 
