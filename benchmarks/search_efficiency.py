@@ -116,11 +116,12 @@ def one_search(exp, storage: str, common: dict, seed: int, searcher: str, sample
     base = Sweep(name=f"search_efficiency{tag}-t{train_seed}-s{seed}", experiments=[exp], seeds=[train_seed],
                  storage=storage, common=common)
     return search.search_cells(base, SPACE, samples, seed=seed, train_seed=train_seed, searcher_kind=searcher,
-                               n_startup=4, grace_frac=grace_frac, reduction_factor=reduction_factor)[0]
+                               n_startup=4, grace_frac=grace_frac, reduction_factor=reduction_factor,
+                               budget_frac=STEPS_MAX)[0]
 
 
 def replay(exp, seed: int, grid: dict, grace_frac: float = GRACE_FRAC, workers: int = 2,
-           reduction_factor: float = REDUCTION_FACTOR, searcher: str = "sha-anneal", samples: int | None = None,
+           reduction_factor: float = REDUCTION_FACTOR, searcher: str = "sha-phase", samples: int | None = None,
            train_seed: int = TRAIN_SEED) -> dict:
     """The search of `seed` replayed on the grid's recorded curves (grid_curves), without training.
 
@@ -135,7 +136,8 @@ def replay(exp, seed: int, grid: dict, grace_frac: float = GRACE_FRAC, workers: 
     max_steps, every = SHRINK["max_steps"], SHRINK["eval_interval"]
     configs = {(c["train"]["lr"], c["train"]["warmup_steps"]): c for c in grid["configs"].values()}
     curves = {cand: [tuple(h) for h in grid["curves"][f"{cand[0]:g},{cand[1]}"]] for cand in configs}
-    n, alg, sched = search.plan(searcher, SPACE, max_steps, every, seed, samples, 4, grace_frac, reduction_factor)
+    n, alg, sched = search.plan(searcher, SPACE, max_steps, every, seed, samples, 4, grace_frac, reduction_factor,
+                                STEPS_MAX)
     if searcher == "tpe":
         alg.set_search_properties(search.METRIC, search.MODE, SPACE.domains(max_steps))
 

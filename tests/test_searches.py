@@ -129,73 +129,42 @@ def test_sync_halving_waits_for_the_whole_field_then_keeps_the_best_quarter():
     assert trials[1].status == trials[2].status == "TERMINATED"
 
 
-def _sched_trial(i: int, lr: float, warmup: int, max_steps: int = 300):
-    class T:  # what SyncHalving reads of a Tune trial: its id, status and config
-        def __init__(self):
+def test_sha_phase_decides_only_before_annealing_and_keeps_what_the_budget_pays_for():
+    space = search.Space(lrs=search.log_spaced(4e-3, 6.4e-2, 5), warmup_fracs=[0.1, 0.3, 0.6, 0.9, 0.99])
+    # the 10% warmup's cosine is down to half its peak at step 30 + 270 / 2 = 165: the rung at 240 (80%),
+    # where annealed candidates met ones still near their peak, is gone
+    assert search.annealing_starts(space, 300) == 165
+    assert search.annealing_starts(space, 300, min_lr_frac=0.6) == 300  # never below half: rungs anywhere
+    rungs, keeps = search.phase_plan(25, 300, 30, 0.2, 4, 0.4, 165)
+    assert (rungs, keeps) == ([60], [6])  # 25 x 60 + 6 x 240 = 2,940 <= 0.4 x 7,500
+    assert search.phase_plan(25, 300, 30, 0.2, 4, 0.5, 165) == ([60], [9])  # a larger budget keeps more
+    assert search.phase_plan(25, 300, 30, 0.2, 4, 0.4, 60) == ([], [])  # nothing before annealing: the full grid
+    # two rungs before annealing starts: the first keeps a quarter, the last what the budget leaves
+    assert search.phase_plan(25, 1000, 50, 0.1, 4, 0.3, 600) == ([100, 400], [7, 4])  # (7,500 - 4,600) // 600
+    assert search.phase_plan(25, 1000, 50, 0.1, 4, 0.4, 600) == ([100, 400], [7, 7])  # never more than reach it
+    # the default searcher builds exactly that scheduler
+    n, _, sched = search.plan("sha-phase", space, 300, 30)
+    assert n == 25 and (sched.rungs, sched.keeps) == ([60], [6])
+    assert search.plan("sha-grid", space, 300, 30)[2].rungs == [60, 240]
+    with pytest.raises(ConfigError, match="budget_frac"):
+        search.plan("sha-phase", space, 300, 30, budget_frac=0)
+
+    class T:
+        def __init__(self, i):
             self.trial_id, self.status = f"t{i}", "RUNNING"
-            self.config = {"trial": {"config": {"train": {"lr": lr, "warmup_steps": warmup, "max_steps": max_steps}}}}
-    return T()
 
-
-def test_anneal_slope_recovers_the_loss_per_unit_of_lr_the_schedules_shed():
-    # loss = progress(step) + kappa * lr(step): within an interval, trials whose lr fell more lose more of
-    # the lr term; anneal_slope reads kappa off the field's curves, and annealed_scores ranks the valley
-    from oelm_ray.core.config import Config
-    from oelm_ray.core.trainer import lr_at
-
-    kappa, steps = 7.0, list(range(30, 301, 30))
-    cands = [(8e-3, 30), (1.6e-2, 90), (3.2e-2, 270), (1.6e-2, 297), (6.4e-2, 180)]
-    best_first = [(3.2e-2, 270), (6.4e-2, 180), (1.6e-2, 297), (1.6e-2, 90), (8e-3, 30)]
-    valley = {c: 2.0 + 0.02 * i for i, c in enumerate(best_first)}  # what each would reach once annealed
-    curves, ends = {}, {}
-    for c in cands:
-        cfg = Config.from_dict({"train": {"lr": c[0], "warmup_steps": c[1], "max_steps": 300}})
-        lr = (lambda cfg: lambda s: lr_at(s, cfg))(cfg)
-        curves[c], ends[c] = (lr, [(s, valley[c] + 1 / s + kappa * lr(s)) for s in steps]), 300
-    assert search.anneal_slope(curves) == pytest.approx(kappa, rel=1e-9)
-    at = search.annealed_scores(curves, 240, ends)
-    # the un-annealed (long-warmup, high-lr) candidates look worst on raw loss at step 240, not once annealed
-    raw = {c: dict(curves[c][1])[240] for c in cands}
-    assert sorted(raw, key=raw.get).index((3.2e-2, 270)) >= 3
-    assert sorted(at, key=at.get) == best_first
-    assert search.anneal_slope({c: (curves[c][0], curves[c][1][:1]) for c in cands}) == 0.0  # no interval: no correction
-
-
-def test_sha_anneal_keeps_the_unannealed_candidate_raw_loss_would_cut():
-    # two rungs (60, 240) of 300 steps, each keeps half: at 240 the 90%-warmup candidate is still at 89% of its
-    # peak and shows a worse raw loss than the annealed 10%-warmup one, yet it ends lower
-    from oelm_ray.core.config import Config
-    from oelm_ray.core.trainer import lr_at
-
-    cands = [(8e-3, 30), (3.2e-2, 270), (4e-3, 30), (4e-3, 90)]
-    valley = [2.30, 2.20, 2.60, 2.70]
-    kappa = 5.0
-
-    def loss(i, s):
-        cfg = Config.from_dict({"train": {"lr": cands[i][0], "warmup_steps": cands[i][1], "max_steps": 300}})
-        return valley[i] + 3 / s + kappa * lr_at(s, cfg)
-
-    picks = {}
-    for score in ("loss", "annealed"):
-        trials = [_sched_trial(i, *c) for i, c in enumerate(cands)]
-        ctl = type("Ctl", (), {"get_trials": lambda self: trials, "stop_trial": lambda self, t: setattr(t, "status", "TERMINATED")})()
-        sched = search.SyncHalving(4, [60, 240], 2, score=score)
-        alive = list(range(4))
-        for s in range(30, 301, 30):
-            for i in list(alive):
-                t = trials[i]
-                if t.status != "RUNNING":
-                    continue
-                a = sched.on_trial_result(ctl, t, {"step": s, "val/loss": loss(i, s)})
-                if a == "STOP":
-                    t.status = "TERMINATED"
-                elif a == "PAUSE":
-                    t.status = "PAUSED"
-            while (t := sched.choose_trial_to_run(ctl)) is not None:
-                t.status = "RUNNING"
-        picks[score] = [cands[i] for i, t in enumerate(trials) if t.status == "RUNNING"]
-    assert picks["annealed"] == [(3.2e-2, 270)]  # the valley's best (2.20)
-    assert picks["loss"] == [(8e-3, 30)]  # raw loss at 240: cut the 90% warmup while it still carried its lr
+    trials = [T(i) for i in range(25)]
+    ctl = type("Ctl", (), {"get_trials": lambda self: trials, "stop_trial": lambda self, t: setattr(t, "status", "TERMINATED")})()
+    for i, t in enumerate(trials[:24]):
+        assert sched.on_trial_result(ctl, t, {"step": 60, "val/loss": float((7 * i) % 25)}) == "PAUSE"
+        t.status = "PAUSED"
+    assert sched.on_trial_result(ctl, trials[24], {"step": 60, "val/loss": float((7 * 24) % 25)}) == "STOP"
+    trials[24].status = "TERMINATED"
+    while (t := sched.choose_trial_to_run(ctl)) is not None:
+        t.status = "RUNNING"
+    kept = {t.trial_id for t in trials if t.status == "RUNNING"}
+    assert kept == {f"t{i}" for i in range(25) if (7 * i) % 25 < 6}  # the best six at step 60 train to the end
+    assert all(sched.on_trial_result(ctl, t, {"step": 270, "val/loss": 0.0}) == "CONTINUE" for t in trials if t.status == "RUNNING")
 
 
 def test_every_experiment_gets_its_own_search(tmp_path):

@@ -133,55 +133,42 @@ def halving_rungs(max_steps: int, eval_interval: int, first_frac: float, reducti
 
 
 def sync_halving(n_trials: int, max_steps: int, eval_interval: int, first_frac: float = 0.2,
-                 reduction_factor: float = 4, score: str = "loss"):
-    """Synchronous successive halving over a fixed set of trials (rungs: halving_rungs)."""
-    return SyncHalving(n_trials, halving_rungs(max_steps, eval_interval, first_frac, reduction_factor),
-                       reduction_factor, score=score)
+                 reduction_factor: float = 4, keeps: list[int] | None = None, rungs: list[int] | None = None):
+    """Synchronous successive halving over a fixed set of trials (rungs: halving_rungs, unless given)."""
+    rungs = halving_rungs(max_steps, eval_interval, first_frac, reduction_factor) if rungs is None else rungs
+    return SyncHalving(n_trials, rungs, reduction_factor, keeps=keeps)
 
 
-def lr_schedule(trial):
-    """The trial's learning rate at each step (the trainer's own lr_at on the trial's config) and its max_steps."""
+def annealing_starts(space: Space, max_steps: int, min_lr_frac: float = 0.0) -> int:
+    """The first step at which some candidate's learning rate has come down to half its peak (the trainer's own
+    lr_at: linear warmup, then cosine to lr * min_lr_frac); max_steps if none does before the end."""
     from ..core.config import Config
     from ..core.trainer import lr_at
 
-    cfg = Config.from_dict(trial.config["trial"]["config"])
-    return (lambda step: lr_at(step, cfg)), cfg.train.max_steps
+    first = max_steps
+    for w in space.warmups(max_steps):
+        cfg = Config.from_dict({"train": {"lr": 1.0, "warmup_steps": w, "max_steps": max_steps, "min_lr_frac": min_lr_frac}})
+        first = min([first] + [s for s in range(w, max_steps) if lr_at(s, cfg) <= 0.5][:1])
+    return first
 
 
-def anneal_slope(curves: dict) -> float:
-    """kappa: how much more the val loss fell, within one evaluation interval, where the lr fell more.
-
-    `curves`: key -> (lr(step), [(step, loss), ...]). Only intervals where a trial's lr decreased count (the
-    annealing this corrects for); each interval is centred on its own mean (a common progress term per
-    interval), and kappa is the least-squares slope of loss change on lr change, at least 0.
-    """
-    by_interval: dict = {}
-    for lr, hist in curves.values():
-        for (a, la), (b, lb) in zip(hist, hist[1:]):
-            d_lr = lr(b) - lr(a)
-            if d_lr < 0 and math.isfinite(la) and math.isfinite(lb):
-                by_interval.setdefault((a, b), []).append((d_lr, lb - la))
-    sxx = sxy = 0.0
-    for pts in by_interval.values():
-        if len(pts) < 2:
-            continue
-        mx, my = sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)
-        sxx += sum((p[0] - mx) ** 2 for p in pts)
-        sxy += sum((p[0] - mx) * (p[1] - my) for p in pts)
-    return max(0.0, sxy / sxx) if sxx > 0 else 0.0
-
-
-def annealed_scores(curves: dict, step: int, ends: dict, among: dict | None = None) -> dict:
-    """Each trial's val loss at `step` less kappa x (its lr at `step` - its lr at its end): the loss it would show
-    once annealed like the others. kappa: anneal_slope on the curves in `among` (default: `curves`) up to `step`,
-    e.g. every trial the search has seen, those stopped at earlier rungs too."""
-    seen = curves if among is None else among
-    kappa = anneal_slope({k: (lr, [h for h in hist if h[0] <= step]) for k, (lr, hist) in seen.items()})
-    out = {}
-    for k, (lr, hist) in curves.items():
-        at = dict(hist).get(step, math.inf)
-        out[k] = at - kappa * (lr(step) - lr(ends[k])) if math.isfinite(at) else at
-    return out
+def phase_plan(n: int, max_steps: int, eval_interval: int, first_frac: float, reduction_factor: float,
+               budget_frac: float, anneal_step: int) -> tuple[list[int], list[int]]:
+    """(rungs, trials kept at each) for sha-phase: the halving rungs that come before `anneal_step`, each keeping
+    ceil(its field / reduction_factor) but the last, which keeps as many as the budget (budget_frac of the full
+    grid's trial-steps) leaves room for once every survivor trains to max_steps (at least one). No rung before
+    annealing starts: no rung at all (the full grid)."""
+    rungs = [r for r in halving_rungs(max_steps, eval_interval, first_frac, reduction_factor) if r < anneal_step]
+    keeps, alive, spent, prev = [], n, 0, 0
+    for r in rungs:
+        spent += alive * (r - prev)
+        keeps.append(max(1, math.ceil(alive / reduction_factor)))
+        alive, prev = keeps[-1], r
+    if rungs:
+        reach = keeps[-2] if len(keeps) > 1 else n  # the trials that get to the last rung
+        room = int((budget_frac * n * max_steps - spent) // (max_steps - rungs[-1]))
+        keeps[-1] = max(1, min(reach, room))
+    return rungs, keeps
 
 
 class SyncHalving(FIFOScheduler):
@@ -198,15 +185,14 @@ class SyncHalving(FIFOScheduler):
     _supports_buffered_results = False  # a decision per evaluation, as Ray's HyperBandScheduler
 
     def __init__(self, n_trials: int, rungs: list[int], reduction_factor: float, time_attr: str = "step",
-                 score: str = "loss"):
+                 keeps: list[int] | None = None):
         super().__init__()
-        if n_trials < 1 or reduction_factor <= 1 or list(rungs) != sorted(set(rungs)) or score not in ("loss", "annealed"):
+        if (n_trials < 1 or reduction_factor <= 1 or list(rungs) != sorted(set(rungs))
+                or (keeps is not None and (len(keeps) != len(rungs) or min(keeps, default=1) < 1))):
             raise ConfigError(f"sync halving: n_trials {n_trials}, rungs {rungs}, reduction_factor {reduction_factor}, "
-                              f"score {score!r}")
-        if score == "annealed" and MODE != "min":
-            raise ConfigError("sync halving: score 'annealed' ranks a loss (mode min)")
-        self.n, self.rungs, self.rf, self.time_attr, self.score = n_trials, list(rungs), reduction_factor, time_attr, score
-        self.curves: dict = {}  # trial -> [(step, metric)] of every result it reported (score "annealed")
+                              f"keeps {keeps}")
+        self.n, self.rungs, self.rf, self.time_attr = n_trials, list(rungs), reduction_factor, time_attr
+        self.keeps = list(keeps) if keeps is not None else None  # trials kept at each rung (None: ceil(n / rf))
         self.sign = 1.0 if MODE == "min" else -1.0
         self.values: list[dict] = [{} for _ in self.rungs]  # rung -> {trial: metric at the rung}
         self.expected = [n_trials] + [0] * (len(self.rungs) - 1)  # trials that will report at each rung
@@ -217,8 +203,6 @@ class SyncHalving(FIFOScheduler):
     def on_trial_result(self, tune_controller, trial, result):
         if trial in self.losers:
             return TrialScheduler.STOP
-        if self.score == "annealed" and self.time_attr in result and METRIC in result:
-            self.curves.setdefault(trial, []).append((result[self.time_attr], float(result[METRIC])))
         k = self.level.get(trial, 0)
         if k >= len(self.rungs) or result.get(self.time_attr, 0) < self.rungs[k]:
             return TrialScheduler.CONTINUE
@@ -231,8 +215,9 @@ class SyncHalving(FIFOScheduler):
         if len(vals) < self.expected[k]:
             return TrialScheduler.PAUSE  # wait for the rest of the field
         keep = max(1, math.ceil(len(vals) / self.rf))
-        score = self._annealed(k, vals) if self.score == "annealed" else vals
-        ranked = sorted(vals, key=lambda t: (math.isnan(score[t]), score[t]))
+        if self.keeps is not None:  # a planned count; a field smaller than planned (a resume) keeps its share
+            keep = max(1, min(self.keeps[k], math.ceil(self.keeps[k] * len(vals) / self._planned(k))))
+        ranked = sorted(vals, key=lambda t: (math.isnan(vals[t]), vals[t]))
         good, bad = ranked[:keep], ranked[keep:]
         if k + 1 < len(self.rungs):
             self.expected[k + 1] = len(good)
@@ -247,19 +232,8 @@ class SyncHalving(FIFOScheduler):
         self.resume.update(t for t in good if t is not current)  # paused, or about to be: resumed once paused
         return action
 
-    def _annealed(self, k: int, vals: dict) -> dict:
-        # the field's curves up to the rung, each trial's schedule from its own config (annealed_scores); kappa
-        # from every curve seen so far (trials stopped at an earlier rung too: their annealing is evidence as well)
-        seen, ends, step = {}, {}, self.rungs[k]
-        for t, hist in self.curves.items():
-            seen[t] = (lr_schedule(t)[0], hist)
-        curves = {}
-        for t, v in vals.items():
-            if math.isfinite(v):
-                lr, ends[t] = lr_schedule(t)
-                curves[t] = (lr, [h for h in self.curves.get(t, []) if h[0] <= step] or [(step, v)])
-        score = annealed_scores(curves, step, ends, among=seen)
-        return {t: score.get(t, v) for t, v in vals.items()}
+    def _planned(self, k: int) -> int:
+        return self.n if k == 0 else self.keeps[k - 1]
 
     def _ended(self, tune_controller, trial):
         # a trial that ended before its next rung (diverged, errored) counts there as the worst
@@ -301,8 +275,8 @@ class SyncHalving(FIFOScheduler):
         return None
 
     def debug_string(self) -> str:
-        return (f"Synchronous successive halving: rungs {self.rungs}, reduction factor {self.rf:g}, {self.n} trials, "
-                f"ranked by {'annealed val loss' if self.score == 'annealed' else 'val loss'}.")
+        kept = f"keeping {self.keeps}" if self.keeps is not None else f"reduction factor {self.rf:g}"
+        return f"Synchronous successive halving: rungs {self.rungs}, {kept}, {self.n} trials."
 
 
 def trial_steps(records: list[dict]) -> int:
@@ -312,10 +286,14 @@ def trial_steps(records: list[dict]) -> int:
 
 def budget(sw: Sweep, exp: Experiment) -> tuple[int, int]:
     """(max_steps, eval_interval) of an experiment under the sweep's common overrides."""
+    cfg = _one_config(sw, exp)
+    return cfg.train.max_steps, cfg.train.eval_interval
+
+
+def _one_config(sw: Sweep, exp: Experiment):
     # warmup 0: the searched warmups replace the common one, which may not even fit a short run
     one = dataclasses.replace(sw, experiments=[exp], seeds=sw.seeds[:1], common={**sw.common, "warmup_steps": 0}, search={})
-    cfg = one.trials()[0].config
-    return cfg.train.max_steps, cfg.train.eval_interval
+    return one.trials()[0].config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,12 +305,12 @@ def cell_name(base: Sweep, exp: Experiment) -> str:
     return f"{base.name}-search-{exp.id}-{exp.dataset}-{exp.method}"
 
 
-SEARCHERS = ("sha-anneal", "sha-grid", "asha-grid", "tpe")
-SCORES = {"sha-anneal": "annealed", "sha-grid": "loss"}  # how a synchronous rung ranks the field
+SEARCHERS = ("sha-phase", "sha-grid", "asha-grid", "tpe")
 
 
 def plan(searcher_kind: str, space: Space, max_steps: int, eval_interval: int, seed: int = 0,
-         num_samples: int | None = None, n_startup: int = 4, grace_frac: float = 0.2, reduction_factor: float = 4):
+         num_samples: int | None = None, n_startup: int = 4, grace_frac: float = 0.2, reduction_factor: float = 4,
+         budget_frac: float = 0.4, min_lr_frac: float = 0.0):
     """(trials, Tune searcher, Tune scheduler) of one search: what search_cells runs and the benchmark replays."""
     if searcher_kind not in SEARCHERS:
         raise ConfigError(f"searcher={searcher_kind!r} is unknown: choose one of {', '.join(SEARCHERS)}")
@@ -343,18 +321,26 @@ def plan(searcher_kind: str, space: Space, max_steps: int, eval_interval: int, s
     n, alg = space.size(max_steps), every_candidate(space, max_steps, seed)
     if searcher_kind == "asha-grid":
         return n, alg, early_stopper(max_steps, eval_interval, grace_frac, reduction_factor)
-    return n, alg, sync_halving(n, max_steps, eval_interval, grace_frac, reduction_factor,
-                                score=SCORES[searcher_kind])
+    if searcher_kind == "sha-grid":
+        return n, alg, sync_halving(n, max_steps, eval_interval, grace_frac, reduction_factor)
+    if not 0 < budget_frac <= 1:
+        raise ConfigError(f"budget_frac={budget_frac} must be in (0, 1]: the share of the full grid's trial-steps")
+    rungs, keeps = phase_plan(n, max_steps, eval_interval, grace_frac, reduction_factor, budget_frac,
+                              annealing_starts(space, max_steps, min_lr_frac))
+    return n, alg, sync_halving(n, max_steps, eval_interval, grace_frac, reduction_factor, keeps=keeps, rungs=rungs)
 
 
 def search_cells(base: Sweep, space: Space, num_samples: int | None = None, seed: int = 0, train_seed: int = 0,
-                 searcher_kind: str = "sha-anneal", n_startup: int = 4, grace_frac: float = 0.2,
-                 reduction_factor: float = 4) -> list[dict]:
+                 searcher_kind: str = "sha-phase", n_startup: int = 4, grace_frac: float = 0.2,
+                 reduction_factor: float = 4, budget_frac: float = 0.4) -> list[dict]:
     """Search every experiment of `base` (its own run each); return the best of each cell.
 
-    searcher_kind "sha-grid": every candidate starts, in an order shuffled by `seed`, and synchronous
-    successive halving (SyncHalving: rungs at grace_frac, x reduction_factor, ... of the run) keeps the
-    best 1/reduction_factor at each rung. "asha-grid": the same candidates, but ASHA (asynchronous)
+    searcher_kind "sha-phase" (the default): every candidate starts, in an order shuffled by `seed`, and
+    synchronous successive halving (SyncHalving) decides only at rungs (grace_frac, x reduction_factor, ... of
+    the run) that come before any candidate's learning rate has annealed to half its peak; the last of them
+    keeps as many trials as `budget_frac` of the full grid's trial-steps pays for, and those train to the end
+    (phase_plan). "sha-grid": the same, every rung kept, the best 1/reduction_factor at each (a rung late in the
+    run compares annealed candidates with ones still at their peak). "asha-grid": the same candidates, but ASHA (asynchronous)
     stops the poor ones at its rungs (num_samples is the grid's size). "tpe": `num_samples` trials
     that seeded TPE proposes, stopped by the same ASHA. Either way every trial trains with
     `train_seed` (init and data order), whatever the searcher's `seed`: a candidate scores exactly
@@ -367,7 +353,7 @@ def search_cells(base: Sweep, space: Space, num_samples: int | None = None, seed
         max_steps, eval_interval = budget(base, exp)
         domains = space.domains(max_steps)
         n, alg, scheduler = plan(searcher_kind, space, max_steps, eval_interval, seed, num_samples, n_startup,
-                                 grace_frac, reduction_factor)
+                                 grace_frac, reduction_factor, budget_frac, _one_config(base, exp).train.min_lr_frac)
         cell = dataclasses.replace(
             base, name=cell_name(base, exp), experiments=[exp], seeds=[train_seed], common=_without(base.common, domains),
             search=domains, num_samples=n, search_alg=alg, scheduler=scheduler,
