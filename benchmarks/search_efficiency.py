@@ -1,40 +1,30 @@
-"""Does the early-stopped search find as good a learning rate as the full grid, for less compute, whatever its seed?
+"""Does the early-stopped search find as good a learning rate as the full grid, for less compute, on every arm?
 
-    python benchmarks/search_efficiency.py --seeds 0-4     # baseline and oelm_freeze, 5 searcher seeds: per-seed table
-    python benchmarks/search_efficiency.py --seed 1        # one searcher seed
+    python benchmarks/search_efficiency.py --train-seeds 0,1 --seed 0        # 4 arms x 2 training seeds, trained
+    python benchmarks/search_efficiency.py --train-seeds 0,1 --seeds 0-19 --replay \
+        --searcher sha-phase,sha-grid,asha-grid,tpe                          # every searcher, replayed on the grids
     python benchmarks/search_efficiency.py --experiments CPU-02 --seeds 0,1 --searcher tpe --samples 10
 
-Per experiment, one full grid (every candidate trained to max_steps, training seed 0) and, for each
+Per (experiment, training seed), one full grid (every candidate trained to max_steps) and, for each
 searcher seed, one search over the same candidates (oelm_ray.tune.search, as sweeps/lr_warmup.py runs it,
-training seed 0 too: a candidate scores exactly what it scores in the grid). The space: 5 lrs
-(4e-3 ... 6.4e-2, doubling) x 5 warmups (10%, 30%, 60%, 90%, 99%) = 25 candidates; both methods'
-best candidates are interior. The cpu preset's model on the stories corpus, shrunk to max_steps 300,
-eval every 30. The default searcher, sha-grid, starts every candidate in an order the seed shuffles
-and halves synchronously: rungs at 60 and 240 steps (--grace-frac 0.2, --reduction-factor 4), where
-every trial waits for the whole field and the best quarter go on. asha-grid: the same candidates and
-rungs, asynchronous (Ray's ASHA); tpe: Optuna's TPE + ASHA, --samples trials. --replay replays
-sha-grid / asha-grid searches on the grid's recorded curves instead of training them, the search's
-own scheduler making the decisions (exact but for timing: two trials at a time, equal speed).
-Pass, per seed: the pick's final val PPL within 2% of the grid's best, for at most 40% of the
-grid's trial-steps (steps actually trained, summed over trials). Everything resumes if re-run;
-the table goes to <storage>/search_efficiency-<searcher>[-replay].json too.
+with the same training seed: a candidate scores exactly what it scores in the grid). The space: 5 lrs
+(4e-3 ... 6.4e-2, doubling) x 5 warmups (10%, 30%, 60%, 90%, 99%) = 25 candidates. The cpu preset's model
+on the stories corpus, shrunk to max_steps 300, eval every 30. Grids are trained once and kept under
+<storage>/search_efficiency-grid-<experiment>-t<training seed>; their curves are cached in
+<storage>/search_efficiency-cache/, which is all a replay reads.
 
-Measured (README, "search_efficiency", has the grids and the per-seed table; branch issue-15b, model
-and trainer as main b476dbd; 2-core box shared with other developers' work, load 4-11, no timings):
-  grid best: baseline lr 8e-3 / warmup 180 (60%), final val PPL 8.015; oelm_freeze 3.2e-2 / 270 (90%),
-    7.431; each grid 7,500 trial-steps.
-  sha-grid (default), --replay, seeds 0-19: 20/20 pass on both methods. baseline picks 1.6e-2 / 180
-    (8.073, x1.0073) and oelm_freeze the grid's best (x1.0000), each for 2,880 trial-steps (38.4%),
-    identical for every seed (synchronous rungs: order does not matter).
-  sha-grid (default), trained for real, seeds 0-4: 5/5 pass on each method; baseline picks 1.6e-2 / 180
-    (8.073) and oelm_freeze 3.2e-2 / 270 (7.431) for every seed, bit-for-bit their grid PPLs, each
-    search 2,880 trial-steps (38.4%): the replay's decisions exactly.
-  sha-grid --reduction-factor 3 (rungs 60, 180), --replay, seeds 0-19: 0/20 on both (x1.151, x1.311; 39.2%).
-  asha-grid, same rungs, --replay, seeds 0-19: within 2% for 20/20 on both, but share of grid
-    31.2-68.0% (baseline; seeds 0-4: 41.6 68.0 34.4 38.4 42.4%) and 36.8-59.2% (oelm_freeze; 42.4 59.2
-    44.8 42.4 47.2%): 7/20 and 3/20 pass. The old default (asha-grid, --grace-frac 0.3
-    --reduction-factor 3): 0/20, 48.0-76.0% and 45.6-67.6%. No asha-grid setting tried (first rung 10-40%
-    x reduction factor 2-10) passed all 20 seeds even on the baseline (best 13/20).
+Searchers (oelm_ray.tune.search.plan): sha-phase, the default: synchronous halving with rungs only before
+any candidate's lr has annealed to half its peak (here one, at 60 steps), its survivors as many as 40% of
+the grid's trial-steps pays for (here 6); sha-grid: rungs at 60 and 240 (--grace-frac 0.2,
+--reduction-factor 4), a quarter kept at each; asha-grid: the same rungs, asynchronous (Ray's ASHA); tpe:
+Optuna's TPE + ASHA, --samples trials. --replay replays each search on the grid's recorded curves instead
+of training it, the search's own scheduler (and, for tpe, searcher) objects making every decision (exact
+but for timing: two trials at a time, equal speed; tpe only approximately: its parameter names differ
+from a real search's, so its proposals may too).
+Pass, per search: the pick's final val PPL within 2% of the grid's best, for at most 40% of the grid's
+trial-steps (steps actually trained, summed over trials). One table per searcher, over every (arm,
+training seed, searcher seed), and the pass count. Everything resumes if re-run; the rows go to
+<storage>/search_efficiency-<searcher>[-replay].json too. Figures: README, "search_efficiency".
 """
 
 from __future__ import annotations

@@ -380,8 +380,7 @@ def search_figure(cells: list[dict]):
             grid[lrs.index(t["lr"]), warmups.index(t["warmup_steps"])] = v if finite(v) else np.nan
         ok = grid[np.isfinite(grid)]
         norm = LogNorm(vmin=ok.min(), vmax=max(ok.max(), ok.min() * 1.0001)) if ok.size else None
-        cmap = matplotlib.colormaps["viridis_r"].copy()
-        cmap.set_bad("#d9d9d9")
+        cmap = matplotlib.colormaps["viridis_r"].with_extremes(bad="#d9d9d9")
         im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, origin="lower", aspect="auto")
         fig.colorbar(im, ax=ax, label="val PPL (last value reached)")
         for t in tried:

@@ -4,33 +4,37 @@
     python sweeps/lr_warmup.py --preset paper   # GPT-01..03 (TinyStories) on the running cluster
 
 Phase 1: for each method (x dataset) its own Tune run, `<name>-search-<experiment>-<dataset>-<method>`, where
-every lr x warmup candidate (log-spaced lrs, warmups as fractions of the run) starts, in an order
-the search seed shuffles, and synchronous successive halving keeps the best quarter at 20% and at
-80% of the run (trials pause at a rung until all have reached it): chosen by
-benchmarks/search_efficiency.py (seeded TPE missed the best candidate for some seeds; asynchronous
-ASHA either cut the best or cost over 40% of the grid for some seeds; searcher="asha-grid" / "tpe"
-in a preset still run them). Every search trial trains with seed 0.
+every lr x warmup candidate (log-spaced lrs, warmups as fractions of the run) starts, in an order the
+search seed shuffles, and synchronous successive halving ("sha-phase") decides once, at 20% of the run,
+before any candidate's learning rate has annealed to half its peak: the best trials that 40% of the full
+grid's trial-steps pays for train to the end, where every schedule has annealed (trials pause at the rung
+until all have reached it). A rung later in the run would rank annealed candidates against ones still near
+their peak lr, whose loss annealing has yet to bring down: that cut the scale-matched control's best
+(benchmarks/search_efficiency.py; searcher="sha-grid" / "asha-grid" / "tpe" in a preset still run the
+others). Every search trial trains with seed 0.
 Phase 2: each method at its own best lr and warmup over fresh seeds, in `<name>` (summary.md as
-phase 3, plus search.md and best.json: the best settings and the compute the search spent beside a
-full grid). Run the same command again to resume either phase.
+phase 3, plus search.md, search.png and best.json: the best settings, the searches as lr x warmup heatmaps
+and the compute the search spent beside a full grid). Run the same command again to resume either phase.
 """
 
 from oelm_ray.core import experiments
 from oelm_ray.tune import recipe, search
 
 PRESETS = {
-    # 6 lrs (1e-3 ... 3.2e-2, doubling) x 3 warmups = 18 candidates per method, around the cpu preset's
-    # 1e-2 and up into the range where training blows up; every candidate starts, synchronous halving
-    # (rungs at 100 and 400 of 500 steps, the best quarter goes on: as in benchmarks/search_efficiency.py)
-    "embedded": dict(experiments=list(experiments.EMBEDDED), seeds=[1, 2], searcher="sha-grid", search_seed=0,
-                     train_seed=0, grace_frac=0.2, reduction_factor=4,
-                     space=search.Space(lrs=search.log_spaced(1e-3, 3.2e-2, 6), warmup_fracs=[0.02, 0.1, 0.3])),
-    # quarter-decade lrs around the research's 3e-4 / 1e-3; warmups 1% (theirs) to 10%
-    "paper": dict(experiments=["GPT-01", "GPT-02", "GPT-03"], seeds=[1, 2, 3], searcher="sha-grid", search_seed=0,
-                  train_seed=0, grace_frac=0.2, reduction_factor=4,
-                  space=search.Space(lrs=search.log_spaced(1e-4, 3.2e-3, 7), warmup_fracs=[0.01, 0.03, 0.1])),
+    # 4 lrs (4e-3 ... 3.2e-2, doubling) x 4 warmups (10-90% of the 500 steps) = 16 candidates per method: at 300
+    # steps the benchmark's bests sit at lr 8e-3 ... 3.2e-2 and warmup 60-99% on every arm (README, "search_efficiency");
+    # the old 2/10/30% warmups picked the longest every time. One rung at 100 of 500 steps keeping 4: 3,200
+    # trial-steps per method (40% of the grid's 8,000)
+    "embedded": dict(experiments=list(experiments.EMBEDDED), seeds=[1, 2], searcher="sha-phase", search_seed=0,
+                     train_seed=0, grace_frac=0.2, reduction_factor=4, budget_frac=0.4,
+                     space=search.Space(lrs=search.log_spaced(4e-3, 3.2e-2, 4), warmup_fracs=[0.1, 0.3, 0.6, 0.9])),
+    # doubling lrs around the research's 3e-4 / 1e-3; warmups 1% (theirs) to 30% (the research's "longer warmup"
+    # for the frozen variants; a long run's best warmup is short, a 300-step run's long: the grid spans both)
+    "paper": dict(experiments=["GPT-01", "GPT-02", "GPT-03"], seeds=[1, 2, 3], searcher="sha-phase", search_seed=0,
+                  train_seed=0, grace_frac=0.2, reduction_factor=4, budget_frac=0.4,
+                  space=search.Space(lrs=search.log_spaced(1e-4, 3.2e-3, 6), warmup_fracs=[0.01, 0.03, 0.1, 0.3])),
 }
-# 3 x 2 candidates of 30 steps: one rung, at 10 steps (the best 2 of 6 finish)
+# 3 x 2 candidates of 30 steps: one rung, at 10 steps (the best one of 6 finishes: 40% of the 180 grid steps)
 SMOKE = dict(seeds=[1], space=search.Space(lrs=[1e-3, 4e-3, 1.6e-2], warmup_fracs=[0.1, 0.3]))
 
 
@@ -43,7 +47,8 @@ def main(argv=None) -> int:
             sw.seeds = p["seeds"]
         cells = search.search_cells(sw, p["space"], p.get("num_samples"), seed=p["search_seed"], train_seed=p["train_seed"],
                                     searcher_kind=p["searcher"], n_startup=p.get("n_startup", 4),
-                                    grace_frac=p["grace_frac"], reduction_factor=p["reduction_factor"])
+                                    grace_frac=p["grace_frac"], reduction_factor=p["reduction_factor"],
+                                    budget_frac=p.get("budget_frac", 0.4))
         done.update(run_dir=sw.run_dir, cells=cells)
         print(search.search_markdown(cells), flush=True)
         return search.compare_sweep(sw, cells)

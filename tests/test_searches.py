@@ -216,6 +216,39 @@ def test_space_grid_and_cost_bookkeeping():
     assert "37%" in search.search_markdown([cell])
 
 
+def test_search_png_is_a_heatmap_whose_marks_follow_the_data(tmp_path):
+    from matplotlib.patches import Rectangle
+
+    def cell(eid, pick, stopped):
+        tried = [{"trial": f"{lr}-{w}", "lr": lr, "warmup_steps": w, "steps": 60 if (lr, w) in stopped else 300,
+                  "best_val_ppl": 9.0 + lr * 100 + w / 100, "last_val_ppl": 9.5 + lr * 100 + w / 100,
+                  "status": "stopped" if (lr, w) in stopped else "completed"}
+                 for lr in (4e-3, 8e-3, 1.6e-2) for w in (30, 90)]
+        return {"experiment_id": eid, "dataset": "stories", "method": "baseline", "max_steps": 300, "trials": 6,
+                "stopped_early": len(stopped), "candidates": 6, "trial_steps": 1200, "grid_trial_steps": 1800,
+                "fraction_of_grid": 0.4, "tried": tried,
+                "best": {"trial": "x", "lr": pick[0], "warmup_steps": pick[1], "best_val_ppl": 9.0, "final_val_ppl": 9.0}}
+
+    cells = [cell("CPU-01", (8e-3, 90), {(4e-3, 30), (1.6e-2, 30)}), cell("CPU-04", (1.6e-2, 90), {(8e-3, 30)})]
+    fig = results.search_figure(cells)
+    for ax, c in zip(fig.axes, cells):  # the panels first, then their colour bars
+        marks = {p.get_gid(): (p.get_x(), p.get_y()) for p in ax.patches if isinstance(p, Rectangle) and p.get_gid()}
+        stopped = {tuple(float(x) if "." in x else int(x) for x in g.split(" ")[1].split(",")) for g in marks if g.startswith("stopped")}
+        assert stopped == {(t["lr"], t["warmup_steps"]) for t in c["tried"] if t["status"] == "stopped"}
+        lrs, ws = [4e-3, 8e-3, 1.6e-2], [30, 90]
+        pick = [xy for g, xy in marks.items() if g.startswith("pick")]
+        assert pick == [(ws.index(c["best"]["warmup_steps"]) - 0.5, lrs.index(c["best"]["lr"]) - 0.5)]  # framed where it is
+        img = ax.images[0].get_array()
+        assert img[lrs.index(1.6e-2), ws.index(90)] == pytest.approx(9.5 + 1.6 + 0.9)  # the last PPL reached
+        assert any(t.get_text() == f"{9.5 + 0.4 + 0.3:.2f}\n@60" for t in ax.texts) == (c["experiment_id"] == "CPU-01")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    search.write_search_report(tmp_path, cells)
+    assert (tmp_path / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "search.png" in (tmp_path / "search.md").read_text()
+
+
 def test_partial_unfreeze_variants_are_valid_and_named():
     pu = load_recipe("partial_unfreeze")
     for preset, n_layer in (("embedded", 2), ("paper", 6)):
@@ -282,7 +315,8 @@ def test_report_shows_params_saved_and_compute():
 
 
 @pytest.mark.slow
-def test_a_candidate_scores_the_same_in_a_plain_sweep_and_in_a_search(tmp_path, ray_local):
+@pytest.mark.parametrize("kind", ["sha-grid", "sha-phase"])
+def test_a_candidate_scores_the_same_in_a_plain_sweep_and_in_a_search(tmp_path, ray_local, kind):
     # issue 15: lr 0.00316 / warmup 30 / seed 0 scored 10.945 in the grid and 11.156 in a search run with
     # searcher seed 1, which also trained with seed 1. The searcher's seed must not be the trials' seed.
     from oelm_ray.core import experiments as E
@@ -296,9 +330,11 @@ def test_a_candidate_scores_the_same_in_a_plain_sweep_and_in_a_search(tmp_path, 
                   search=space.grid(30))
     run(plain, report=False)
     base = Sweep(name="searched", experiments=[exp], seeds=[7], storage=str(tmp_path / "runs"), common=common)
-    # sha-grid, rungs at 10 and 20 steps keeping half: trials pause and resume from their checkpoints
-    cell = search.search_cells(base, space, seed=1, train_seed=0, searcher_kind="sha-grid", grace_frac=0.34,
-                               reduction_factor=2)[0]
+    # sha-grid, rungs at 10 and 20 steps keeping half: trials pause and resume from their checkpoints;
+    # sha-phase: the rung at 20 comes after the 10% warmup's lr is down to half its peak (step 17), so one rung, at
+    # 10, keeping what 60% of the grid pays for ((72 - 40) // 20 = 1)
+    cell = search.search_cells(base, space, seed=1, train_seed=0, searcher_kind=kind, grace_frac=0.34,
+                               reduction_factor=2, budget_frac=0.6)[0]
 
     def curves(run_dir):
         return {(r["config"]["train"]["lr"], r["config"]["train"]["warmup_steps"]): (r["seed"], r["config"]["train"]["num_threads"],
@@ -317,8 +353,9 @@ def test_a_candidate_scores_the_same_in_a_plain_sweep_and_in_a_search(tmp_path, 
     # those at step 20 finished; the other two stopped at 10
     at = lambda cand, step: dict(grid[cand][2])[step]
     top2 = sorted(grid, key=lambda c: at(c, 10))[:2]
-    winner = min(top2, key=lambda c: at(c, 20))
-    assert {c: h[-1][0] for c, (_, _, h) in searched.items()} == {c: 30 if c == winner else 20 if c in top2 else 10 for c in grid}
+    winner = min(top2, key=lambda c: at(c, 20)) if kind == "sha-grid" else top2[0]
+    assert {c: h[-1][0] for c, (_, _, h) in searched.items()} == {
+        c: 30 if c == winner else 20 if c in top2 and kind == "sha-grid" else 10 for c in grid}
     assert (pick["lr"], pick["warmup_steps"]) == winner
 
 
