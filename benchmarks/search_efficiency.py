@@ -223,6 +223,13 @@ def grid_table(grid: dict) -> list[dict]:
     return out
 
 
+def rank_at(grid: dict, cand: tuple, step: int) -> int:
+    """1-based rank of `cand` among the grid's candidates by val loss at `step` (how a rung there sees it)."""
+    at = {k: dict(map(tuple, h)).get(step, math.inf) for k, h in grid["curves"].items()}
+    key = f"{cand[0]:g},{cand[1]}"
+    return 1 + sum(v < at[key] for v in at.values())
+
+
 def row(exp, train_seed: int, seed: int, cell: dict, grid: list[dict]) -> dict:
     g_best = min(grid, key=lambda g: g["final_val_ppl"] if math.isfinite(g["final_val_ppl"]) else math.inf)
     grid_steps = sum(g["steps"] for g in grid)
@@ -244,13 +251,14 @@ def row(exp, train_seed: int, seed: int, cell: dict, grid: list[dict]) -> dict:
 def table(rows: list[dict]) -> str:
     """One searcher's rows: every (arm, training seed, searcher seed), then a line per (arm, training seed) and the count."""
     lines = ["| experiment | method | train seed | searcher seed | how | pick lr | pick warmup | pick PPL "
-             "| grid best (lr, warmup): PPL | PPL / grid best | trials (stopped) | trial-steps | share of grid | pass |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| grid best (lr, warmup): PPL | its rank at the first rung | PPL / grid best | trials (stopped) | trial-steps "
+             "| share of grid | pass |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['experiment']} | {r['method']} | {r['train_seed']} | {r['seed']} | {'replay' if r['replayed'] else 'trained'} "
             f"| {r['pick_lr']:g} | {r['pick_warmup']} | {r['pick_ppl']:.3f} "
-            f"| ({r['grid_best_lr']:g}, {r['grid_best_warmup']}): {r['grid_best_ppl']:.3f} | {r['ppl_ratio']:.4f} "
+            f"| ({r['grid_best_lr']:g}, {r['grid_best_warmup']}): {r['grid_best_ppl']:.3f} | {r['best_rank_first_rung']} "
+            f"| {r['ppl_ratio']:.4f} "
             f"| {r['trials']} ({r['stopped_early']}) | {r['trial_steps']:,} / {r['grid_trial_steps']:,} "
             f"| {100 * r['steps_share']:.1f}% | {'PASS' if r['passed'] else 'FAIL'} |")
     lines.append("")
@@ -305,6 +313,7 @@ def main(argv=None) -> int:
     storage = str(Path(args.storage).resolve())
     common = {**SHRINK, "data_dir": str(Path(storage) / "data")}
     grids = {(exp.id, ts): grid_curves(exp, storage, common, ts) for exp in exps for ts in train_seeds}
+    first_rung = search.halving_rungs(SHRINK["max_steps"], SHRINK["eval_interval"], args.grace_frac, args.reduction_factor)[0]
     ok = True
     for searcher in searchers:
         rows = []
@@ -319,7 +328,9 @@ def main(argv=None) -> int:
                     else:
                         cell = one_search(exp, storage, common, seed, searcher, samples, args.grace_frac,
                                           args.reduction_factor, train_seed=ts)
-                    rows.append({**row(exp, ts, seed, cell, grid_table(grid)), "replayed": args.replay})
+                    r = row(exp, ts, seed, cell, grid_table(grid))
+                    r["best_rank_first_rung"] = rank_at(grid, (r["grid_best_lr"], r["grid_best_warmup"]), first_rung)
+                    rows.append({**r, "replayed": args.replay})
         out = Path(storage) / f"search_efficiency-{searcher}{'-replay' if args.replay else ''}.json"
         results.write_json(out, {"searcher": searcher, "grace_frac": args.grace_frac,
                                  "reduction_factor": args.reduction_factor, "rows": rows})
