@@ -166,6 +166,16 @@ def test_sha_phase_decides_only_before_annealing_and_keeps_what_the_budget_pays_
     assert kept == {f"t{i}" for i in range(25) if (7 * i) % 25 < 6}  # the best six at step 60 train to the end
     assert all(sched.on_trial_result(ctl, t, {"step": 270, "val/loss": 0.0}) == "CONTINUE" for t in trials if t.status == "RUNNING")
 
+    # resumed (the scheduler's state is not restored): only 10 of the 25 can still reach the rung; once nobody
+    # runs, it is decided among them, keeping its planned share: ceil(6 x 10 / 25) = 3, the best three
+    trials = [T(i) for i in range(10)]
+    sched = search.plan("sha-phase", space, 300, 30)[2]
+    for i, t in enumerate(trials):
+        assert sched.on_trial_result(ctl, t, {"step": 60, "val/loss": float(9 - i)}) == "PAUSE"
+        t.status = "PAUSED"
+    assert sched.choose_trial_to_run(ctl) in trials[7:]
+    assert {t.trial_id for t in trials if t.status != "TERMINATED"} == {"t7", "t8", "t9"}
+
 
 def test_every_experiment_gets_its_own_search(tmp_path):
     """CPU-03 and its control CPU-04 are both oelm_random on stories: once they shared one search run, and

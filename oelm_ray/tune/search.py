@@ -8,18 +8,21 @@ bookkeeping that says what a search found and what it cost.
 Why one run per cell: Ray 2.60 refuses `grid_search` together with a searcher, so experiments are
 not a grid axis here; each cell is a `Sweep` of one experiment.
 
-The searcher ("sha-grid", the default): every candidate starts, in an order the search seed
+The searcher ("sha-phase", the default): every candidate starts, in an order the search seed
 shuffles (Tune's variant generator fed them as points to evaluate), and synchronous successive
 halving (SyncHalving, a Tune scheduler) pauses each trial at a rung until every live trial has
-reached it, then keeps the best 1/reduction_factor (`val/loss`; the recipes put the rungs at 20% and
-80% of the run and keep a quarter). Chosen by benchmarks/search_efficiency.py: seeded TPE sampling
-part of the grid missed the best candidate for most searcher seeds; ASHA over the grid (asynchronous:
-"asha-grid") lets early arrivals pass a rung before the field is known, so its cost depends on the
-searcher's seed (31-68% of the grid's trial-steps with the same rungs); no first rung / reduction
-factor tried met "within 2% and at most 40%" for every seed, and rungs at 10% cut long-warmup
-candidates while they warm up. Being synchronous, sha-grid's survivors and cost do not depend on
-the searcher's seed.
-"asha-grid" and "tpe" (Optuna's TPE, seeded, + ASHA) are still there to compare.
+reached it, then keeps the best (`val/loss`). Its rungs (phase_plan) are the halving rungs (20%, x4,
+... of the run) that come before any candidate's learning rate has annealed to half its peak
+(annealing_starts, from the trainer's own lr_at): a raw val loss is comparable only between
+candidates in the same phase of their schedules, and a rung after some have annealed cuts those
+still near their peak lr by construction (that cut the scale-matched control's best). The last rung
+keeps as many trials as `budget_frac` (40%) of the full grid's trial-steps pays for; they train to
+the end, where every schedule has annealed. Chosen by benchmarks/search_efficiency.py on four arms x
+two training seeds (README, "search_efficiency"). "sha-grid" (every halving rung, a quarter kept at
+each: the previous default), "asha-grid" (ASHA over the grid: asynchronous, so early arrivals pass
+a rung before the field is known and its cost depends on the seed) and "tpe" (Optuna's TPE, seeded,
++ ASHA) are still there to compare. Being synchronous, sha-phase's survivors and cost do not depend
+on the searcher's seed.
 Every trial trains with the cell's `train_seed`, never the searcher's seed: a candidate scores
 bit-for-bit what it scores in a plain sweep (tests/test_searches.py).
 
@@ -30,7 +33,8 @@ one trial: the cost of a trial is the last step it trained.
 
 Resume: the same command again resumes every cell (Tuner.restore; the searcher's state is
 restored, the scheduler's is not -- ray#30838 --: with asha-grid trials unfinished at an interrupt run
-to the end; with sha-grid a rung that can no longer fill is decided among the trials that reached it)
+to the end; with sha-phase / sha-grid a rung that can no longer fill is decided among the trials that
+reached it, sha-phase keeping its planned share of them)
 and skips cells that are done.
 """
 
