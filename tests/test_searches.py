@@ -166,6 +166,16 @@ def test_sha_phase_decides_only_before_annealing_and_keeps_what_the_budget_pays_
     assert kept == {f"t{i}" for i in range(25) if (7 * i) % 25 < 6}  # the best six at step 60 train to the end
     assert all(sched.on_trial_result(ctl, t, {"step": 270, "val/loss": 0.0}) == "CONTINUE" for t in trials if t.status == "RUNNING")
 
+    # an exact tie at the rung (same warmup slope: the same curve so far) is broken by config, not by arrival
+    def survivor(order):
+        ts = [T(i) for i in order]
+        for t in ts:
+            t.config = {"trial": {"config": {"train": {"lr": 8e-3 * (1 + t.trial_id[1:].count("1"))}}}}
+        tie = search.SyncHalving(2, [60], 2)
+        tie.on_trial_result(ctl, ts[0], {"step": 60, "val/loss": 1.0})
+        return ts[1].trial_id if tie.on_trial_result(ctl, ts[1], {"step": 60, "val/loss": 1.0}) == "CONTINUE" else ts[0].trial_id
+    assert survivor([0, 1]) == survivor([1, 0]) == "t0"
+
     # resumed (the scheduler's state is not restored): only 10 of the 25 can still reach the rung; once nobody
     # runs, it is decided among them, keeping its planned share: ceil(6 x 10 / 25) = 3, the best three
     trials = [T(i) for i in range(10)]

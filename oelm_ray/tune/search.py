@@ -175,6 +175,10 @@ def phase_plan(n: int, max_steps: int, eval_interval: int, first_frac: float, re
     return rungs, keeps
 
 
+def _config_key(trial) -> str:
+    return json.dumps(getattr(trial, "config", None), sort_keys=True, default=str)
+
+
 class SyncHalving(FIFOScheduler):
     """Synchronous successive halving: each trial pauses at a rung until every live trial has reached
     it; then the best ceil(n / reduction_factor) of the n go on and the others stop.
@@ -221,7 +225,9 @@ class SyncHalving(FIFOScheduler):
         keep = max(1, math.ceil(len(vals) / self.rf))
         if self.keeps is not None:  # a planned count; a field smaller than planned (a resume) keeps its share
             keep = max(1, min(self.keeps[k], math.ceil(self.keeps[k] * len(vals) / self._planned(k))))
-        ranked = sorted(vals, key=lambda t: (math.isnan(vals[t]), vals[t]))
+        # ties by config, not arrival: two candidates with the same warmup slope (lr / warmup_steps) have the same
+        # curve, bit-for-bit, until the shorter warmup ends, so a rung during warmup can tie them exactly
+        ranked = sorted(vals, key=lambda t: (math.isnan(vals[t]), vals[t], _config_key(t)))
         good, bad = ranked[:keep], ranked[keep:]
         if k + 1 < len(self.rungs):
             self.expected[k + 1] = len(good)
