@@ -60,7 +60,7 @@ def test_bad_values_give_one_clear_error(overrides, message):
 
 
 def test_unknown_preset():
-    with pytest.raises(C.ConfigError, match="preset='gpu' is unknown: choose one of cpu, medium-512"):
+    with pytest.raises(C.ConfigError, match="preset='gpu' is unknown: choose one of cpu, small-256, medium-512, large-768"):
         C.preset("gpu")
 
 

@@ -499,7 +499,7 @@ BAD_INPUT = [
         r"dataset='nosuch' is unknown: choose one of stories, tinystories",
         example='`--dataset nosuch`', says='lists the known corpora and the local file suffixes'),
     Bad("unknown preset", "oelm-ray", lambda d, w: [*_train(d, w, "--out-dir", str(d / "x")), "--preset", "huge"],
-        r"preset='huge' is unknown: choose one of cpu, medium-512",
+        r"preset='huge' is unknown: choose one of cpu, small-256, medium-512, large-768",
         example='`--preset huge`', says='lists the presets (cpu, medium-512)'),
     Bad("unknown experiment id", "phase3", lambda d, w: _sweep(d, w, "--experiments", "GPT-99"),
         r"unknown experiment id\(s\) GPT-99: choose from GPT-01",

@@ -79,6 +79,9 @@ def _straight_and_cut(c, tmp_path, at: int):
     ("oelm_freeze", {"qk_unfreeze_step": 15, "qk_lr_mult": 0.5, "qk_freeze_layers": 1}),
     ("oelm_freeze", {"qk_unfreeze_step": 20}),  # cut at the checkpoint of the unfreeze step itself
     ("baseline", {"dtype": "fp16"}),  # fp16 autocast: the gradient scaler's state resumes too
+    ("oelm_freeze", {"qk_update_every": 5}),  # cut at step 20, right after an update step
+    ("oelm_freeze", {"qk_update_every": 3, "qk_freeze_layers": 1}),  # cut between two updates
+    ("oelm_freeze", {"lr_layer_decay": 0.7, "qk_unfreeze_step": 15}),  # per-layer groups, also the unfrozen Q/K's
 ])
 def test_resume_is_bit_for_bit(tmp_path, data_dir, method, extra):
     c = cfg(data_dir, method=method, **extra)
@@ -327,3 +330,66 @@ def test_frozen_qk_that_move_stop_the_run(tmp_path, data_dir, monkeypatch):
         train(cfg(data_dir, method="oelm_freeze"), tmp_path, log=quiet)
     assert not (tmp_path / "latest.pt").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "qk_check_failed"
+
+
+# ------------------------------------------------------------------------------------------------
+# the research's next experiments: periodic Q/K updates, layer-wise learning rates
+
+
+def test_periodic_qk_change_only_on_their_update_steps(tmp_path, data_dir):
+    c = cfg(data_dir, method="oelm_freeze", qk_update_every=5, eval_interval=3, max_steps=15, log_interval=3)
+    torch.manual_seed(c.train.seed)
+    init = GPT(c.model).qk_params()["transformer.h.0.attn.c_qk.weight"].detach().clone()
+    qk = {}
+
+    def grab(m):
+        qk[m["step"]] = torch.load(tmp_path / "latest.pt", weights_only=True)["model"]["transformer.h.0.attn.c_qk.weight"]
+
+    summary = train(c, tmp_path, report=grab, log=quiet)
+    # updates after 5, 10, 15 steps (0-based steps 4, 9, 14): checkpoints after 3, 6, 9, 12, 15 steps
+    assert torch.equal(qk[3], init) and not torch.equal(qk[6], init)
+    assert torch.equal(qk[6], qk[9]) and not torch.equal(qk[9], qk[12]) and not torch.equal(qk[12], qk[15])
+    opt = torch.load(tmp_path / "latest.pt", weights_only=True)["optimizer"]
+    (g,) = [g for g in opt["param_groups"] if g["name"] == "qk_periodic"]
+    assert {float(opt["state"][i]["step"]) for i in g["params"]} == {3.0}  # AdamW stepped them on updates only
+    assert summary["qk_check"] == "ok" and summary["trainable_params"] == summary["total_params"]
+
+
+def test_periodic_qk_changed_between_updates_stop_the_run(tmp_path, data_dir, monkeypatch):
+    from oelm_ray.core import trainer
+
+    monkeypatch.setattr(trainer, "qk_update_at", lambda step, c: True)  # every step updates, whatever N says
+    with pytest.raises(QKCheckError, match=r"at step 10: Q/K of block\(s\) 0, 1 should be frozen"):
+        train(cfg(data_dir, method="oelm_freeze", qk_update_every=20, max_steps=40), tmp_path, log=quiet)
+
+
+def test_layer_wise_learning_rates(tmp_path, data_dir):
+    c = cfg(data_dir, method="oelm_freeze", qk_freeze_layers=1, lr_layer_decay=0.5)
+    torch.manual_seed(0)
+    model = GPT(c.model)
+    groups = {g["name"]: g for g in build_optimizer(model, c, torch.device("cpu")).param_groups}
+    L = c.model.n_layer
+    assert {n: g["lr_mult"] for n, g in groups.items()} == {
+        "decay.embed": 0.5**L, "decay.h0": 0.5, "decay.h1": 1.0, "no_decay.h0": 0.5, "no_decay.h1": 1.0,
+        "no_decay.top": 1.0, "qk.h1": 1.0}  # block 0's Q/K are frozen: in no group
+    assert groups["decay.embed"]["params"][0] is model.lm_head.weight  # the tied embedding, once
+    n_opt = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert n_opt == model.param_counts()["trainable"]
+    plain = build_optimizer(model, cfg(data_dir, method="oelm_freeze", qk_freeze_layers=1), torch.device("cpu"))
+    assert [g["name"] for g in plain.param_groups] == ["decay", "no_decay", "qk"]  # decay 1: the groups as ever
+    summary = train(c, tmp_path, log=quiet)
+    assert summary["lr_mults"]["decay.embed"] == 0.25 and summary["qk_check"] == "ok"
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(method="baseline", qk_update_every=10), "freezes no Q/K: drop qk_update_every"),
+    (dict(method="oelm_freeze", qk_update_every=10, qk_unfreeze_step=20), "two schedules for the same Q/K"),
+    (dict(method="oelm_freeze", qk_update_every=-1), "must be a whole number >= 0"),
+    (dict(lr_layer_decay=0), "lr_layer_decay=0.0 must be a number > 0"),
+    (dict(lr_layer_decay=-0.5), "lr_layer_decay=-0.5 must be a number > 0"),
+])
+def test_bad_next_experiment_settings_are_one_line(kw, msg):
+    from oelm_ray.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=msg):
+        make_config("cpu", **kw)

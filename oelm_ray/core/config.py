@@ -17,7 +17,7 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 from .io import UserError
 
@@ -162,6 +162,10 @@ class TrainConfig:
     """Step at which frozen Q/K start training; -1 keeps them frozen for the whole run."""
     qk_lr_mult: float = 1.0
     """Learning-rate multiplier for the Q/K projections whenever they train."""
+    qk_update_every: int = 0
+    """For frozen methods: the frozen Q/K get their gradient and an AdamW update only on every N-th step (steps N, 2N, ...), and stay fixed in between (their AdamW moments too); 0 never updates them, 1 updates them every step."""
+    lr_layer_decay: float = 1.0
+    """Layer-wise learning rates: block i of L trains at lr x decay^(L-1-i) (the top block at lr), the embeddings (tied with the LM head) at lr x decay^L, the final LayerNorm at lr; 1 is one rate for all."""
     device: str = "auto"
     """auto (cuda when available; in a Ray trial, cuda only if Ray assigned it a GPU), cpu or cuda."""
     dtype: str = "auto"
@@ -205,6 +209,10 @@ class TrainConfig:
             )
         if not self.qk_lr_mult > 0:
             raise ConfigError(f"qk_lr_mult={self.qk_lr_mult} must be > 0")
+        if not isinstance(self.qk_update_every, int) or isinstance(self.qk_update_every, bool) or self.qk_update_every < 0:
+            raise ConfigError(f"qk_update_every={self.qk_update_every!r} must be a whole number >= 0 (0 = off)")
+        if not (self.lr_layer_decay > 0 and math.isfinite(self.lr_layer_decay)):
+            raise ConfigError(f"lr_layer_decay={self.lr_layer_decay} must be a number > 0 (1 = one rate for all blocks)")
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("compile", self.compile, COMPILE_MODES)
@@ -227,6 +235,16 @@ class Config:
             raise ConfigError(
                 f"vocab_size={self.model.vocab_size} is smaller than the {self.data.tokenizer} "
                 f"tokenizer's vocabulary ({need}): set vocab_size >= {need}"
+            )
+        if self.train.qk_update_every and not self.model.frozen_qk_layers:
+            raise ConfigError(
+                f"qk_update_every={self.train.qk_update_every} is set but method={self.model.method} with "
+                f"qk_freeze_layers={self.model.qk_freeze_layers} freezes no Q/K: drop qk_update_every, or use a frozen method"
+            )
+        if self.train.qk_update_every and self.train.qk_unfreeze_step != -1:
+            raise ConfigError(
+                f"qk_update_every={self.train.qk_update_every} and qk_unfreeze_step={self.train.qk_unfreeze_step} are "
+                "two schedules for the same Q/K: choose one"
             )
         if not self.model.frozen_qk_layers and self.train.qk_unfreeze_step != -1:
             raise ConfigError(
@@ -297,7 +315,19 @@ def _medium_512_preset() -> Config:
     )
 
 
-PRESETS = {"cpu": _cpu_preset, "medium-512": _medium_512_preset}
+def _sized(n_layer: int, n_head: int, d_model: int) -> Callable[[], Config]:
+    """Medium-512's data and training, another model size (d_ff = 4 d_model, context 512): the scaling presets."""
+    def make() -> Config:
+        c = _medium_512_preset()
+        c.model = dataclasses.replace(c.model, n_layer=n_layer, n_head=n_head, d_model=d_model, d_ff=4 * d_model)
+        return c
+    return make
+
+
+# the research's Medium-512 with a smaller (d_model 256, 4 blocks) and a larger sibling (GPT-2 small's
+# 768 / 12 blocks / 12 heads); tests/test_model.py pins their parameter counts
+PRESETS = {"cpu": _cpu_preset, "small-256": _sized(4, 4, 256), "medium-512": _medium_512_preset,
+           "large-768": _sized(12, 12, 768)}
 
 
 def preset(name: str) -> Config:

@@ -149,46 +149,83 @@ def build_optimizer(model: GPT, cfg: Config, device: torch.device, qk_unfrozen: 
                     fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over trainable parameters only: matrices decay, norms and biases do not, Q/K get lr_mult.
 
-    The groups follow the policy, not the current requires_grad flags; `qk_unfrozen` adds the group
-    the policy's frozen Q/K join at their unfreeze, last, as `TrainStep.unfreeze_qk` does: a resumed
-    run passes what its checkpoint's optimizer holds (`qk_unfrozen_in`), so the groups match.
+    The groups follow the policy, not the current requires_grad flags: the policy's frozen Q/K are
+    left out, or with `qk_update_every` form the `qk_periodic` groups; `qk_unfrozen` adds the groups
+    the frozen Q/K join at their unfreeze, last, as `TrainStep.unfreeze_qk` does: a resumed run passes
+    what its checkpoint's optimizer holds (`qk_unfrozen_in`), so the groups match. With
+    `lr_layer_decay` != 1 every kind splits by layer (`decay.h0`, ...), each with its rate multiplier.
     `fused` (default: on CUDA) is the fused AdamW, whose `TrainStep` keeps the lr as a device tensor.
     """
     frozen_qk = {id(model.transformer.h[i].attn.c_qk.weight) for i in cfg.model.frozen_qk_layers}
     qk = {id(p) for p in model.qk_params().values()}
-    groups: dict[str, list] = {"decay": [], "no_decay": [], "qk": []}
+    kinds: dict[str, list] = {"decay": [], "no_decay": [], "qk": [], "qk_periodic": []}
     seen: set[int] = set()
     for p in model.parameters():
-        if id(p) in seen or id(p) in frozen_qk:  # tied weights appear once; frozen Q/K never
+        if id(p) in seen or (id(p) in frozen_qk and not cfg.train.qk_update_every):  # tied weights once; frozen Q/K never
             continue
         seen.add(id(p))
-        groups["qk" if id(p) in qk else "decay" if p.dim() >= 2 else "no_decay"].append(p)
-    t = cfg.train
-    spec = {"decay": (t.weight_decay, 1.0), "no_decay": (0.0, 1.0), "qk": (t.weight_decay, t.qk_lr_mult)}
-    param_groups = [
-        {"params": ps, "weight_decay": spec[name][0], "lr_mult": spec[name][1], "name": name}
-        for name, ps in groups.items()
-        if ps
-    ]
+        kind = ("qk_periodic" if id(p) in frozen_qk else "qk") if id(p) in qk else "decay" if p.dim() >= 2 else "no_decay"
+        kinds[kind].append(p)
+    param_groups = [g for kind, ps in kinds.items() for g in _groups(model, cfg, kind, ps)]
     if qk_unfrozen:
-        param_groups.append(qk_unfrozen_group(model, cfg))
+        param_groups += qk_unfrozen_groups(model, cfg)
+    t = cfg.train
     fused = device.type == "cuda" if fused is None else fused
     return torch.optim.AdamW(param_groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
 
 
-def qk_unfrozen_group(model: GPT, cfg: Config) -> dict:
-    """The optimizer group that the policy's frozen Q/K join once they are unfrozen."""
-    params = [model.transformer.h[i].attn.c_qk.weight for i in cfg.model.frozen_qk_layers]
-    return {"params": params, "weight_decay": cfg.train.weight_decay, "lr_mult": cfg.train.qk_lr_mult, "name": "qk_unfrozen"}
+def qk_unfrozen_groups(model: GPT, cfg: Config) -> list[dict]:
+    """The optimizer groups that the policy's frozen Q/K join once they are unfrozen."""
+    return _groups(model, cfg, "qk_unfrozen", [model.transformer.h[i].attn.c_qk.weight for i in cfg.model.frozen_qk_layers])
+
+
+def layer_lr_mults(model: GPT, cfg: Config) -> dict[int, tuple[str, float]]:
+    """id(parameter) -> (its layer, lr_layer_decay's multiplier for it).
+
+    Block i of L: decay^(L-1-i), the top block at 1; the embeddings (the token embedding is tied to
+    the LM head) below the first block, decay^L; the final LayerNorm on top, 1.
+    """
+    d, L = cfg.train.lr_layer_decay, cfg.model.n_layer
+    out = {id(p): ("top", 1.0) for p in model.transformer.ln_f.parameters()}
+    for name in ("wte", "wpe"):
+        out[id(model.transformer[name].weight)] = ("embed", d**L)
+    for i, block in enumerate(model.transformer.h):
+        out.update({id(p): (f"h{i}", d ** (L - 1 - i)) for p in block.parameters()})
+    return out
+
+
+def _groups(model: GPT, cfg: Config, kind: str, params: list) -> list[dict]:
+    """One optimizer group of `kind` (decay, no_decay, qk, qk_periodic, qk_unfrozen), or one per layer under lr_layer_decay."""
+    t = cfg.train
+    wd = 0.0 if kind == "no_decay" else t.weight_decay
+    mult = t.qk_lr_mult if kind.startswith("qk") else 1.0
+    if t.lr_layer_decay == 1.0:
+        return [{"params": params, "weight_decay": wd, "lr_mult": mult, "name": kind}] if params else []
+    layers = layer_lr_mults(model, cfg)
+    by_layer: dict[str, list] = {}
+    for p in params:
+        by_layer.setdefault(layers[id(p)][0], []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_mult": mult * layers[id(ps[0])][1], "name": f"{kind}.{layer}"}
+            for layer, ps in by_layer.items()]
 
 
 def qk_unfrozen_in(optimizer_state: dict) -> bool:
-    """Whether a saved optimizer state holds the unfrozen Q/K's group.
+    """Whether a saved optimizer state holds the unfrozen Q/K's groups.
 
     The checkpoint of step `qk_unfreeze_step` is written before the loop unfreezes (at the top of the
     next step), so the step number alone does not say; the optimizer's own groups do.
     """
-    return any(g.get("name") == "qk_unfrozen" for g in optimizer_state["param_groups"])
+    return any(_is_unfrozen(g) for g in optimizer_state["param_groups"])
+
+
+def _is_unfrozen(group: dict) -> bool:
+    return str(group.get("name", "")).split(".")[0] == "qk_unfrozen"
+
+
+def qk_update_at(step: int, cfg: Config) -> bool:
+    """Whether step `step` (0-based) updates the periodic Q/K: the N-th, 2N-th, ... step of the run."""
+    n = cfg.train.qk_update_every
+    return bool(n) and (step + 1) % n == 0
 
 
 def qk_init_name(cfg: Config) -> str:
@@ -296,6 +333,7 @@ class TrainStep:
         self._set_lr_types()
         self.compiles = 0  # how often the step was (re)compiled: once, plus once per Q/K unfreeze
         self.eval_failed = False  # a compiled evaluation failed once: evaluations run eager from then on
+        self.qk_update = True  # qk_update_every: whether this step updates the periodic Q/K (the loop sets it)
         self._build()
         self.describe = f"training step: {'torch.compile(mode=' + repr(self.mode) + ')' if self.mode else 'eager'} ({why})"
 
@@ -314,6 +352,7 @@ class TrainStep:
             self.compiled = self.raw
         self.model = _ddp(self.compiled, self.device) if self.world > 1 else self.compiled
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.periodic = [p for g in self.optimizer.param_groups if g["name"].startswith("qk_periodic") for p in g["params"]]
         self.unproven = GUARDED_STEPS if self.mode else 0
         self.eval_compiled, self.eval_proven = self.mode is not None and not self.eval_failed, False
 
@@ -348,12 +387,13 @@ class TrainStep:
     @property
     def qk_unfrozen(self) -> bool:
         """Whether the policy's frozen Q/K have joined the optimizer (`unfreeze_qk`, or a resumed run's groups)."""
-        return any(g["name"] == "qk_unfrozen" for g in self.optimizer.param_groups)
+        return any(_is_unfrozen(g) for g in self.optimizer.param_groups)
 
     def unfreeze_qk(self) -> None:
         """Frozen Q/K train from now on: they join the optimizer, and the step is compiled afresh."""
         self.raw.set_qk_trainable(True)
-        self.optimizer.add_param_group(qk_unfrozen_group(self.raw, self.cfg))
+        for group in qk_unfrozen_groups(self.raw, self.cfg):
+            self.optimizer.add_param_group(group)
         self._set_lr_types()
         self._build()  # also rebuilds DDP, which fixes its parameter set when built
 
@@ -391,6 +431,11 @@ class TrainStep:
                 self.mode = None
                 self._build()
                 loss = self._forward_backward(x, y)
+        if self.periodic and not self.qk_update:
+            # not an update step: the periodic Q/K's gradients are dropped before clipping, so AdamW skips
+            # them (moments and step count stand still) and the clip norm is over what updates
+            for p in self.periodic:
+                p.grad = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if self.cfg.train.grad_clip > 0:
@@ -478,8 +523,11 @@ def train(
                     + ("; the training step is compiled afresh" if run.trainer.mode else ""))
             lr = lr_at(run.step, cfg)
             run.trainer.set_lr(lr)
+            run.trainer.qk_update = qk_update_at(run.step, cfg)
             x, y = run.batches.next()
             interval.add(run.trainer(x, y))
+            if run.trainer.periodic and run.trainer.qk_update:  # what the Q/K check holds them to until the next update
+                run.qk_since_update = [p.detach().clone() for p in run.trainer.periodic]
             run.writer.poll()  # a background checkpoint that has landed: its report goes out now
             run.step += 1
             run.tokens += run.tok_per_step
@@ -534,6 +582,7 @@ class Run:
     writer: CheckpointWriter
     qk_init: list[str]  # each block's Q/K digest at init (qkcheck), kept in every checkpoint
     qk_check: str = "not checked yet"  # the last checkpoint's Q/K check: "ok", or what failed
+    qk_since_update: list[torch.Tensor] | None = None  # qk_update_every: the periodic Q/K after their last update
     step: int = 0  # optimizer steps taken
     tokens: int = 0  # training tokens seen (global batch)
     best_val: float = math.inf
@@ -603,6 +652,8 @@ def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Call
     torch.manual_seed(t.seed)
     model = GPT(cfg.model)
     qk_init = qk_digests(model.qk_params().values())  # a resumed run checks against the digest its first process took
+    if t.qk_update_every:  # periodic Q/K get a gradient every step; the step drops it where it is no update step
+        model.set_qk_trainable(True)
     counts = model.param_counts()  # as the run starts (Q/K frozen), also when it resumes after an unfreeze
     batches = Batches(Sampler(data.train, cfg.model.block_size, t.batch_size, seed=t.seed), device, rank, world)
     val_set = eval_batches(data.val, cfg)
@@ -635,8 +686,11 @@ def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Call
     log(trainer.describe)
     if background is None:
         background = device.type == "cuda" and world == 1
-    return Run(cfg, out, device, amp_dtype, rank, world, model, trainer, batches, val_set,
-               scored_tokens(val_set), counts, CheckpointWriter(background), qk_init, **state)
+    run = Run(cfg, out, device, amp_dtype, rank, world, model, trainer, batches, val_set,
+              scored_tokens(val_set), counts, CheckpointWriter(background), qk_init, **state)
+    if trainer.periodic:  # as loaded: the checkpoint's own Q/K check found them as their last update left them
+        run.qk_since_update = [p.detach().clone() for p in trainer.periodic]
+    return run
 
 
 def _checkpoint_to_resume(out: Path, cfg: Config) -> dict:
@@ -688,7 +742,8 @@ def checkpoint(run: Run, metrics: dict[str, Any], report: Report | None) -> None
     The report follows a complete latest.pt: at once when writing inline, else when the background
     write lands. Rank 0 writes; the other ranks hold identical weights.
     """
-    run.qk_check = metrics["qk_check"] = check_qk(run.model, run.cfg, run.qk_init, run.step, fp16=run.trainer.scaler is not None)
+    run.qk_check = metrics["qk_check"] = check_qk(run.model, run.cfg, run.qk_init, run.step, fp16=run.trainer.scaler is not None,
+                                                  since_update=run.qk_since_update)
     after = (lambda m=metrics: report(m)) if report is not None else None
     if run.rank == 0:
         _append_jsonl(run.metrics_path, metrics)
@@ -755,6 +810,7 @@ def finish(run: Run, status: str, report: Report | None, log: Callable[[str], No
         "frozen_param_count": counts["frozen"],
         "total_params": counts["total"],
         "frozen_params": run.model.frozen_param_names(),
+        "lr_mults": {g["name"]: g["lr_mult"] for g in run.trainer.optimizer.param_groups},
         "qk_check": run.qk_check,
         "val_tokens": run.val_tokens,
         "val_scope": "whole split" if t.eval_batches == 0 else f"{t.eval_batches} sampled batches",
