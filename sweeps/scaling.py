@@ -47,10 +47,13 @@ def budget(preset: str, size: dict, base_preset: str) -> dict:
     per_param = t.max_steps * t.batch_size * base.model.block_size / params(base_preset, {})
     cfg = make_config(preset, **size)
     steps = max(1, round(per_param * params(preset, size) / (cfg.train.batch_size * cfg.model.block_size)))
-    out = {"max_steps": steps, "warmup_steps": round(steps * t.warmup_steps / t.max_steps)}
     if steps < t.eval_interval or base_preset == "cpu":  # CPU runs: as many evaluations as the base run has
-        out["eval_interval"] = max(1, steps // max(1, t.max_steps // t.eval_interval))
-    return out  # else the base preset's interval (paper: every 1000 steps, as the research evaluated)
+        evals = max(1, t.max_steps // t.eval_interval)
+        interval = max(1, round(steps / evals))
+        steps = interval * evals  # the last evaluation at the last step (within half an interval of the budget)
+    else:
+        interval = t.eval_interval  # the base preset's: paper, every 1000 steps, as the research evaluated
+    return {"max_steps": steps, "warmup_steps": round(steps * t.warmup_steps / t.max_steps), "eval_interval": interval}
 
 
 def experiments(sizes: dict, base_preset: str, paper: bool) -> list[Experiment]:
