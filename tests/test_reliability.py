@@ -378,6 +378,28 @@ def test_retried_trial_drops_the_temp_file_of_a_killed_checkpoint_write(tmp_path
     assert load_checkpoint(out / "latest.pt")["step"] == 20
 
 
+def test_trial_checkpoints_only_where_latest_was_written_and_replays_up_to_it():
+    """checkpoint_interval 20, evaluations every 10: Tune gets a checkpoint with the reports at 20
+    and 40 only; a restore replays the rows Tune missed up to the resume point (latest.pt at 20),
+    and leaves step 30 to the trainer, which redoes and reports it."""
+    from oelm_ray.tune import trial
+
+    t = _train_config(checkpoint_interval=20).train
+    assert [s for s in (10, 20, 30, 40) if trial.wrote_latest(t, {"step": s})] == [20, 40]
+    assert not trial.wrote_latest(t, {"step": 40, "diverged": 1})
+    rows = [{"step": s} for s in (10, 20, 30)]
+    assert [r["step"] for r in trial.replayed(rows, 0, t)] == [10, 20]
+    assert trial.replayed(rows, 20, t) == []
+    every = _train_config().train  # checkpoint_interval 0: every evaluation, as before
+    assert [r["step"] for r in trial.replayed(rows, 10, every)] == [20, 30]
+
+
+def _train_config(**kw):
+    from oelm_ray.core.config import make_config
+
+    return make_config("cpu", max_steps=40, eval_interval=10, warmup_steps=2, **kw)
+
+
 # ================================================================================================
 # 2. bad input: one line, exit 2, before any training, nothing overwritten
 
