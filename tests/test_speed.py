@@ -7,6 +7,7 @@ a GPU: `benchmarks/gpu_speed.py` checks them there. Everything else runs here on
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -268,6 +269,13 @@ def test_gpu_speed_smoke_runs_with_the_trainer_deps_only():
         tr = [l for l in lines if l.startswith(method) and " trainer " in l]
         assert ceil and tr, p.stdout
         assert float(tr[0].split()[2].replace(",", "")) > 0 and float(tr[0].split()[4]) > 0  # tok/s and the ratio
+        assert "steady state" in tr[0]
+        # the protocol: clipping's cost, a whole-split evaluation, both checkpoints, and their shares
+        for what in ("ceiling + clip eager", "evaluation (whole split)", "checkpoint latest.pt", "checkpoint best.pt"):
+            assert [l for l in lines if l.startswith(method) and what in l], (what, p.stdout)
+        (share,) = [l for l in lines if l.startswith(method) and "protocol at the paper's settings" in l]
+        pcts = [float(v) for v in re.findall(r"([\d.]+)%", share)]
+        assert len(pcts) == 3 and abs(sum(pcts) - 100) < 0.5, share  # training, evaluation, checkpoints
     assert "worst trainer / ceiling:" in lines[-1]
 
 
