@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",")
     base = make_config(args.preset, **over)
     device, amp = resolve_device(base)
+    if base.train.num_threads:  # the ceilings too, not only the trainer
+        torch.set_num_threads(base.train.num_threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device {device} ({name}), torch {torch.__version__}, {amp or 'fp32'}, preset {args.preset} "
           f"(d_model {base.model.d_model}, {base.model.n_layer} layers, context {base.model.block_size}), "
@@ -215,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             # two eval intervals, each ending in a whole-split evaluation and a checkpoint; the speed
             # is the steady-state one (the warm-up steps left out), the second evaluation is timed
             iv = args.interval or (5 if args.smoke else base.train.eval_interval)
-            tcfg = make_config(args.preset, **over, method=method, compile=args.trainer_compile,
-                               max_steps=2 * iv, warmup_steps=min(iv, base.train.warmup_steps), eval_interval=iv,
-                               log_interval=iv, eval_batches=0, checkpoint_interval=0)
+            tcfg = make_config(args.preset, **{**over, "method": method, "compile": args.trainer_compile,
+                                               "max_steps": 2 * iv, "warmup_steps": min(iv, base.train.warmup_steps),
+                                               "eval_interval": iv, "log_interval": iv, "eval_batches": 0, "checkpoint_interval": 0})
             t0 = time.perf_counter()
             summary, rows, how = trainer_run(tcfg, data)
             tps = summary["tokens_per_s"]
