@@ -85,16 +85,23 @@ def quiet(_):
 
 
 @pytest.mark.slow
-def test_trial_sigkilled_at_a_random_step_resumes_bit_exact(tmp_path, ray_local):
+@pytest.mark.parametrize("policy", ["every-eval", "checkpoint-interval"])
+def test_trial_sigkilled_at_a_random_step_resumes_bit_exact(tmp_path, ray_local, policy):
     """Two identical trials side by side; one is SIGKILLed at a seeded random step. The killed one
-    is retried from its last checkpoint and ends with exactly the clean twin's numbers."""
+    is retried from its last checkpoint and ends with exactly the clean twin's numbers.
+
+    checkpoint-interval: latest.pt at 20 and 40 only; the kill comes in the report of step 30 (an
+    evaluation without a latest.pt), so the retry resumes from step 20 and redoes step 30."""
     from ray import tune
 
-    kill_at = random.Random(7).randint(11, 29)  # after the step-10 checkpoint, before the end
+    if policy == "every-eval":
+        kill_at, extra, steps = random.Random(7).randint(11, 29), {}, [10, 20, 30]  # after the step-10 checkpoint
+    else:
+        kill_at, extra, steps = 30, {"max_steps": 40, "checkpoint_interval": 20}, [10, 20, 30, 40]
     marker = tmp_path / "killed-once"
     fault = {"step": kill_at, "marker": str(marker), "kind": "kill"}
     twins = [Experiment(f"TWIN-{i}", "cpu", {"method": "oelm_freeze"}) for i in (1, 2)]
-    sw = Sweep("kill", twins, [0], str(tmp_path / "runs"), common=smoke(tmp_path),
+    sw = Sweep("kill", twins, [0], str(tmp_path / "runs"), common=smoke(tmp_path, **extra),
                # only TWIN-2 carries the fault: TWIN-1 is the uninterrupted reference
                trainable=faults.trainable,
                extra_config={"fault": tune.sample_from(lambda spec: fault if spec.config.trial["experiment"]["id"] == "TWIN-2" else None)})
@@ -103,9 +110,11 @@ def test_trial_sigkilled_at_a_random_step_resumes_bit_exact(tmp_path, ray_local)
     clean = results.read_record(results.record_path(run_dir, twins[0].trial_name(0)))
     killed = results.read_record(results.record_path(run_dir, twins[1].trial_name(0)))
     assert clean["status"] == killed["status"] == "completed"
-    assert [h["step"] for h in killed["history"]] == [10, 20, 30]
+    assert [h["step"] for h in killed["history"]] == steps
     assert losses(killed["history"]) == losses(clean["history"])  # bit for bit
     assert "resumed from" in final_log(run_dir, twins[1].trial_name(0)), "the killed trial restarted from scratch"
+    if policy == "checkpoint-interval":  # from the latest.pt before the killed evaluation
+        assert "latest.pt at step 20" in final_log(run_dir, twins[1].trial_name(0))
     assert "resumed from" not in final_log(run_dir, twins[0].trial_name(0))
 
 
