@@ -200,6 +200,102 @@ def test_val_loss_is_the_token_mean_over_what_val_tokens_says(tmp_path, data_dir
     assert row["val/loss"] == pytest.approx(total / want_tokens, rel=1e-5)
 
 
+def test_val_loss_does_not_depend_on_the_eval_batch_size(tmp_path, data_dir):
+    """The whole split (its shorter last window included) at two eval batch sizes, fp32 on CPU: the
+    same targets, the same token-weighted mean to 1e-6; training is untouched (bit-for-bit)."""
+    runs = {}
+    for size in (3, 8):
+        c = cfg(data_dir, eval_batches=0, eval_batch_size=size, max_steps=20, dropout=0.0)
+        batches = eval_batches(load_prepared(c.data).val, c)
+        assert batches[-1][1].shape[1] < c.model.block_size  # the remainder: one shorter window
+        assert {y.shape[0] for _, y in batches[:-2]} == {size}
+        train(c, tmp_path / str(size), log=quiet)
+        runs[size] = [json.loads(l) for l in (tmp_path / str(size) / "metrics.jsonl").read_text().splitlines()]
+    a, b = runs[3], runs[8]
+    assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]
+    assert [r["val/tokens"] for r in a] == [r["val/tokens"] for r in b]
+    for ra, rb in zip(a, b):
+        assert abs(ra["val/loss"] - rb["val/loss"]) < 1e-6, (ra["val/loss"], rb["val/loss"])
+
+
+def test_sampled_eval_scores_the_same_windows_at_any_eval_batch_size(data_dir):
+    c = cfg(data_dir, eval_batches=3)
+    val = load_prepared(c.data).val
+    a, b = eval_batches(val, c), eval_batches(val, c.override({"eval_batch_size": 5}))
+    assert [y.shape[0] for _, y in a] == [4, 4, 4] and [y.shape[0] for _, y in b] == [5, 5, 2]
+    assert torch.equal(torch.cat([x for x, _ in a]), torch.cat([x for x, _ in b]))
+
+
+def test_checkpoint_interval_writes_latest_less_often_and_resume_redoes_the_rest(tmp_path, data_dir):
+    """latest.pt every 20 steps, evaluations every 10: a run stopped at step 30 (after an evaluation
+    without a latest.pt) resumes from step 20, redoes 30, and ends bit-for-bit as an uninterrupted run."""
+    c = cfg(data_dir, checkpoint_interval=20)
+    assert [s for s in (10, 20, 30, 40) if c.train.checkpoints_at(s)] == [20, 40]
+    latest_at = {}
+
+    def record(m):
+        latest_at[m["step"]] = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)["step"] \
+            if (tmp_path / "straight" / "latest.pt").exists() else None
+
+    train(c, tmp_path / "straight", report=record, log=quiet)
+    assert latest_at == {10: None, 20: 20, 30: 20, 40: 40}
+    lines = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(m):
+        if m["step"] == 30:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(c, tmp_path / "cut", report=stop, log=quiet)
+    assert torch.load(tmp_path / "cut" / "latest.pt", weights_only=True)["step"] == 20
+    resumed = train(c, tmp_path / "cut", resume=True, log=lines.append)
+    assert any("at step 20" in l for l in lines)
+    a = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [10, 20, 30, 40]  # step 30 redone once, not twice
+    untimed = lambda rows: [{k: v for k, v in r.items() if not k.endswith(("_s", "per_s")) and k != "warmup"} for r in rows]
+    assert untimed(a) == untimed(b)
+    assert resumed["best_val_ppl"] == math.exp(min(r["val/loss"] for r in a))
+    for name in ("latest.pt", "best.pt"):
+        sa = torch.load(tmp_path / "straight" / name, weights_only=True)
+        sb = torch.load(tmp_path / "cut" / name, weights_only=True)
+        assert sa["step"] == sb["step"] and all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+        if name == "best.pt":
+            assert "optimizer" not in sa  # weights only
+
+
+def test_interval_speed_leaves_out_the_warmup_steps(tmp_path, data_dir, monkeypatch):
+    """The first steps of a process (compiling, CUDA graph recording on a GPU) are left out of an
+    interval's tokens/s; summary.json's tokens_per_s is the steady-state figure."""
+    from oelm_ray.core import trainer as T
+
+    slow = {1, 2, 3}  # the first three steps take 0.3 s each: a stand-in for compiling
+    real = T.TrainStep.__call__
+    calls = []
+
+    def step(self, x, y):
+        calls.append(1)
+        if len(calls) in slow:
+            import time
+            time.sleep(0.3)
+        return real(self, x, y)
+
+    monkeypatch.setattr(T.TrainStep, "__call__", step)
+    s = train(cfg(data_dir, max_steps=20), tmp_path, log=quiet)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["warmup"] for r in rows] == [0, 0]
+    assert rows[0]["step_time_s"] < 0.1 and rows[0]["step_time_s"] == pytest.approx(rows[1]["step_time_s"], rel=2.0)
+    assert s["warmup_s"] >= 0.85  # what the warm-up cost is still in the summary
+    assert s["train_time_s"] >= s["warmup_s"]
+    assert s["tokens_per_s"] == pytest.approx(4 * 32 * 20 / sum(10 * r["step_time_s"] for r in rows))
+    # an interval that ends inside its warm-up is timed whole, and says so
+    s = train(cfg(data_dir, max_steps=4, eval_interval=2, warmup_steps=1), tmp_path / "short", log=quiet)
+    assert [json.loads(l)["warmup"] for l in (tmp_path / "short" / "metrics.jsonl").read_text().splitlines()] == [1, 0]
+
+
 def test_summary_reports_trainable_frozen_and_total(tmp_path, data_dir):
     lines = []
     s = train(cfg(data_dir, method="oelm_freeze", max_steps=10, eval_interval=10), tmp_path, log=lines.append)

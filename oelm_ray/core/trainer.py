@@ -1,9 +1,11 @@
 """The training loop: runs on its own (`oelm-ray train`) and inside a Ray trial alike.
 
 `train(config, out_dir, report=...)` trains one model and calls `report(metrics)` at every
-evaluation, after `latest.pt` (and `best.pt` when the val loss improved) has been written. The
-checkpoint holds model, optimizer, step, RNG and data-sampler state, so a run resumed from it
-produces exactly the losses of one never interrupted (bit-for-bit on CPU).
+evaluation, after that evaluation's files are written: `latest.pt` where
+`TrainConfig.checkpoints_at(step)` (every checkpoint_interval steps and at the last), `best.pt`
+when the val loss improved. latest.pt holds model, optimizer, step, RNG and data-sampler state, so
+a run resumed from it redoes the evaluations after it and produces exactly the losses of one never
+interrupted (bit-for-bit on CPU).
 
 Speed notes (README, "Speed on a GPU"): no host sync per step (the loss is accumulated on the
 device and read at log and eval points only). On CUDA: the step compiled with CUDA graphs
@@ -101,21 +103,22 @@ def windows(tokens: np.ndarray, starts: list[int], T: int) -> tuple[torch.Tensor
 
 
 def eval_batches(val: np.ndarray, cfg: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The validation set every evaluation scores, in a fixed order.
+    """The validation set every evaluation scores, in a fixed order, eval_batch_size windows a batch.
 
-    eval_batches > 0: that many batches of windows drawn once from EVAL_SEED (a sample).
+    eval_batches > 0: eval_batches x batch_size windows drawn once from EVAL_SEED (a sample).
     eval_batches = 0: the whole split, the research's definition: consecutive windows of
-    block_size targets, batch_size at a time, then one shorter window for the remainder, so every
-    token after the first is predicted exactly once.
+    block_size targets, then one shorter window for the remainder, so every token after the first
+    is predicted exactly once. Which windows are scored does not depend on eval_batch_size (it
+    only groups them into forward passes), nor does the val loss: their token-weighted mean.
     """
-    T, B = cfg.model.block_size, cfg.train.batch_size
+    T, B = cfg.model.block_size, cfg.train.eval_batch
     if len(val) <= T + 1:
         raise ConfigError(f"the validation split has {len(val)} tokens, fewer than block_size+2={T + 2}")
     if cfg.train.eval_batches == 0:
         return list(_whole_split(val, T, B))
     gen = torch.Generator().manual_seed(EVAL_SEED)
-    starts = torch.randint(len(val) - T - 1, (cfg.train.eval_batches, B), generator=gen).tolist()
-    return [windows(val, row, T) for row in starts]
+    starts = torch.randint(len(val) - T - 1, (cfg.train.eval_batches, cfg.train.batch_size), generator=gen).reshape(-1).tolist()
+    return [windows(val, starts[i : i + B], T) for i in range(0, len(starts), B)]
 
 
 def _whole_split(val: np.ndarray, T: int, B: int):
@@ -397,11 +400,11 @@ class TrainStep:
         self._set_lr_types()
         self._build()  # also rebuilds DDP, which fixes its parameter set when built
 
-    def _forward(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _forward(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         if self.mode == "reduce-overhead" and model is not self.raw:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
         with self._autocast():
-            return model(x, y)[1]
+            return model(x, y, reduction=reduction)[1]
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
@@ -449,7 +452,11 @@ class TrainStep:
         return loss.detach()
 
     def evaluate(self, val_set: list[tuple[torch.Tensor, torch.Tensor]], val_tokens: int) -> float:
-        """Mean loss per scored token over the validation set (one host sync)."""
+        """Mean loss per scored token over the validation set (one host sync).
+
+        Each forward returns only its summed loss (no logits kept); the sums are added in float64,
+        so the result is the token-weighted mean whatever the batches' sizes.
+        """
         self.model.eval()
         try:
             if self.eval_compiled and not self.eval_proven:  # the first compiled evaluation may fail to compile
@@ -467,12 +474,12 @@ class TrainStep:
     def _score(self, val_set: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Summed loss over the scored tokens: compiled (if `eval_compiled`) for the main batch shape."""
         main_shape = val_set[0][0].shape
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for x, y in val_set:
                 # the whole split's last, smaller batches run uncompiled: no recompile for two shapes
                 m = self.compiled if self.eval_compiled and x.shape == main_shape else self.raw
-                total += self._forward(m, x, y).float() * y.numel()
+                total += self._forward(m, x, y, reduction="sum")
         return total.item()
 
 
@@ -519,6 +526,7 @@ def train(
         while run.step < t.max_steps:
             if qk_unfrozen_at(run.step, cfg) and not run.trainer.qk_unfrozen:
                 run.trainer.unfreeze_qk()
+                interval.rewarm()  # the step recompiles
                 log(f"step {run.step}: Q/K unfrozen in {len(cfg.model.frozen_qk_layers)} block(s)"
                     + ("; the training step is compiled afresh" if run.trainer.mode else ""))
             lr = lr_at(run.step, cfg)
@@ -539,7 +547,7 @@ def train(
                     log(f"step {run.step}: training loss is {train_loss}: the run diverged; stopping")
                     break
                 if run.step % t.log_interval == 0:
-                    dt = interval.seconds() / interval.steps
+                    dt = interval.step_time()
                     log(f"step {run.step}/{t.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/step | {run.tok_per_step / dt:,.0f} tok/s")
             if not is_eval:
                 continue
@@ -603,17 +611,49 @@ class Run:
         return self.elapsed + time.perf_counter() - self.t0
 
 
+WARMUP_STEPS = GUARDED_STEPS  # the steps after a (re)compile: compiling, recording CUDA graphs
+"""Steps after the start of a process and after every (re)compile that an interval's speed leaves
+out: they compile the step and record its CUDA graphs (seconds each on a GPU), or warm the allocator."""
+
+
 class Interval:
-    """The training since the last evaluation: losses summed on the device, step count, start time."""
+    """The training since the last evaluation: losses summed on the device, step count, timing.
+
+    Its speed is steady-state: the clock of `step_time` starts after the first `WARMUP_STEPS` steps
+    of a process (and again after a recompile, `rewarm`), with one device sync there. An interval
+    that ends inside its warm-up is timed over all its steps and says so (`warmup`).
+    """
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.loss_sum = torch.zeros((), device=device)
         self.steps = 0
         self.start = time.perf_counter()
+        self.rewarm()
+
+    def rewarm(self) -> None:
+        """The next WARMUP_STEPS steps compile or warm up: leave them out of the timing."""
+        self.untimed = self.steps + WARMUP_STEPS
+        self.timed_start = None
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss  # no host sync
         self.steps += 1
+        if self.steps == self.untimed:  # warm-up done: the steady-state clock starts once its work has run
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.timed_start = time.perf_counter()
+
+    @property
+    def warmup(self) -> bool:
+        """Whether this interval's timing includes warm-up steps (it ended before they were over)."""
+        return self.timed_start is None or self.steps == self.untimed
+
+    def step_time(self) -> float:
+        """Seconds per step, steady-state: warm-up steps left out (all steps where `warmup`)."""
+        if self.warmup:
+            return self.seconds() / self.steps
+        return (time.perf_counter() - self.timed_start) / (self.steps - self.untimed)
 
     def mean_loss(self, world: int) -> float:
         if world > 1:  # the global batch's mean loss, as one process would see it
@@ -626,8 +666,10 @@ class Interval:
 
     def reset(self) -> None:
         self.loss_sum.zero_()
+        self.untimed = max(0, self.untimed - self.steps)  # a warm-up this interval did not finish goes on
         self.steps = 0
         self.start = time.perf_counter()
+        self.timed_start = None if self.untimed else self.start
 
 
 def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Callable[[str], None],
@@ -714,6 +756,7 @@ def evaluate(run: Run, interval: Interval, train_loss: float, lr: float) -> dict
         torch.cuda.synchronize()
     interval_s = interval.seconds()
     run.train_time += interval_s
+    step_s = interval.step_time()  # steady-state: compiling and warm-up left out (unless `warmup`)
     t_eval = time.perf_counter()
     val_loss = run.trainer.evaluate(run.val_set, run.val_tokens)
     eval_s = time.perf_counter() - t_eval
@@ -725,8 +768,9 @@ def evaluate(run: Run, interval: Interval, train_loss: float, lr: float) -> dict
         "val/ppl": math.exp(val_loss),
         "val/best_ppl": math.exp(min(run.best_val, val_loss)),
         "lr": lr,
-        "step_time_s": interval_s / interval.steps,
-        "tokens_per_s": run.tok_per_step * interval.steps / interval_s,
+        "step_time_s": step_s,
+        "tokens_per_s": run.tok_per_step / step_s,
+        "warmup": int(interval.warmup),  # 1: this interval was too short to time without its warm-up steps
         "eval_time_s": eval_s,
         "val/tokens": run.val_tokens,
         "wall_time_s": run.wall(),
@@ -736,26 +780,32 @@ def evaluate(run: Run, interval: Interval, train_loss: float, lr: float) -> dict
 
 
 def checkpoint(run: Run, metrics: dict[str, Any], report: Report | None) -> None:
-    """The Q/K check, this evaluation's metrics row, latest.pt (best.pt when val improved), then the report.
+    """The Q/K check, this evaluation's metrics row, latest.pt where `checkpoints_at` says so, best.pt
+    when val improved, then the report.
 
     A failed Q/K check (`QKCheckError`) comes first: nothing of that state is written or reported.
-    The report follows a complete latest.pt: at once when writing inline, else when the background
-    write lands. Rank 0 writes; the other ranks hold identical weights.
+    The report follows this evaluation's files (and every earlier report): at once when writing
+    inline, else when the background write lands. Rank 0 writes; the other ranks hold identical
+    weights. An evaluation without a latest.pt is redone by a run resumed from the one before it.
     """
     run.qk_check = metrics["qk_check"] = check_qk(run.model, run.cfg, run.qk_init, run.step, fp16=run.trainer.scaler is not None,
                                                   since_update=run.qk_since_update)
     after = (lambda m=metrics: report(m)) if report is not None else None
     if run.rank == 0:
         _append_jsonl(run.metrics_path, metrics)
-        save(run, metrics["val/loss"], after)
+        save(run, metrics["val/loss"], after, latest=run.cfg.train.checkpoints_at(run.step))
     else:
         run.best_val = min(run.best_val, metrics["val/loss"])
         if after is not None:
             after()
 
 
-def save(run: Run, val_loss: float, after: Callable[[], None] | None) -> None:
-    """latest.pt (and best.pt when val improved), then `after` once they are on disk."""
+def save(run: Run, val_loss: float, after: Callable[[], None] | None, latest: bool = True) -> None:
+    """latest.pt (if `latest`) and best.pt (weights only, when val improved), then `after` once they are on disk."""
+    improved = val_loss < run.best_val
+    if not latest and not improved:
+        run.writer.save([], after)
+        return
     payload = {
         "format": 1,
         "config": run.cfg.to_dict(),
@@ -773,22 +823,32 @@ def save(run: Run, val_loss: float, after: Callable[[], None] | None) -> None:
         "elapsed_s": run.wall(),
         "train_time_s": run.train_time,
     }
+    if not latest:  # best.pt alone: copy (background) and write only the weights
+        payload = {k: payload[k] for k in ("format", "config", "step", "tokens", "model")}
     if run.writer.background:  # a device-to-host copy now; the file is written while training goes on
         payload = host_copy(payload)
     files = []
-    if val_loss < run.best_val:
+    if improved:
         run.best_val = val_loss
         best = {k: payload[k] for k in ("format", "config", "step", "tokens", "model")} | {"val_loss": val_loss}
         files.append((run.out / "best.pt", best))
-    files.append((run.out / "latest.pt", payload))
+    if latest:
+        files.append((run.out / "latest.pt", payload))
     run.writer.save(files, after)
 
 
 def finish(run: Run, status: str, report: Report | None, log: Callable[[str], None]) -> dict[str, Any]:
-    """The summary: written to summary.json (rank 0), logged and returned; a diverged run reports it."""
+    """The summary: written to summary.json (rank 0), logged and returned; a diverged run reports it.
+
+    Speed: `tokens_per_s` is steady-state, the global batch's tokens over the evaluation intervals'
+    steady-state step times (`step_time_s`: compiling and warm-up steps left out) weighted by their
+    steps; `train_time_s` is the wall time spent training, warm-up included, and `warmup_s` what
+    the warm-up steps cost beyond steady state.
+    """
     cfg, t = run.cfg, run.cfg.train
     wall = run.wall()
     history = read_metrics(run.metrics_path)
+    steady_s = sum(h["step_time_s"] * (h["step"] - prev["step"]) for prev, h in zip([{"step": 0}] + history, history))
     best_ppl = math.exp(run.best_val) if math.isfinite(run.best_val) else math.nan
     counts = run.counts
     summary = {
@@ -804,7 +864,8 @@ def finish(run: Run, status: str, report: Report | None, log: Callable[[str], No
         "total_wall_time": wall,
         "train_time_s": run.train_time,
         "mean_step_time": run.train_time / run.step if run.step else math.nan,
-        "tokens_per_s": run.tokens / run.train_time if run.train_time else math.nan,
+        "tokens_per_s": run.tok_per_step * history[-1]["step"] / steady_s if steady_s else math.nan,
+        "warmup_s": max(0.0, run.train_time - steady_s) if history else math.nan,
         "eval_time_s": sum(h["eval_time_s"] for h in history),
         "trainable_params": counts["trainable"],
         "frozen_param_count": counts["frozen"],
