@@ -40,14 +40,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's oelm_ray, installed or not
 
 from oelm_ray.core.checkpoint import host_copy, save_checkpoint  # noqa: E402
 from oelm_ray.core.config import make_config  # noqa: E402
-from oelm_ray.core.data import Prepared  # noqa: E402
+from oelm_ray.core.selftest import synthetic_data  # noqa: E402
 from oelm_ray.core.model import GPT  # noqa: E402
 from oelm_ray.core.trainer import build_optimizer, read_metrics, resolve_device, train  # noqa: E402
 
@@ -60,18 +59,6 @@ def flops_per_token(model: GPT) -> float:
     n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
     L, d, T = c.n_layer, c.d_model, c.block_size
     return 6 * n + 12 * L * d * T
-
-
-def synthetic_data(folder: Path, vocab: int, n_train: int, n_val: int) -> Prepared:
-    """Uniform random token ids in uint16 memmaps, shaped like `oelm-ray prepare`'s output."""
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", n_train), ("val", n_val)):
-        mm = np.memmap(folder / f"{split}.bin", dtype=np.uint16, mode="w+", shape=(n,))
-        mm[:] = rng.integers(0, vocab, n, dtype=np.uint16)
-        mm.flush()
-        arrays[split] = np.memmap(folder / f"{split}.bin", dtype=np.uint16, mode="r")
-    return Prepared(train=arrays["train"], val=arrays["val"], meta={"synthetic": True}, path=folder, vocab_size=vocab)
 
 
 def ceiling(cfg, mode: str, steps: int, warmup: int, clip: bool = False) -> float:
@@ -111,7 +98,7 @@ def ceiling(cfg, mode: str, steps: int, warmup: int, clip: bool = False) -> floa
     return steps * B * T / (time.perf_counter() - t0)
 
 
-def trainer_run(cfg, data: Prepared) -> tuple[dict, list[dict], str]:
+def trainer_run(cfg, data) -> tuple[dict, list[dict], str]:
     """The trainer's summary (steady-state tok/s), its metrics rows, and its step line."""
     lines: list[str] = []
     with tempfile.TemporaryDirectory() as d:
