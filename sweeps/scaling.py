@@ -31,7 +31,7 @@ from oelm_ray.tune import recipe
 ARMS = {"B": {"method": "baseline"}, "F": {"method": "oelm_freeze"},
         "R": {"method": "oelm_random", "qk_random_std": 0.0}}
 # embedded: the cpu preset (d_model 64) with a smaller and a larger sibling, 2 blocks each (CPU minutes)
-CPU_SIZES = {"d32": dict(d_model=32, n_head=4, d_ff=128), "d64": {}, "d96": dict(d_model=96, n_head=4, d_ff=384)}
+CPU_SIZES = {"d32": dict(d_model=32, n_head=4, d_ff=128), "d64": {}, "d80": dict(d_model=80, n_head=4, d_ff=320)}
 PAPER_SIZES = {"small-256": "small-256", "medium-512": "medium-512", "large-768": "large-768"}
 PAPER_LR = {"baseline": 3e-4, "oelm_freeze": 1e-3, "oelm_random": 1e-3}  # the research's rates (GPT-01 / GPT-02)
 
