@@ -51,6 +51,11 @@ class Corpus:
     source: str  # hub id or file path, for meta.json
     docs: Callable[[], Iterator[tuple[str, str]]]
     val_last: bool  # val documents come after all train documents (can't stop early on train)
+    count: Callable[[], int | None] = lambda: None
+    """About how many documents docs() yields, where that is cheap to know (progress and ETA); else None."""
+    fingerprint: Callable[[], list] = lambda: []
+    """What tells this corpus's content from an edited one (local files' sizes and times): a
+    half-built copy is resumed only while it is unchanged."""
 
 
 def corpus(cfg: DataConfig) -> Corpus:
@@ -64,14 +69,60 @@ def corpus(cfg: DataConfig) -> Corpus:
         spec = HUB[cfg.dataset]
         name = cfg.dataset if spec.val_split else f"{cfg.dataset}-val{cfg.val_fraction:g}"
         source = cfg.hub_dir or spec.repo + (f"/{spec.config}" if spec.config else "")
-        return Corpus(name, source, lambda: _hub_docs(cfg, spec), val_last=False)
+        return Corpus(
+            name, source, lambda: _hub_docs(cfg, spec), val_last=False, count=lambda: _hub_count(cfg, spec),
+            fingerprint=lambda: _stats(f for fs in _hub_dir_files(cfg.hub_dir, spec).values() for f in fs) if cfg.hub_dir else [],
+        )
     path = Path(cfg.dataset).expanduser().resolve()
     # the path hash keeps two files called data.txt apart
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
     return Corpus(
         f"{path.stem}-{digest}-val{cfg.val_fraction:g}", str(path),
         lambda: _local_docs(path, cfg.val_fraction), val_last=True,
+        count=lambda: _local_count(path), fingerprint=lambda: _stats([path]),
     )
+
+
+def _stats(paths: Iterable[str | Path]) -> list:
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:  # reading it says so
+            continue
+        out.append([str(p), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _parquet_rows(files: Iterable[str | Path]) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def _hub_count(cfg: DataConfig, spec: HubSpec) -> int | None:
+    """Rows of the corpus's splits: from the parquet footers of a hub_dir, else the hub's dataset info."""
+    if cfg.dataset == "wikitext103":
+        return None  # rows are lines, not the articles they are joined into
+    if cfg.hub_dir:
+        return _parquet_rows(f for fs in _hub_dir_files(cfg.hub_dir, spec).values() for f in fs)
+    import datasets  # called once documents arrived: the hub (or the cache) answers
+
+    splits = datasets.load_dataset_builder(spec.repo, spec.config).info.splits or {}
+    rows = [splits[s].num_examples for s in ("train", spec.val_split) if s and s in splits]
+    return sum(rows) or None
+
+
+def _local_count(path: Path) -> int | None:
+    if path.suffix == ".parquet":
+        return _parquet_rows([path])
+    if path.suffix == ".jsonl":
+        lines = 0
+        with open(path, "rb") as f:
+            while block := f.read(8 << 20):
+                lines += block.count(b"\n")
+        return lines
+    return None
 
 
 def iter_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
