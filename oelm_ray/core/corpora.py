@@ -171,7 +171,9 @@ def _hub_docs(cfg: DataConfig, spec: HubSpec) -> Iterator[tuple[str, str]]:
                     i += 1
                 yield split, text
     except (ConnectionError, OSError, ValueError) as e:
-        raise DataError(f"could not read {cfg.dataset} ({kwargs['path']}): {e}. {_hub_help(cfg)}") from e
+        # chained, the error is retried when it is a network one; offline, retrying can't help
+        cause = None if datasets.config.HF_HUB_OFFLINE and not cfg.hub_dir else e
+        raise DataError(f"could not read {cfg.dataset} ({kwargs['path']}): {e}. {_hub_help(cfg)}") from cause
 
 
 def _wikitext_articles(lines: Iterable[str]) -> Iterator[str]:

@@ -324,7 +324,7 @@ def _retryable(e: BaseException | None) -> bool:
             return False
         if isinstance(e, (ConnectionError, TimeoutError, OSError)):
             return True
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ if e.__cause__ is not None or e.__suppress_context__ else e.__context__
     return False
 
 
@@ -468,6 +468,7 @@ class _Build:
         pending: collections.deque[tuple[_Chunk, Future]] = collections.deque()
         chunk, index, skip = _Chunk(([], [])), 0, self.docs
         train = self.writers["train"]
+        cut = False
         try:
             for split, text in _guarded(self.src.docs()):
                 index += 1
@@ -476,7 +477,7 @@ class _Build:
                 if split == "train" and train.full:
                     if self.src.val_last:
                         continue  # keep reading: the val documents are still ahead
-                    self.stopped = True  # recorded: a resumed build must not read on past this document
+                    cut = True
                     break
                 chunk.add(split, text)
                 if chunk.chars >= BATCH_CHARS:
@@ -491,6 +492,8 @@ class _Build:
                 chunk.end = index
                 pending.append((chunk, self._submit(chunk)))
             self._drain(pending, 0)
+        if cut:
+            self.stopped = True  # recorded: a resumed build must not read on past this document
 
     def _submit(self, chunk: _Chunk) -> Future:
         self.chars += chunk.chars
