@@ -444,31 +444,44 @@ from oelm_ray.core import corpora, data
 from oelm_ray.core.config import DataConfig
 data.BATCH_CHARS, data.POOL_AFTER_CHARS, data.COMMIT_SECONDS = 20_000, 20_000, 0.0
 real = data.corpus
+def trickle(docs):
+    for d in docs:
+        time.sleep(0.002)
+        yield d
 def slow(cfg):  # a stream that trickles: the kill lands mid-way
     c = real(cfg)
-    return dataclasses.replace(c, docs=lambda: (time.sleep(0.002) or d for d in c.docs()))
+    resume = c.resume_docs and (lambda mark, marks: trickle(c.resume_docs(mark, marks)))
+    return dataclasses.replace(c, docs=lambda: trickle(c.docs()), resume_docs=resume)
 data.corpus = slow
-cfg = DataConfig(dataset=sys.argv[1], data_dir=sys.argv[2], val_fraction=0.1)
+cfg = DataConfig(dataset=sys.argv[1], hub_dir=sys.argv[3], data_dir=sys.argv[2], val_fraction=0.1)
 data.prepare(cfg, progress=False, workers=2)
 """
 
 
-def test_killed_prepare_resumes_to_identical_files(tmp_path):
+@pytest.mark.parametrize("source", ["local", "hub"])
+def test_killed_prepare_resumes_to_identical_files(tmp_path, source):
     """SIGKILL a prepare (its worker processes too) twice at different points; the same call then
-    continues from its record and ends with the bytes of an uninterrupted build."""
+    continues from its record and ends with the bytes of an uninterrupted build. A streamed hub
+    corpus restarts at its recorded stream position (the documents before it are not read again)."""
     import psutil
 
-    src = tmp_path / "c.parquet"
-    _stories_parquet(src, 1_500_000)
-    whole = small_cfg(tmp_path, dataset=str(src), val_fraction=0.1)
+    if source == "local":
+        dataset, hub_dir = str(tmp_path / "c.parquet"), ""
+        _stories_parquet(tmp_path / "c.parquet", 1_500_000)
+    else:
+        dataset, hub_dir = "openwebtext", str(tmp_path / "hub")
+        for i in range(3):
+            _stories_parquet(tmp_path / "hub" / "data" / f"train-0000{i}-of-00003.parquet", 500_000, seed=i)
+    src = dataset
+    whole = small_cfg(tmp_path, dataset=dataset, hub_dir=hub_dir, val_fraction=0.1)
     want = built(data.prepare(whole, progress=False))
-    cfg = DataConfig(dataset=str(src), data_dir=str(tmp_path / "killed"), val_fraction=0.1)
+    cfg = DataConfig(dataset=dataset, hub_dir=hub_dir, data_dir=str(tmp_path / "killed"), val_fraction=0.1)
     out = data.prepared_dir(cfg)
     record = out.parent / f".{out.name}.partial.json"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done_at = []
     for fraction in (0.25, 0.6):
-        proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, str(src), cfg.data_dir], env=env)
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, src, cfg.data_dir, hub_dir], env=env)
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -495,6 +508,9 @@ def test_killed_prepare_resumes_to_identical_files(tmp_path):
     meta = data.prepare(cfg, progress=False, workers=2, log=lines.append)
     assert meta["resumed_at_docs"] >= done_at[1]
     assert any("resuming after" in line for line in lines), lines
+    if source == "hub":
+        rec_mark = re.search(r"the stream starts at document ([\d,]+)", lines[0])
+        assert rec_mark and 1000 <= int(rec_mark[1].replace(",", "")) <= done_at[1], lines[0]
     assert built(meta) == want
     # the record and the half-built folder are gone: the folder became the prepared one
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, out.name + ".lock"])

@@ -371,8 +371,10 @@ class _Build:
     def _commit(self) -> None:
         for w in self.writers.values():
             w.sync()  # the tokens before the record that names them
+        while self.marks and self.marks[0]["docs"] <= self.docs:  # the newest stream position at or before it
+            self.mark = self.marks.popleft()
         write_json(self.record, {
-            "identity": self.identity, "docs": self.docs, "stopped": self.stopped,
+            "identity": self.identity, "docs": self.docs, "stopped": self.stopped, "mark": self.mark,
             "splits": {s: {"tokens": w.tokens, "docs": w.docs} for s, w in self.writers.items()},
         })
         self.committed = time.monotonic()
@@ -392,11 +394,13 @@ class _Build:
                             **rec["splits"][s])
             for s in SPLITS
         }
-        self.docs, self.stopped = rec["docs"], rec["stopped"]
+        self.docs, self.stopped, self.mark = rec["docs"], rec["stopped"], rec.get("mark")
+        self.marks: collections.deque[dict] = collections.deque()
         self.resumed_at = self.docs
         if self.docs:
+            at = f"; the stream starts at document {self.mark['docs']:,}" if self.mark else ""
             self.log(f"prepare {self.name}: resuming after {self.docs:,} documents "
-                     f"({self.writers['train'].tokens:,} train / {self.writers['val'].tokens:,} val tokens done)")
+                     f"({self.writers['train'].tokens:,} train / {self.writers['val'].tokens:,} val tokens done{at})")
         self.committed = time.monotonic()
         self.meter = _Progress(self.name, self.src.count, self.cfg.max_train_tokens, self.progress, self.log, self.docs)
         try:
@@ -467,10 +471,16 @@ class _Build:
         after every document read before it is written and recorded."""
         pending: collections.deque[tuple[_Chunk, Future]] = collections.deque()
         chunk, index, skip = _Chunk(([], [])), 0, self.docs
+        self.marks.clear()
+        if self.src.resume_docs is not None:  # start at the stream position recorded last, not at its start
+            stream = self.src.resume_docs(self.mark, self.marks)
+            index = self.mark["docs"] if self.mark else 0
+        else:
+            stream = self.src.docs()
         train = self.writers["train"]
         cut = False
         try:
-            for split, text in _guarded(self.src.docs()):
+            for split, text in _guarded(stream):
                 index += 1
                 if index <= skip:
                     continue  # done before: read past it without tokenizing
