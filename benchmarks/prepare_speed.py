@@ -16,13 +16,15 @@ process, on the same machine with the same N:
 
 Prints each one's tokens, wall seconds, tokens/s and peak RSS (the sum over the process and its
 children, polled every 50 ms, and the largest single process), and the ratio of tokens/s (goal:
->= 1.0). The generated corpus and both outputs are deleted at the end unless --keep.
+>= 1.0). The generated corpus, both outputs and the datasets cache nanoGPT's way fills are deleted at the
+end unless --keep (with --keep, a rerun reuses the corpus). Needs psutil (the test extras).
 GPT-2's ranks come from --gpt2-ranks or OELM_GPT2_RANKS (a gpt2.tiktoken file; tiktoken's download otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -124,8 +126,12 @@ def measure(method: str, corpus: Path, out: Path, workers: int, ranks: str, cach
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, __file__, "--child", method, "--corpus", str(corpus), "--out", str(out),
            "--workers", str(workers), "--gpt2-ranks", ranks]
+    # the child's output goes to files: a pipe nobody reads until the end fills up and stops it
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out_log, err_log = out.parent / f"{method}.stdout", out.parent / f"{method}.stderr"
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(out_log, "w") as so, open(err_log, "w") as se:
+        proc = subprocess.Popen(cmd, env=env, stdout=so, stderr=se, text=True)
     root = psutil.Process(proc.pid)
     peak_sum = peak_one = 0
     while proc.poll() is None:
@@ -145,7 +151,9 @@ def measure(method: str, corpus: Path, out: Path, workers: int, ranks: str, cach
             pass
         time.sleep(0.05)
     seconds = time.perf_counter() - t0
-    stdout, stderr = proc.communicate()
+    stdout, stderr = out_log.read_text(), err_log.read_text()
+    out_log.unlink()
+    err_log.unlink()
     if proc.returncode != 0:
         raise SystemExit(f"{method} failed (exit {proc.returncode}):\n{stderr[-3000:]}")
     tokens = json.loads(stdout.strip().splitlines()[-1])["tokens"]
@@ -212,8 +220,11 @@ def main() -> None:
             print(f"ratio ours/nanogpt (median tokens/s): {med['ours'] / med['nanogpt']:.2f}   "
                   f"peak RSS: ours {rss['ours']:.0f} MB, nanogpt {rss['nanogpt']:.0f} MB", flush=True)
     finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:  # what this run made (a given --work folder only if that leaves it empty)
+            for part in ["corpus", *(f"{k}-{m}" for k in ("out", "hf-cache") for m in ("ours", "nanogpt"))]:
+                shutil.rmtree(work / part, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                work.rmdir()
 
 
 if __name__ == "__main__":

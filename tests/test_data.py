@@ -597,3 +597,22 @@ def test_progress_has_a_total_and_an_eta(tmp_path, monkeypatch):
     assert re.search(rf"[\d,]+/{n:,} documents \(\d+%\), [\d.,]+M tokens \(~[\d,.]+M in all, estimated\), "
                      r"[\d.]+M tokens/s, ETA \d+m\d\ds", lines[1]), lines
     assert f"{n:,}/{n:,} documents" in lines[-1] and "done in" in lines[-1]
+
+
+@pytest.mark.slow
+def test_prepare_speed_smoke(tmp_path, gpt2_ranks):
+    """benchmarks/prepare_speed.py --smoke: both ways run on ~20 MB, agree on the tokens, and it
+    prints tokens/s, peak RSS and the ratio; its work folder is deleted."""
+    root = Path(__file__).resolve().parents[1]
+    work = tmp_path / "work"
+    p = subprocess.run([sys.executable, "benchmarks/prepare_speed.py", "--smoke", "--gpt2-ranks", str(gpt2_ranks),
+                        "--work", str(work)], cwd=root, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    rows = {m: re.search(rf"^{m}\s+([\d,]+) tokens .* ([\d.]+) M tokens/s peak RSS\s+(\d+) MB", p.stdout, re.M)
+            for m in ("ours", "nanogpt")}
+    assert all(rows.values()), p.stdout
+    assert rows["ours"][1] == rows["nanogpt"][1] and int(rows["ours"][1].replace(",", "")) > 5_000_000
+    assert all(float(r[2]) > 0 and int(r[3]) > 0 for r in rows.values())
+    assert re.search(r"ratio ours/nanogpt \(median tokens/s\): [\d.]+", p.stdout), p.stdout
+    assert not work.exists()

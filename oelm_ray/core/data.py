@@ -1,7 +1,8 @@
 """Tokenizers and prepared token files (train.bin / val.bin / meta.json).
 
-A corpus is read as a stream of (split, text) documents, tokenized in parallel batches and
-streamed to raw token files, each document followed by the end-of-text token, nanoGPT style:
+A corpus is read as a stream of (split, text) documents, cut into chunks that worker processes
+tokenize while the next ones are read, and written in stream order to raw token files, each
+document followed by the end-of-text token, nanoGPT style:
 
     <data_dir>/<corpus>-<tokenizer>/train.bin   uint16 (vocab <= 65535) or uint32 tokens
                                     val.bin
@@ -9,8 +10,10 @@ streamed to raw token files, each document followed by the end-of-text token, na
 
 Preparing is idempotent and safe to run from many processes at once (one builds under a file
 lock into a temp folder that is renamed into place; the others wait, then verify and reuse it),
-so every trial of a sweep may call `prepare` on shared storage. `load_prepared` memory-maps the
-files after checking sizes and checksums, so a truncated or corrupted copy fails loudly.
+so every trial of a sweep may call `prepare` on shared storage. A build records every few seconds
+how far it got, so a killed one continues there (to the same bytes) and a failing stream is
+retried from there. `load_prepared` memory-maps the files after checking sizes and checksums, so
+a truncated or corrupted copy fails loudly.
 """
 
 from __future__ import annotations
@@ -403,13 +406,15 @@ class _Build:
                      f"({self.writers['train'].tokens:,} train / {self.writers['val'].tokens:,} val tokens done{at})")
         self.committed = time.monotonic()
         self.meter = _Progress(self.name, self.src.count, self.cfg.max_train_tokens, self.progress, self.log, self.docs)
+        ok = False
         try:
             self._read_with_retries()
             self._commit()
+            ok = True
         finally:
             if self.pool is not None:
                 self.pool.shutdown(wait=True, cancel_futures=True)
-            self.meter.close()
+            self.meter.close(ok)
             files = {f"{s}.bin": w.close() for s, w in self.writers.items()}
         for s, w in self.writers.items():
             if not w.tokens:
@@ -610,9 +615,10 @@ class _Progress:
                 return f"{head} ({100 * frac:.0f}%), {tok}, {rate / 1e6:.2f}M tokens/s, ETA {_fmt_secs(left)}"
         return f"{head}, {tok}, {rate / 1e6:.2f}M tokens/s" + (f", done in {_fmt_secs(dt)}" if done else "")
 
-    def close(self) -> None:
+    def close(self, ok: bool) -> None:
         self.bar.close()
-        self.log(self.line(done=True))
+        if ok:
+            self.log(self.line(done=True))
 
 
 # ---------------------------------------------------------------------------------------------
