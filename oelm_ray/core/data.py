@@ -617,7 +617,7 @@ class _Progress:
 
     def close(self, ok: bool) -> None:
         self.bar.close()
-        if ok:
+        if ok and self.elapsed() >= LOG_SECONDS:  # a quick build needs no summary line
             self.log(self.line(done=True))
 
 
