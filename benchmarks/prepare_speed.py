@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -120,8 +121,6 @@ def child_nanogpt(corpus: Path, out: Path, workers: int, ranks: str) -> int:
 
 def measure(method: str, corpus: Path, out: Path, workers: int, ranks: str, cache: Path, timeout: float) -> dict:
     """Run one way in a child process; wall time and peak RSS (process tree, polled)."""
-    import psutil
-
     env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, __file__, "--child", method, "--corpus", str(corpus), "--out", str(out),
@@ -132,24 +131,12 @@ def measure(method: str, corpus: Path, out: Path, workers: int, ranks: str, cach
     t0 = time.perf_counter()
     with open(out_log, "w") as so, open(err_log, "w") as se:
         proc = subprocess.Popen(cmd, env=env, stdout=so, stderr=se, text=True)
-    root = psutil.Process(proc.pid)
-    peak_sum = peak_one = 0
-    while proc.poll() is None:
-        if time.perf_counter() - t0 > timeout:
+    try:
+        peak_sum, peak_one = _watch(proc, method, t0, timeout)
+    finally:  # interrupted (Ctrl-C, SIGTERM, --timeout): the child goes too
+        if proc.poll() is None:
             proc.kill()
-            raise SystemExit(f"{method} ran past --timeout {timeout:.0f} s")
-        try:
-            procs = [root, *root.children(recursive=True)]
-            rss = []
-            for p in procs:
-                try:
-                    rss.append(p.memory_info().rss)
-                except psutil.Error:
-                    pass
-            peak_sum, peak_one = max(peak_sum, sum(rss)), max(peak_one, max(rss, default=0))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
+            proc.wait()
     seconds = time.perf_counter() - t0
     stdout, stderr = out_log.read_text(), err_log.read_text()
     out_log.unlink()
@@ -159,6 +146,29 @@ def measure(method: str, corpus: Path, out: Path, workers: int, ranks: str, cach
     tokens = json.loads(stdout.strip().splitlines()[-1])["tokens"]
     return {"method": method, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
             "peak_rss_mb": peak_sum / 1e6, "peak_rss_one_mb": peak_one / 1e6}
+
+
+def _watch(proc: subprocess.Popen, method: str, t0: float, timeout: float) -> tuple[int, int]:
+    """Peak RSS of proc's tree (summed, and its largest process), polled until it ends."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    peak_sum = peak_one = 0
+    while proc.poll() is None:
+        if time.perf_counter() - t0 > timeout:
+            raise SystemExit(f"{method} ran past --timeout {timeout:.0f} s")
+        try:
+            rss = []
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    rss.append(p.memory_info().rss)
+                except psutil.Error:
+                    pass
+            peak_sum, peak_one = max(peak_sum, sum(rss)), max(peak_one, max(rss, default=0))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    return peak_sum, peak_one
 
 
 def main() -> None:
@@ -177,6 +187,7 @@ def main() -> None:
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated run still cleans up its child
 
     if args.child:
         fn = child_ours if args.child == "ours" else child_nanogpt
@@ -223,6 +234,8 @@ def main() -> None:
         if not args.keep:  # what this run made (a given --work folder only if that leaves it empty)
             for part in ["corpus", *(f"{k}-{m}" for k in ("out", "hf-cache") for m in ("ours", "nanogpt"))]:
                 shutil.rmtree(work / part, ignore_errors=True)
+            for log in [*work.glob("*.stdout"), *work.glob("*.stderr")]:  # an interrupted child's output
+                log.unlink()
             with contextlib.suppress(OSError):
                 work.rmdir()
 
