@@ -220,7 +220,7 @@ def prepare_datasets(trials: list[TrialSpec]) -> None:
         key = json.dumps(t.config.to_dict()["data"], sort_keys=True)
         if key not in seen:
             seen.add(key)
-            meta = prepare(t.config.data)
+            meta = prepare(t.config.data, log=lambda line: print(f"data: {line}", flush=True))
             print(f"data: {t.config.data.dataset} ({t.config.data.tokenizer}) ready: {meta['train_tokens']:,} train tokens", flush=True)
 
 
