@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cpu", help=f"preset whose data settings are the defaults ({', '.join(C.PRESETS)})")
     p.add_argument("--force", action="store_true", help="rebuild even if a prepared copy exists")
     p.add_argument("--verify", default="quick", choices=("quick", "full"), help="how an existing copy is checked")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="tokenizer processes (default: the usable cores; 0: tokenize in this process)")
     _add_config_flags(p, ("data",))
 
     p = sub.add_parser("train", help="train one model (no Ray)")
@@ -101,7 +103,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .core.data import prepare
 
         cfg = C.preset(args.preset).override(_overrides(args, ("data",))).validate()
-        meta = prepare(cfg.data, force=args.force)
+        meta = prepare(cfg.data, force=args.force, workers=args.workers,
+                       log=lambda line: print(line, file=sys.stderr, flush=True))
         print(f"prepared {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens")
         return 0
     if args.cmd == "train":

@@ -84,14 +84,25 @@ def _flat_config(cfg: dict) -> dict[str, Any]:
     return flat
 
 
+def qk_check_of(record: dict) -> str:
+    """The trial's Q/K check: "ok", what failed, or "-" (a record from before the check)."""
+    hist = record.get("history") or []
+    return record.get("qk_check") or (hist[-1].get("qk_check") if hist else None) or "-"
+
+
+def valid_ppls(record: dict) -> list[float]:
+    """The trial's finite val PPLs in order; none where its Q/K broke the method's rule (no valid result)."""
+    if qk_check_of(record) not in ("ok", "-"):
+        return []
+    return [h["val/ppl"] for h in record.get("history") or [] if finite(h.get("val/ppl"))]
+
+
 def trials_frame(records: list[dict]) -> pd.DataFrame:
     rows, flats = [], []
     for r in records:
         hist = r.get("history") or []
         last = hist[-1] if hist else {}
-        qk_check = r.get("qk_check") or last.get("qk_check") or "-"  # "ok", or what failed
-        # a trial whose Q/K broke its method's rule has no valid result, whatever it reported before
-        ppls = [h["val/ppl"] for h in hist if finite(h.get("val/ppl"))] if qk_check in ("ok", "-") else []
+        qk_check, ppls = qk_check_of(r), valid_ppls(r)
         cfg = r.get("config") or {}
         steps = [h for h in hist if h.get("step_time_s")]
         train_s = sum(h["step_time_s"] * _interval(hist, i) for i, h in enumerate(hist) if h.get("step_time_s"))
@@ -120,6 +131,8 @@ def trials_frame(records: list[dict]) -> pd.DataFrame:
                 "wall_time_s": last.get("wall_time_s", math.nan),
                 "status": r.get("status", "unknown"),
                 "qk_check": qk_check,
+                # the model's shape: gaps pair trials of one size (a scaling sweep has several)
+                "model_size": "x".join(str(flat.get(k, "?")) for k in ("n_layer", "d_model", "d_ff")),
             }
         )
     df = pd.DataFrame(rows)
@@ -137,11 +150,11 @@ def trials_frame(records: list[dict]) -> pd.DataFrame:
     for i, row in df.iterrows():
         if not finite(row.best_val_ppl):
             continue
-        ref = base.get((row.dataset, row.seed))
+        ref = base.get((row.dataset, row.model_size, row.seed))
         if ref is not None:
             df.at[i, "gap_vs_baseline_pct"] = 100.0 * (row.best_val_ppl / ref - 1.0)
             df.at[i, "meets_criterion"] = bool(row.best_val_ppl <= CRITERION * ref)
-        ref = freeze.get((row.dataset, row.seed))
+        ref = freeze.get((row.dataset, row.model_size, row.seed))
         if ref is not None and not (row.method == "oelm_freeze" and row.role == "protocol"):
             df.at[i, "gap_vs_freeze_pct"] = 100.0 * (row.best_val_ppl / ref - 1.0)
     df["meets_criterion"] = df["meets_criterion"].astype("boolean")
@@ -149,10 +162,11 @@ def trials_frame(records: list[dict]) -> pd.DataFrame:
 
 
 def _reference(df: pd.DataFrame, method: str) -> pd.Series:
-    """(dataset, seed) -> best PPL of the method's protocol arms (of any arm where no protocol arm ran)."""
+    """(dataset, size, seed) -> best PPL of the method's protocol arms (of any arm where no protocol arm ran)."""
     rows = df[(df.method == method) & df.best_val_ppl.notna()]
-    ref = rows.groupby(["dataset", "seed"])["best_val_ppl"].min()
-    protocol = rows[rows.role == "protocol"].groupby(["dataset", "seed"])["best_val_ppl"].min()
+    key = ["dataset", "model_size", "seed"]
+    ref = rows.groupby(key)["best_val_ppl"].min()
+    protocol = rows[rows.role == "protocol"].groupby(key)["best_val_ppl"].min()
     return pd.concat([ref[~ref.index.isin(protocol.index)], protocol])
 
 
@@ -216,8 +230,39 @@ def summary_markdown(df: pd.DataFrame, title: str) -> str:
     for r in broken.itertuples():
         lines += ["", f"**{r.name}: no valid result.** {r.qk_check}"]
     lines += ["", "Per trial:", "", _trial_table(df), ""]
-    lines += savings_markdown(df) + compute_markdown(df)
+    lines += scaling_markdown(df) + savings_markdown(df) + compute_markdown(df)
     return "\n".join(lines)
+
+
+def scaling_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset x model size (a sweep over several): parameters, the baseline's PPL, each frozen arm's gap over seeds."""
+    if "model_size" not in df or df["model_size"].nunique() < 2:
+        return pd.DataFrame()
+    d = df[df.best_val_ppl.notna()]
+    arm = d.method + d.role.map({"control": " (control)", "protocol": ""})
+    g = d.assign(arm=arm).groupby(["dataset", "model_size", "arm"], sort=False)
+    out = g.agg(params=("total_params", "max"), ppl=("best_val_ppl", "mean"), gap_mean=("gap_vs_baseline_pct", "mean"),
+                gap_std=("gap_vs_baseline_pct", "std"), gap_min=("gap_vs_baseline_pct", "min"),
+                gap_max=("gap_vs_baseline_pct", "max"), seeds=("seed", "nunique")).reset_index()
+    return out.sort_values(["dataset", "params", "arm"]).reset_index(drop=True)
+
+
+def scaling_markdown(df: pd.DataFrame) -> list[str]:
+    """The freeze gap against model size: one row per size, one column per frozen arm (paired with its size's baseline)."""
+    s = scaling_frame(df)
+    if s.empty:
+        return []
+    arms = [a for a in dict.fromkeys(s.arm) if a != "baseline"]
+    lines = ["", "Scaling: gap vs the baseline of the same size and seed (mean ± std over seeds).", "",
+             "| dataset | size (layers x d_model x d_ff) | params | baseline PPL | " + " | ".join(arms) + " |",
+             "|---|---|---|---|" + "---|" * len(arms)]
+    for (ds, size), rows in s.groupby(["dataset", "model_size"], sort=False):
+        by = rows.set_index("arm")
+        base = f"{by.loc['baseline', 'ppl']:.3f}" if "baseline" in by.index else "-"
+        params = f"{int(rows.params.max()):,}" if pd.notna(rows.params.max()) else "-"
+        gaps = [_gap(by.loc[a, "gap_mean"], by.loc[a, "gap_std"]) if a in by.index else "-" for a in arms]
+        lines.append(f"| {ds} | {size} | {params} | {base} | " + " | ".join(gaps) + " |")
+    return lines + [""]
 
 
 def _gap(mean: float, std: float) -> str:
@@ -258,9 +303,10 @@ def controls_markdown(s: pd.DataFrame) -> list[str]:
 
 
 def savings_markdown(df: pd.DataFrame) -> list[str]:
-    """Trainable parameters each experiment saves vs the baseline of its dataset, and for how long."""
-    base = df[df.method == "baseline"].groupby("dataset")["trainable_params"].max()
-    rows = df[(df.method != "baseline") & df.dataset.isin(base.index) & df.trainable_params.notna()]
+    """Trainable parameters each experiment saves vs the baseline of its dataset and model size, and for how long."""
+    base = df[df.method == "baseline"].groupby(["dataset", "model_size"])["trainable_params"].max()
+    keys = pd.MultiIndex.from_frame(df[["dataset", "model_size"]])
+    rows = df[(df.method != "baseline") & keys.isin(base.index) & df.trainable_params.notna()]
     if rows.empty:
         return []
     lines = [
@@ -271,13 +317,14 @@ def savings_markdown(df: pd.DataFrame) -> list[str]:
     ]
     for (ds, eid), g in rows.groupby(["dataset", "experiment_id"], sort=True):
         r = g.iloc[0]
-        saved = int(base[ds] - r.trainable_params)
+        ref = base[(ds, r.model_size)]
+        saved = int(ref - r.trainable_params)
         unf, max_steps = _num(r.qk_unfreeze_step), _num(r.max_steps)
         until = max_steps if not math.isfinite(unf) or unf == -1 else min(unf, max_steps)
         share = until / max_steps if saved and max_steps > 0 else 0.0
         lines.append(
             f"| {ds} | {eid} | {r.method} | {_fmt(r.qk_freeze_layers)} | {_fmt(r.qk_unfreeze_step)} | {_fmt(r.qk_lr_mult)} "
-            f"| {int(r.trainable_params):,} | {saved:,} ({100 * saved / base[ds]:.1f}%) | {100 * share:.0f}% |"
+            f"| {int(r.trainable_params):,} | {saved:,} ({100 * saved / ref:.1f}%) | {100 * share:.0f}% |"
         )
     return lines + [""]
 
@@ -320,7 +367,8 @@ def _fmt(v: Any) -> str:
 # the plot
 
 
-def plot_val_ppl(records: list[dict], path: Path) -> None:
+def plot_val_ppl(records: list[dict], path: Path, df: pd.DataFrame | None = None) -> None:
+    """Validation PPL against tokens per dataset (seed bands); with several model sizes, the freeze gap against size too."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,8 +378,18 @@ def plot_val_ppl(records: list[dict], path: Path) -> None:
     for r in records:
         if r.get("history"):
             by_ds.setdefault(r["dataset"], {}).setdefault(f"{r['experiment_id']} {r['method']}", []).append(r["history"])
-    n = max(1, len(by_ds))
+    scaling = scaling_frame(df) if df is not None else pd.DataFrame()
+    n = max(1, len(by_ds)) + (not scaling.empty)
     fig, axes = plt.subplots(1, n, figsize=(6 * n, 4), squeeze=False)
+    if not scaling.empty:
+        ax = axes[0][-1]
+        for (ds, arm), rows in scaling[scaling.arm != "baseline"].groupby(["dataset", "arm"]):
+            (line,) = ax.plot(rows.params, rows.gap_mean, marker="o", label=f"{ds}: {arm}")
+            ax.fill_between(rows.params, rows.gap_min, rows.gap_max, color=line.get_color(), alpha=0.2)  # seed band
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set(title="gap vs baseline by model size", xlabel="parameters", ylabel="val PPL gap vs baseline (%)", xscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
     for ax, (ds, groups) in zip(axes[0], sorted(by_ds.items())):
         for label, runs in sorted(groups.items()):
             frame = pd.concat(
@@ -431,7 +489,7 @@ def write_report(run: str | os.PathLike) -> list[Path]:
     paths = [run / "trials.parquet", run / "summary.md", run / "val_ppl.png"]
     atomic_write(paths[0], lambda f: df.to_parquet(f, index=False))
     atomic_write(paths[1], lambda f: f.write(summary_markdown(df, f"Sweep {run.name}")), mode="w")
-    plot_val_ppl(records, paths[2])
+    plot_val_ppl(records, paths[2], df)
     return paths
 
 
@@ -444,9 +502,7 @@ def status_table(run: str | os.PathLike, now: float | None = None) -> str:
     for r in load_records(run):
         hist = r.get("history") or []
         last = hist[-1] if hist else {}
-        qk_check = r.get("qk_check") or last.get("qk_check") or "-"  # "ok", or what failed
-        # a trial whose Q/K broke its method's rule has no valid result, whatever it reported before
-        ppls = [h["val/ppl"] for h in hist if finite(h.get("val/ppl"))] if qk_check in ("ok", "-") else []
+        ppls = valid_ppls(r)
         max_steps = (r.get("config") or {}).get("train", {}).get("max_steps", "?")
         age = now - r["last_report"] if r.get("last_report") else None
         rows.append(

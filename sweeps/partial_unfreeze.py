@@ -7,7 +7,15 @@ Variants of the full freeze (oelm_freeze), each an Experiment so tables and fold
   PU-k<k>        Q/K frozen in the lowest k blocks only, 0 < k < L (k = 0 is the baseline's
                  policy, k = L the full freeze);
   PU-unf<f>      all Q/K frozen, then trained from step f x max_steps on (f = 0.25, 0.50, 0.75);
-  PU-mult<m>     orthogonal Q/K trained from step 1 at m x the learning rate (a soft freeze).
+  PU-mult<m>     orthogonal Q/K trained from step 1 at m x the learning rate (a soft freeze);
+  PU-every<N>    orthogonal Q/K updated only on every N-th step, fixed in between (qk_update_every);
+  PU-lrd<d>      orthogonal Q/K trained from step 1, every block at lr x d^(L-1-i) (lr_layer_decay):
+                 the lower blocks, Q/K included, nearly frozen.
+and the controls that tell init scale, orthogonality and freezing apart (summary.md says what each
+isolates): the PU-unf/PU-mult schedules from scale-matched random Q/K (PU-rand-unf0.25,
+PU-rand-mult0.1: oelm_random at std 1/sqrt(d_model)), orthogonal Q/K trained from step 1 at the
+full rate (PU-orth-train), and a baseline whose Q/K start random at the orthogonal rows' scale
+(PU-rand-train: oelm_random at 1/sqrt(d_model), trained from step 1).
 summary.md says which meet the 1.05 criterion and how many trainable parameters each saves.
 Run the same command again after an interruption to resume.
 
@@ -32,6 +40,16 @@ from oelm_ray.core.experiments import Experiment
 
 UNFREEZE_FRACS = (0.25, 0.5, 0.75)
 QK_LR_MULTS = (0.1,)
+BASELINE_RATE = ("CPU-01", "GPT-01", "PU-rand-train")  # --best: these train at the baseline's searched rate
+UPDATE_EVERY = (10,)  # a tenth of the Q/K updates
+LAYER_DECAYS = (0.5,)
+SCALED = {"method": "oelm_random", "qk_random_std": 0.0}  # random Q/K at the orthogonal rows' std 1/sqrt(d_model)
+ORTHO = ("orthogonality: the same schedule from random Q/K at the orthogonal rows' scale (oelm_random, std 1/sqrt(d_model)), "
+         "so {arm} vs this row compares orthogonal with random Q/K, everything else equal")
+FREEZING = ("freezing: orthogonal Q/K trained from step 1 at the full rate, so the PU-unf and PU-mult rows vs this one "
+            "isolate the frozen (or slowed) phase, and this row vs the baseline the orthogonal init of trained Q/K")
+INIT_SCALE = ("init scale: a baseline whose Q/K start random at the orthogonal rows' scale (std 1/sqrt(d_model), "
+              "the baseline's is 0.02) and train from step 1, so baseline vs this row isolates the Q/K init scale")
 
 
 def variants(baseline: Experiment, freeze: Experiment, n_layer: int, max_steps: int) -> list[Experiment]:
@@ -42,6 +60,16 @@ def variants(baseline: Experiment, freeze: Experiment, n_layer: int, max_steps: 
         *[Experiment(f"PU-k{k}", pre, {**f, "qk_freeze_layers": k}) for k in range(1, n_layer)],
         *[Experiment(f"PU-unf{x:.2f}", pre, {**f, "qk_unfreeze_step": max(1, round(x * max_steps))}) for x in UNFREEZE_FRACS],
         *[Experiment(f"PU-mult{m:g}", pre, {**f, "qk_unfreeze_step": 1, "qk_lr_mult": m}) for m in QK_LR_MULTS],
+        *[Experiment(f"PU-every{n}", pre, {**f, "qk_update_every": n}) for n in UPDATE_EVERY],
+        *[Experiment(f"PU-lrd{d:g}", pre, {**f, "qk_unfreeze_step": 1, "lr_layer_decay": d}) for d in LAYER_DECAYS],
+        # the controls, paired with the PU arms that beat the baseline in the embedded default
+        Experiment(f"PU-rand-unf{UNFREEZE_FRACS[0]:.2f}", pre,
+                   {**f, **SCALED, "qk_unfreeze_step": max(1, round(UNFREEZE_FRACS[0] * max_steps))},
+                   ORTHO.format(arm=f"PU-unf{UNFREEZE_FRACS[0]:.2f}")),
+        Experiment(f"PU-rand-mult{QK_LR_MULTS[0]:g}", pre, {**f, **SCALED, "qk_unfreeze_step": 1, "qk_lr_mult": QK_LR_MULTS[0]},
+                   ORTHO.format(arm=f"PU-mult{QK_LR_MULTS[0]:g}")),
+        Experiment("PU-orth-train", pre, {**f, "qk_unfreeze_step": 1}, FREEZING),
+        Experiment("PU-rand-train", pre, {**f, **SCALED, "qk_unfreeze_step": 1}, INIT_SCALE),
     ]
 
 
@@ -68,7 +96,7 @@ def tuned(exps: list[Experiment], best_json: str, common: dict) -> list[Experime
     out = []
     for e in exps:
         cfg = e.config(0, **common)
-        method = "oelm_freeze" if cfg.model.method != "baseline" else "baseline"
+        method = "baseline" if e.id in BASELINE_RATE else "oelm_freeze"
         hit = [c["best"] for c in cells if c["method"] == method and c["dataset"] == cfg.data.dataset and c.get("best")]
         if not hit:
             raise ConfigError(f"--best {best_json} has no finished {method} search on {cfg.data.dataset} (needed by {e.id})")

@@ -39,6 +39,8 @@ BAD = [
     (dict(dataset="imagenet"), "dataset='imagenet' is unknown"),
     (dict(tokenizer="sentencepiece"), "tokenizer='sentencepiece' is unknown"),
     (dict(eval_interval=5000), "eval_interval=5000 is larger than max_steps=500"),
+    (dict(eval_batch_size=-1), "eval_batch_size=-1 must be a whole number >= 0 (0 = batch_size)"),
+    (dict(checkpoint_interval=-5), "checkpoint_interval=-5 must be a whole number >= 0 (0 = every evaluation)"),
     (dict(seed="abc"), "seed='abc' is not a valid int"),
     (dict(seed=1.5), "seed=1.5 is not a valid int"),
     (dict(max_steps=0), "max_steps=0 must be a whole number > 0"),
@@ -52,6 +54,15 @@ BAD = [
 ]
 
 
+def test_checkpoint_interval_rounds_up_to_whole_eval_intervals():
+    every = C.make_config("cpu").train  # 0: every evaluation (100 steps), and the last step
+    assert every.checkpoint_every == 100 and all(every.checkpoints_at(s) for s in (100, 200, 500))
+    t = C.make_config("cpu", checkpoint_interval=250).train  # rounded up to 300
+    assert t.checkpoint_every == 300 and [s for s in range(100, 501, 100) if t.checkpoints_at(s)] == [300, 500]
+    med = C.make_config("medium-512").train
+    assert (med.eval_batch, med.checkpoint_every, C.make_config("cpu").train.eval_batch) == (32, 5000, 16)
+
+
 @pytest.mark.parametrize("overrides,message", BAD, ids=[m[:40] for _, m in BAD])
 def test_bad_values_give_one_clear_error(overrides, message):
     with pytest.raises(C.ConfigError) as e:
@@ -60,7 +71,7 @@ def test_bad_values_give_one_clear_error(overrides, message):
 
 
 def test_unknown_preset():
-    with pytest.raises(C.ConfigError, match="preset='gpu' is unknown: choose one of cpu, medium-512"):
+    with pytest.raises(C.ConfigError, match="preset='gpu' is unknown: choose one of cpu, small-256, medium-512, large-768"):
         C.preset("gpu")
 
 

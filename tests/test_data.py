@@ -329,3 +329,290 @@ def test_hub_offline_mode(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert time.perf_counter() - t0 < 20
     assert "DataError:" in out.stdout and "--hub-dir" in out.stdout, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the parallel, resumable build against the serial algorithm it replaced
+
+
+def reference_prepare(cfg: DataConfig) -> dict:
+    """The serial prepare this project had before worker processes (one Python list per document,
+    batches of data.BATCH_CHARS characters): sha256 of each split's bytes and its counts."""
+    import hashlib
+
+    enc, src, limit = data.get_tokenizer(cfg), corpora.corpus(cfg), cfg.max_train_tokens
+    dtype = data.token_dtype(enc.n_vocab)
+    out = {s: hashlib.sha256() for s in data.SPLITS}
+    tokens, docs = dict.fromkeys(data.SPLITS, 0), dict.fromkeys(data.SPLITS, 0)
+
+    def full() -> bool:
+        return bool(limit) and tokens["train"] >= limit
+
+    def flush(batch):
+        for split in data.SPLITS:
+            texts = [t for s, t in batch if s == split]
+            if texts and not (split == "train" and full()):
+                flat = [x for t in texts for x in enc.encode_ordinary(t) + [enc.eot_token]]
+                if split == "train" and limit:
+                    flat = flat[: limit - tokens["train"]]
+                out[split].update(np.array(flat, dtype=np.uint32).astype(dtype).tobytes())
+                tokens[split] += len(flat)
+                docs[split] += len(texts)
+
+    batch, chars = [], 0
+    for split, text in src.docs():
+        if split == "train" and full():
+            if src.val_last:
+                continue
+            break
+        batch.append((split, text))
+        chars += len(text)
+        if chars >= data.BATCH_CHARS:
+            flush(batch)
+            batch, chars = [], 0
+    if batch:
+        flush(batch)
+    return {"sha256": {s: h.hexdigest() for s, h in out.items()}, "tokens": tokens, "docs": docs}
+
+
+def built(meta: dict) -> dict:
+    return {"sha256": {s: meta["files"][f"{s}.bin"]["sha256"] for s in data.SPLITS},
+            "tokens": {s: meta[f"{s}_tokens"] for s in data.SPLITS},
+            "docs": {s: meta[f"{s}_docs"] for s in data.SPLITS}}
+
+
+def test_cpu_preset_stories_tokens_unchanged(tmp_path):
+    """The embedded default's corpus (cpu preset: 4 MB of stories, bytes): pinned to the bytes it had
+    before worker processes, so its table stays bit-identical."""
+    from oelm_ray.core.config import make_config
+
+    meta = data.prepare(make_config("cpu", data_dir=str(tmp_path)).data, progress=False)
+    assert meta["files"]["train.bin"]["sha256"] == "f8120caf5d3b1e26fc9e91c14d27b485e96afdfbf3f57cf876bddfb3c1595e2b"
+    assert meta["files"]["val.bin"]["sha256"] == "d193c069a1f6d6860676cfb8173efd2cc2da540b6ea38fa65cb12eb83c39b46e"
+
+
+def _stories_parquet(path: Path, nbytes: int, seed: int = 5) -> list[str]:
+    docs = list(generate_stories(nbytes, seed))
+    docs[3] = "naïve 日本語 🙂 and a literal <|endoftext|> inside a document"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": docs}), path)
+    return docs
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
+@pytest.mark.parametrize("case", ["local", "local-max", "hub-interleaved-max", "stories-max"])
+def test_parallel_build_matches_serial_reference(tmp_path, monkeypatch, gpt2_ranks, tokenizer, case):
+    """Worker processes from the second chunk on, many small chunks: the same bytes and counts as
+    the serial algorithm, also where max_train_tokens cuts train (val after it, or interleaved)."""
+    monkeypatch.setattr(data, "BATCH_CHARS", 20_000)
+    monkeypatch.setattr(data, "POOL_AFTER_CHARS", 20_000)
+    kw = {"tokenizer": tokenizer, "gpt2_ranks": str(gpt2_ranks)}
+    if case.startswith("local"):
+        _stories_parquet(tmp_path / "c.parquet", 400_000)
+        kw.update(dataset=str(tmp_path / "c.parquet"), val_fraction=0.1)
+    elif case.startswith("hub"):
+        _stories_parquet(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet", 400_000)
+        kw.update(dataset="openwebtext", hub_dir=str(tmp_path / "hub"), val_fraction=0.2)
+    else:
+        kw.update(stories_mb=0.4)
+    if case.endswith("max"):
+        kw["max_train_tokens"] = 55_555 if tokenizer == "gpt2" else 155_555
+    cfg = small_cfg(tmp_path, **kw)
+    meta = data.prepare(cfg, progress=False, workers=2)
+    assert built(meta) == reference_prepare(cfg)
+    assert data.verify_prepared(data.prepared_dir(cfg), "full", tokenizer=tokenizer)
+    if case.endswith("max"):
+        assert meta["train_tokens"] == kw["max_train_tokens"]
+
+
+def test_lone_surrogates_encode_like_encode_ordinary(gpt2_ranks):
+    for tok in ("bytes", "gpt2"):
+        enc_cfg = data._encoder(DataConfig(tokenizer=tok, gpt2_ranks=str(gpt2_ranks)))
+        texts = ["a\ud800b", "plain <|endoftext|> text", ""]
+        (flat, ends), _ = data._encode_chunk(enc_cfg, (texts, []))
+        enc = enc_cfg[0]
+        want = [x for t in texts for x in enc.encode_ordinary(t) + [enc.eot_token]]
+        assert flat.tolist() == want and ends[-1] == len(want)
+
+
+# ---------------------------------------------------------------------------------------------
+# killed, failing and slow builds
+
+SLOW_PREPARE = """
+import dataclasses, sys, time
+from oelm_ray.core import corpora, data
+from oelm_ray.core.config import DataConfig
+data.BATCH_CHARS, data.POOL_AFTER_CHARS, data.COMMIT_SECONDS = 20_000, 20_000, 0.0
+real = data.corpus
+def trickle(docs):
+    for d in docs:
+        time.sleep(0.002)
+        yield d
+def slow(cfg):  # a stream that trickles: the kill lands mid-way
+    c = real(cfg)
+    resume = c.resume_docs and (lambda mark, marks: trickle(c.resume_docs(mark, marks)))
+    return dataclasses.replace(c, docs=lambda: trickle(c.docs()), resume_docs=resume)
+data.corpus = slow
+cfg = DataConfig(dataset=sys.argv[1], hub_dir=sys.argv[3], data_dir=sys.argv[2], val_fraction=0.1)
+data.prepare(cfg, progress=False, workers=2)
+"""
+
+
+@pytest.mark.parametrize("source", ["local", "hub"])
+def test_killed_prepare_resumes_to_identical_files(tmp_path, source):
+    """SIGKILL a prepare (its worker processes too) twice at different points; the same call then
+    continues from its record and ends with the bytes of an uninterrupted build. A streamed hub
+    corpus restarts at its recorded stream position (the documents before it are not read again)."""
+    import psutil
+
+    if source == "local":
+        dataset, hub_dir = str(tmp_path / "c.parquet"), ""
+        _stories_parquet(tmp_path / "c.parquet", 1_500_000)
+    else:
+        dataset, hub_dir = "openwebtext", str(tmp_path / "hub")
+        for i in range(3):
+            _stories_parquet(tmp_path / "hub" / "data" / f"train-0000{i}-of-00003.parquet", 500_000, seed=i)
+    src = dataset
+    whole = small_cfg(tmp_path, dataset=dataset, hub_dir=hub_dir, val_fraction=0.1)
+    want = built(data.prepare(whole, progress=False))
+    cfg = DataConfig(dataset=dataset, hub_dir=hub_dir, data_dir=str(tmp_path / "killed"), val_fraction=0.1)
+    out = data.prepared_dir(cfg)
+    record = out.parent / f".{out.name}.partial.json"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done_at = []
+    for fraction in (0.25, 0.6):
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, src, cfg.data_dir, hub_dir], env=env)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                rec = json.loads(record.read_text()) if record.exists() else {"docs": 0}
+                if rec["docs"] >= fraction * want["docs"]["train"]:
+                    break
+                assert proc.poll() is None, "the prepare ended before it could be killed"
+                time.sleep(0.02)
+            else:
+                pytest.fail("the prepare recorded no progress within 60 s")
+            workers = psutil.Process(proc.pid).children(recursive=True)
+            assert workers, "the build never started its worker processes"
+            proc.kill()
+            proc.wait(10)
+        finally:
+            proc.kill()
+        assert not out.exists()
+        done_at.append(json.loads(record.read_text())["docs"])
+        # the orphaned workers leave by themselves
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"worker processes {[p.pid for p in alive]} outlived their killed parent"
+    assert done_at[0] < done_at[1] < want["docs"]["train"] + want["docs"]["val"]
+    lines = []
+    meta = data.prepare(cfg, progress=False, workers=2, log=lines.append)
+    assert meta["resumed_at_docs"] >= done_at[1]
+    assert any("resuming after" in line for line in lines), lines
+    if source == "hub":
+        rec_mark = re.search(r"the stream starts at document ([\d,]+)", lines[0])
+        assert rec_mark and 1000 <= int(rec_mark[1].replace(",", "")) <= done_at[1], lines[0]
+    assert built(meta) == want
+    # the record and the half-built folder are gone: the folder became the prepared one
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, out.name + ".lock"])
+
+
+class _Flaky:
+    """A corpus whose stream raises `error` on its first `fails` passes: at document `after` x the
+    pass's number (each pass gets further), or, stuck, at document `after` every time."""
+
+    def __init__(self, real: corpora.Corpus, after: int, fails: int, error: Exception, stuck: bool = False):
+        self.real, self.after, self.fails, self.error, self.stuck, self.passes = real, after, fails, error, stuck, 0
+
+    def docs(self):
+        self.passes += 1
+        at = self.after * (1 if self.stuck else self.passes)
+        for i, d in enumerate(self.real.docs()):
+            if self.passes <= self.fails and i == at:
+                raise self.error
+            yield d
+
+
+def _flaky_corpus(monkeypatch, flaky_of):
+    import dataclasses
+
+    real = data.corpus
+    made = {}
+
+    def fake(cfg):
+        c = real(cfg)
+        f = made.setdefault("f", flaky_of(c))
+        return dataclasses.replace(c, docs=f.docs)
+
+    monkeypatch.setattr(data, "corpus", fake)
+    return made
+
+
+def test_failing_stream_is_retried_then_fails_with_how_to_continue(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BATCH_CHARS", 20_000)
+    monkeypatch.setattr(data, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+    src = tmp_path / "c.parquet"
+    _stories_parquet(src, 300_000)
+    cfg = small_cfg(tmp_path, dataset=str(src), val_fraction=0.1)
+    want = reference_prepare(cfg)
+
+    # two network errors mid-way: retried, each pass continuing where the last one stopped
+    made = _flaky_corpus(monkeypatch, lambda c: _Flaky(c, 100, 2, ConnectionError("connection reset by peer")))
+    lines = []
+    meta = data.prepare(cfg, progress=False, log=lines.append)
+    assert built(meta) == want and made["f"].passes == 3
+    assert sum("retry" in line for line in lines) == 2 and "ConnectionError" in lines[0]
+    monkeypatch.undo()
+
+    # failing every time: bounded retries, then one message naming the corpus, what is done, what to do
+    monkeypatch.setattr(data, "BATCH_CHARS", 20_000)
+    monkeypatch.setattr(data, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+    cfg2 = small_cfg(tmp_path / "b", dataset=str(src), val_fraction=0.1)
+    made = _flaky_corpus(monkeypatch, lambda c: _Flaky(c, 50, 10**6, TimeoutError("read timed out"), stuck=True))
+    with pytest.raises(DataError, match=r"reading corpus .*c\.parquet.* failed after 4 tries: read timed out\. "
+                                        r"50 documents .* are done .* run the same command again"):
+        data.prepare(cfg2, progress=False)
+    assert made["f"].passes == 4  # the first pass read 50, the retries none: three retries in a row
+    monkeypatch.undo()
+    meta = data.prepare(cfg2, progress=False)  # the stream works again: continues from document 50
+    assert meta["resumed_at_docs"] == 50 and built(meta) == want
+
+    # not a network error: no retry
+    cfg3 = small_cfg(tmp_path / "c", dataset=str(src), val_fraction=0.1)
+    made = _flaky_corpus(monkeypatch, lambda c: _Flaky(c, 50, 10**6, ValueError("bad row"), stuck=True))
+    with pytest.raises(DataError, match="failed: bad row.*run the same command again"):
+        data.prepare(cfg3, progress=False)
+    assert made["f"].passes == 1
+
+
+def test_progress_has_a_total_and_an_eta(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BATCH_CHARS", 20_000)
+    monkeypatch.setattr(data, "LOG_SECONDS", 0.0)
+    hub = tmp_path / "hub"
+    docs = _stories_parquet(hub / "data" / "train-00000-of-00001.parquet", 300_000)
+    lines = []
+    cfg = small_cfg(tmp_path, dataset="openwebtext", hub_dir=str(hub), val_fraction=0.1)
+    data.prepare(cfg, progress=False, log=lines.append)
+    n = len(docs)
+    assert len(lines) > 3
+    assert re.search(rf"[\d,]+/{n:,} documents \(\d+%\), [\d.,]+M tokens \(~[\d,.]+M in all, estimated\), "
+                     r"[\d.]+M tokens/s, ETA \d+m\d\ds", lines[1]), lines
+    assert f"{n:,}/{n:,} documents" in lines[-1] and "done in" in lines[-1]
+
+
+@pytest.mark.slow
+def test_prepare_speed_smoke(tmp_path, gpt2_ranks):
+    """benchmarks/prepare_speed.py --smoke: both ways run on ~20 MB, agree on the tokens, and it
+    prints tokens/s, peak RSS and the ratio; its work folder is deleted."""
+    root = Path(__file__).resolve().parents[1]
+    work = tmp_path / "work"
+    p = subprocess.run([sys.executable, "benchmarks/prepare_speed.py", "--smoke", "--gpt2-ranks", str(gpt2_ranks),
+                        "--work", str(work)], cwd=root, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    rows = {m: re.search(rf"^{m}\s+([\d,]+) tokens .* ([\d.]+) M tokens/s peak RSS\s+(\d+) MB", p.stdout, re.M)
+            for m in ("ours", "nanogpt")}
+    assert all(rows.values()), p.stdout
+    assert rows["ours"][1] == rows["nanogpt"][1] and int(rows["ours"][1].replace(",", "")) > 5_000_000
+    assert all(float(r[2]) > 0 and int(r[3]) > 0 for r in rows.values())
+    assert re.search(r"ratio ours/nanogpt \(median tokens/s\): [\d.]+", p.stdout), p.stdout
+    assert not work.exists()

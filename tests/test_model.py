@@ -89,6 +89,19 @@ def test_medium_512_parameter_counts_are_the_research_s(method, trainable, froze
     assert m.param_counts() == {"total": 44_896_768, "trainable": trainable, "frozen": frozen}
 
 
+@pytest.mark.parametrize("preset, total, frozen", [("small-256", 16_152_320, 524_288), ("large-768", 124_009_728, 14_155_776)])
+def test_the_scaling_presets_parameter_counts(preset, total, frozen):
+    """The sizes beside Medium-512: d_model 256 / 4 blocks, and GPT-2 small's 768 / 12 blocks / 12 heads (context 512)."""
+    from oelm_ray.core.config import make_config
+
+    for method, fro in (("baseline", 0), ("oelm_freeze", frozen)):
+        with torch.device("meta"):
+            m = GPT(make_config(preset, method=method).model)
+        assert m.param_counts() == {"total": total, "trainable": total - fro, "frozen": fro}
+    c = make_config(preset).model  # Q/K of every block: 2 d^2 each
+    assert frozen == c.n_layer * 2 * c.d_model**2 and c.d_ff == 4 * c.d_model and c.block_size == 512
+
+
 def test_mlp_has_zero_init_biases_and_dropout_after_the_gelu():
     m = make(dropout=0.5)
     mlp = m.transformer.h[0].mlp

@@ -85,16 +85,23 @@ def quiet(_):
 
 
 @pytest.mark.slow
-def test_trial_sigkilled_at_a_random_step_resumes_bit_exact(tmp_path, ray_local):
+@pytest.mark.parametrize("policy", ["every-eval", "checkpoint-interval"])
+def test_trial_sigkilled_at_a_random_step_resumes_bit_exact(tmp_path, ray_local, policy):
     """Two identical trials side by side; one is SIGKILLed at a seeded random step. The killed one
-    is retried from its last checkpoint and ends with exactly the clean twin's numbers."""
+    is retried from its last checkpoint and ends with exactly the clean twin's numbers.
+
+    checkpoint-interval: latest.pt at 20 and 40 only; the kill comes in the report of step 30 (an
+    evaluation without a latest.pt), so the retry resumes from step 20 and redoes step 30."""
     from ray import tune
 
-    kill_at = random.Random(7).randint(11, 29)  # after the step-10 checkpoint, before the end
+    if policy == "every-eval":
+        kill_at, extra, steps = random.Random(7).randint(11, 29), {}, [10, 20, 30]  # after the step-10 checkpoint
+    else:
+        kill_at, extra, steps = 30, {"max_steps": 40, "checkpoint_interval": 20}, [10, 20, 30, 40]
     marker = tmp_path / "killed-once"
     fault = {"step": kill_at, "marker": str(marker), "kind": "kill"}
     twins = [Experiment(f"TWIN-{i}", "cpu", {"method": "oelm_freeze"}) for i in (1, 2)]
-    sw = Sweep("kill", twins, [0], str(tmp_path / "runs"), common=smoke(tmp_path),
+    sw = Sweep("kill", twins, [0], str(tmp_path / "runs"), common=smoke(tmp_path, **extra),
                # only TWIN-2 carries the fault: TWIN-1 is the uninterrupted reference
                trainable=faults.trainable,
                extra_config={"fault": tune.sample_from(lambda spec: fault if spec.config.trial["experiment"]["id"] == "TWIN-2" else None)})
@@ -103,9 +110,11 @@ def test_trial_sigkilled_at_a_random_step_resumes_bit_exact(tmp_path, ray_local)
     clean = results.read_record(results.record_path(run_dir, twins[0].trial_name(0)))
     killed = results.read_record(results.record_path(run_dir, twins[1].trial_name(0)))
     assert clean["status"] == killed["status"] == "completed"
-    assert [h["step"] for h in killed["history"]] == [10, 20, 30]
+    assert [h["step"] for h in killed["history"]] == steps
     assert losses(killed["history"]) == losses(clean["history"])  # bit for bit
     assert "resumed from" in final_log(run_dir, twins[1].trial_name(0)), "the killed trial restarted from scratch"
+    if policy == "checkpoint-interval":  # from the latest.pt before the killed evaluation
+        assert "latest.pt at step 20" in final_log(run_dir, twins[1].trial_name(0))
     assert "resumed from" not in final_log(run_dir, twins[0].trial_name(0))
 
 
@@ -378,6 +387,28 @@ def test_retried_trial_drops_the_temp_file_of_a_killed_checkpoint_write(tmp_path
     assert load_checkpoint(out / "latest.pt")["step"] == 20
 
 
+def test_trial_checkpoints_only_where_latest_was_written_and_replays_up_to_it():
+    """checkpoint_interval 20, evaluations every 10: Tune gets a checkpoint with the reports at 20
+    and 40 only; a restore replays the rows Tune missed up to the resume point (latest.pt at 20),
+    and leaves step 30 to the trainer, which redoes and reports it."""
+    from oelm_ray.tune import trial
+
+    t = _train_config(checkpoint_interval=20).train
+    assert [s for s in (10, 20, 30, 40) if trial.wrote_latest(t, {"step": s})] == [20, 40]
+    assert not trial.wrote_latest(t, {"step": 40, "diverged": 1})
+    rows = [{"step": s} for s in (10, 20, 30)]
+    assert [r["step"] for r in trial.replayed(rows, 0, t)] == [10, 20]
+    assert trial.replayed(rows, 20, t) == []
+    every = _train_config().train  # checkpoint_interval 0: every evaluation, as before
+    assert [r["step"] for r in trial.replayed(rows, 10, every)] == [20, 30]
+
+
+def _train_config(**kw):
+    from oelm_ray.core.config import make_config
+
+    return make_config("cpu", max_steps=40, eval_interval=10, warmup_steps=2, **kw)
+
+
 # ================================================================================================
 # 2. bad input: one line, exit 2, before any training, nothing overwritten
 
@@ -499,7 +530,7 @@ BAD_INPUT = [
         r"dataset='nosuch' is unknown: choose one of stories, tinystories",
         example='`--dataset nosuch`', says='lists the known corpora and the local file suffixes'),
     Bad("unknown preset", "oelm-ray", lambda d, w: [*_train(d, w, "--out-dir", str(d / "x")), "--preset", "huge"],
-        r"preset='huge' is unknown: choose one of cpu, medium-512",
+        r"preset='huge' is unknown: choose one of cpu, small-256, medium-512, large-768",
         example='`--preset huge`', says='lists the presets (cpu, medium-512)'),
     Bad("unknown experiment id", "phase3", lambda d, w: _sweep(d, w, "--experiments", "GPT-99"),
         r"unknown experiment id\(s\) GPT-99: choose from GPT-01",

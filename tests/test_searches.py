@@ -274,7 +274,9 @@ def test_partial_unfreeze_variants_are_valid_and_named():
     for preset, n_layer in (("embedded", 2), ("paper", 6)):
         exps = pu.PRESETS[preset]["experiments"]
         ids = [e.id for e in exps]
-        assert ids[2:] == [f"PU-k{k}" for k in range(1, n_layer)] + ["PU-unf0.25", "PU-unf0.50", "PU-unf0.75", "PU-mult0.1"]
+        assert ids[2:] == [f"PU-k{k}" for k in range(1, n_layer)] + [
+            "PU-unf0.25", "PU-unf0.50", "PU-unf0.75", "PU-mult0.1", "PU-every10", "PU-lrd0.5",
+            "PU-rand-unf0.25", "PU-rand-mult0.1", "PU-orth-train", "PU-rand-train"]
         for e in exps:
             e.config(0)  # validates
     cfgs = {e.id: e.config(0) for e in pu.PRESETS["embedded"]["experiments"]}
@@ -290,7 +292,7 @@ def test_partial_unfreeze_takes_each_arms_searched_lr(tmp_path):
     best.write_text(json.dumps({"cells": [cell("baseline", 1.6e-2, 30), cell("oelm_freeze", 8e-3, 300)]}))
     exps = pu.tuned(pu.PRESETS["embedded"]["experiments"], str(best), {})
     got = {e.id: (e.config(0).train.lr, e.config(0).train.warmup_steps) for e in exps}
-    assert got.pop("CPU-01") == (1.6e-2, 30)
+    assert got.pop("CPU-01") == got.pop("PU-rand-train") == (1.6e-2, 30)  # the baseline and its init-scale control
     assert set(got.values()) == {(8e-3, 300)} and "PU-unf0.50" in got  # the freeze and every variant: oelm_freeze's
     best.write_text(json.dumps({"cells": [cell("baseline", 1.6e-2, 30)]}))
     with pytest.raises(ConfigError, match="no finished oelm_freeze search"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -283,6 +284,13 @@ def test_gpu_speed_smoke_runs_with_the_trainer_deps_only():
         tr = [l for l in lines if l.startswith(method) and " trainer " in l]
         assert ceil and tr, p.stdout
         assert float(tr[0].split()[2].replace(",", "")) > 0 and float(tr[0].split()[4]) > 0  # tok/s and the ratio
+        assert "steady state" in tr[0]
+        # the protocol: clipping's cost, a whole-split evaluation, both checkpoints, and their shares
+        for what in ("ceiling + clip eager", "evaluation (whole split)", "checkpoint latest.pt", "checkpoint best.pt"):
+            assert [l for l in lines if l.startswith(method) and what in l], (what, p.stdout)
+        (share,) = [l for l in lines if l.startswith(method) and "protocol at the paper's settings" in l]
+        pcts = [float(v) for v in re.findall(r"([\d.]+)%", share)]
+        assert len(pcts) == 3 and abs(sum(pcts) - 100) < 0.5, share  # training, evaluation, checkpoints
     assert "worst trainer / ceiling:" in lines[-1]
 
 
@@ -328,12 +336,12 @@ class StaleGraph(torch.nn.Module):
         self.inner = model
         self.frozen = [p for p in model.qk_params().values() if not p.requires_grad]
 
-    def forward(self, x, y):
+    def forward(self, x, y, **kw):
         flags = [p.requires_grad for p in self.frozen]
         for p in self.frozen:
             p.requires_grad_(False)
         try:
-            return self.inner(x, y)
+            return self.inner(x, y, **kw)
         finally:
             for p, f in zip(self.frozen, flags):
                 p.requires_grad_(f)
@@ -369,7 +377,7 @@ class FailingCompile(torch.nn.Module):
         FailingCompile.calls += 1
         self.nth_compile = FailingCompile.calls
 
-    def forward(self, x, y):
+    def forward(self, x, y, **kw):
         self.n += 1
         if self.fail == "eval" and not self.training:
             raise RuntimeError("inductor: eval graph failed")
@@ -377,7 +385,7 @@ class FailingCompile(torch.nn.Module):
             raise RuntimeError("cudagraphs: recording failed")
         if self.fail == "after unfreeze" and self.nth_compile == 2:
             raise RuntimeError("inductor: recompile failed")
-        logits, loss = self.inner(x, y)
+        logits, loss = self.inner(x, y, **kw)
         return logits, (_FailInBackward.apply(loss) if self.fail == "backward" and self.training else loss)
 
 

@@ -128,6 +128,20 @@ def test_existing_run_with_different_config_is_refused(tmp_path):
         check_run_dir(other)
 
 
+def test_a_run_from_before_a_new_config_field_resumes_at_its_default(tmp_path):
+    from oelm_ray.tune.sweep import check_run_dir
+    from oelm_ray.core.io import write_json
+
+    sw = smoke_sweep(tmp_path, "older")
+    old = sw.identity()
+    for t in old["trials"]:  # written before these fields existed
+        del t["config"]["train"]["qk_update_every"], t["config"]["train"]["lr_layer_decay"]
+    write_json(sw.run_dir / "sweep.json", old)
+    assert check_run_dir(sw) is True
+    with pytest.raises(ConfigError, match="CPU-01-baseline-s0: lr_layer_decay"):
+        check_run_dir(smoke_sweep(tmp_path, "older", common={"lr_layer_decay": 0.5}))
+
+
 def test_equal_values_are_one_sweep_however_spelled(tmp_path):
     """--set values are typed before they enter a trial's config: 0.005 and 5e-3 are one sweep."""
     from oelm_ray.core.io import write_json

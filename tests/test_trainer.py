@@ -79,6 +79,9 @@ def _straight_and_cut(c, tmp_path, at: int):
     ("oelm_freeze", {"qk_unfreeze_step": 15, "qk_lr_mult": 0.5, "qk_freeze_layers": 1}),
     ("oelm_freeze", {"qk_unfreeze_step": 20}),  # cut at the checkpoint of the unfreeze step itself
     ("baseline", {"dtype": "fp16"}),  # fp16 autocast: the gradient scaler's state resumes too
+    ("oelm_freeze", {"qk_update_every": 5}),  # cut at step 20, right after an update step
+    ("oelm_freeze", {"qk_update_every": 3, "qk_freeze_layers": 1}),  # cut between two updates
+    ("oelm_freeze", {"lr_layer_decay": 0.7, "qk_unfreeze_step": 15}),  # per-layer groups, also the unfrozen Q/K's
 ])
 def test_resume_is_bit_for_bit(tmp_path, data_dir, method, extra):
     c = cfg(data_dir, method=method, **extra)
@@ -195,6 +198,102 @@ def test_val_loss_is_the_token_mean_over_what_val_tokens_says(tmp_path, data_dir
             for x, y in eval_batches(val, c)
         )
     assert row["val/loss"] == pytest.approx(total / want_tokens, rel=1e-5)
+
+
+def test_val_loss_does_not_depend_on_the_eval_batch_size(tmp_path, data_dir):
+    """The whole split (its shorter last window included) at two eval batch sizes, fp32 on CPU: the
+    same targets, the same token-weighted mean to 1e-6; training is untouched (bit-for-bit)."""
+    runs = {}
+    for size in (3, 8):
+        c = cfg(data_dir, eval_batches=0, eval_batch_size=size, max_steps=20, dropout=0.0)
+        batches = eval_batches(load_prepared(c.data).val, c)
+        assert batches[-1][1].shape[1] < c.model.block_size  # the remainder: one shorter window
+        assert {y.shape[0] for _, y in batches[:-2]} == {size}
+        train(c, tmp_path / str(size), log=quiet)
+        runs[size] = [json.loads(l) for l in (tmp_path / str(size) / "metrics.jsonl").read_text().splitlines()]
+    a, b = runs[3], runs[8]
+    assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]
+    assert [r["val/tokens"] for r in a] == [r["val/tokens"] for r in b]
+    for ra, rb in zip(a, b):
+        assert abs(ra["val/loss"] - rb["val/loss"]) < 1e-6, (ra["val/loss"], rb["val/loss"])
+
+
+def test_sampled_eval_scores_the_same_windows_at_any_eval_batch_size(data_dir):
+    c = cfg(data_dir, eval_batches=3)
+    val = load_prepared(c.data).val
+    a, b = eval_batches(val, c), eval_batches(val, c.override({"eval_batch_size": 5}))
+    assert [y.shape[0] for _, y in a] == [4, 4, 4] and [y.shape[0] for _, y in b] == [5, 5, 2]
+    assert torch.equal(torch.cat([x for x, _ in a]), torch.cat([x for x, _ in b]))
+
+
+def test_checkpoint_interval_writes_latest_less_often_and_resume_redoes_the_rest(tmp_path, data_dir):
+    """latest.pt every 20 steps, evaluations every 10: a run stopped at step 30 (after an evaluation
+    without a latest.pt) resumes from step 20, redoes 30, and ends bit-for-bit as an uninterrupted run."""
+    c = cfg(data_dir, checkpoint_interval=20)
+    assert [s for s in (10, 20, 30, 40) if c.train.checkpoints_at(s)] == [20, 40]
+    latest_at = {}
+
+    def record(m):
+        latest_at[m["step"]] = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)["step"] \
+            if (tmp_path / "straight" / "latest.pt").exists() else None
+
+    train(c, tmp_path / "straight", report=record, log=quiet)
+    assert latest_at == {10: None, 20: 20, 30: 20, 40: 40}
+    lines = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(m):
+        if m["step"] == 30:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(c, tmp_path / "cut", report=stop, log=quiet)
+    assert torch.load(tmp_path / "cut" / "latest.pt", weights_only=True)["step"] == 20
+    resumed = train(c, tmp_path / "cut", resume=True, log=lines.append)
+    assert any("at step 20" in l for l in lines)
+    a = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [10, 20, 30, 40]  # step 30 redone once, not twice
+    untimed = lambda rows: [{k: v for k, v in r.items() if not k.endswith(("_s", "per_s")) and k != "warmup"} for r in rows]
+    assert untimed(a) == untimed(b)
+    assert resumed["best_val_ppl"] == math.exp(min(r["val/loss"] for r in a))
+    for name in ("latest.pt", "best.pt"):
+        sa = torch.load(tmp_path / "straight" / name, weights_only=True)
+        sb = torch.load(tmp_path / "cut" / name, weights_only=True)
+        assert sa["step"] == sb["step"] and all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+        if name == "best.pt":
+            assert "optimizer" not in sa  # weights only
+
+
+def test_interval_speed_leaves_out_the_warmup_steps(tmp_path, data_dir, monkeypatch):
+    """The first steps of a process (compiling, CUDA graph recording on a GPU) are left out of an
+    interval's tokens/s; summary.json's tokens_per_s is the steady-state figure."""
+    from oelm_ray.core import trainer as T
+
+    slow = {1, 2, 3}  # the first three steps take 0.3 s each: a stand-in for compiling
+    real = T.TrainStep.__call__
+    calls = []
+
+    def step(self, x, y):
+        calls.append(1)
+        if len(calls) in slow:
+            import time
+            time.sleep(0.3)
+        return real(self, x, y)
+
+    monkeypatch.setattr(T.TrainStep, "__call__", step)
+    s = train(cfg(data_dir, max_steps=20), tmp_path, log=quiet)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["warmup"] for r in rows] == [0, 0]
+    assert rows[0]["step_time_s"] < 0.1 and rows[0]["step_time_s"] == pytest.approx(rows[1]["step_time_s"], rel=2.0)
+    assert s["warmup_s"] >= 0.85  # what the warm-up cost is still in the summary
+    assert s["train_time_s"] >= s["warmup_s"]
+    assert s["tokens_per_s"] == pytest.approx(4 * 32 * 20 / sum(10 * r["step_time_s"] for r in rows))
+    # an interval that ends inside its warm-up is timed whole, and says so
+    s = train(cfg(data_dir, max_steps=4, eval_interval=2, warmup_steps=1), tmp_path / "short", log=quiet)
+    assert [json.loads(l)["warmup"] for l in (tmp_path / "short" / "metrics.jsonl").read_text().splitlines()] == [1, 0]
 
 
 def test_summary_reports_trainable_frozen_and_total(tmp_path, data_dir):
@@ -327,3 +426,66 @@ def test_frozen_qk_that_move_stop_the_run(tmp_path, data_dir, monkeypatch):
         train(cfg(data_dir, method="oelm_freeze"), tmp_path, log=quiet)
     assert not (tmp_path / "latest.pt").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "qk_check_failed"
+
+
+# ------------------------------------------------------------------------------------------------
+# the research's next experiments: periodic Q/K updates, layer-wise learning rates
+
+
+def test_periodic_qk_change_only_on_their_update_steps(tmp_path, data_dir):
+    c = cfg(data_dir, method="oelm_freeze", qk_update_every=5, eval_interval=3, max_steps=15, log_interval=3)
+    torch.manual_seed(c.train.seed)
+    init = GPT(c.model).qk_params()["transformer.h.0.attn.c_qk.weight"].detach().clone()
+    qk = {}
+
+    def grab(m):
+        qk[m["step"]] = torch.load(tmp_path / "latest.pt", weights_only=True)["model"]["transformer.h.0.attn.c_qk.weight"]
+
+    summary = train(c, tmp_path, report=grab, log=quiet)
+    # updates after 5, 10, 15 steps (0-based steps 4, 9, 14): checkpoints after 3, 6, 9, 12, 15 steps
+    assert torch.equal(qk[3], init) and not torch.equal(qk[6], init)
+    assert torch.equal(qk[6], qk[9]) and not torch.equal(qk[9], qk[12]) and not torch.equal(qk[12], qk[15])
+    opt = torch.load(tmp_path / "latest.pt", weights_only=True)["optimizer"]
+    (g,) = [g for g in opt["param_groups"] if g["name"] == "qk_periodic"]
+    assert {float(opt["state"][i]["step"]) for i in g["params"]} == {3.0}  # AdamW stepped them on updates only
+    assert summary["qk_check"] == "ok" and summary["trainable_params"] == summary["total_params"]
+
+
+def test_periodic_qk_changed_between_updates_stop_the_run(tmp_path, data_dir, monkeypatch):
+    from oelm_ray.core import trainer
+
+    monkeypatch.setattr(trainer, "qk_update_at", lambda step, c: True)  # every step updates, whatever N says
+    with pytest.raises(QKCheckError, match=r"at step 10: Q/K of block\(s\) 0, 1 should be frozen"):
+        train(cfg(data_dir, method="oelm_freeze", qk_update_every=20, max_steps=40), tmp_path, log=quiet)
+
+
+def test_layer_wise_learning_rates(tmp_path, data_dir):
+    c = cfg(data_dir, method="oelm_freeze", qk_freeze_layers=1, lr_layer_decay=0.5)
+    torch.manual_seed(0)
+    model = GPT(c.model)
+    groups = {g["name"]: g for g in build_optimizer(model, c, torch.device("cpu")).param_groups}
+    L = c.model.n_layer
+    assert {n: g["lr_mult"] for n, g in groups.items()} == {
+        "decay.embed": 0.5**L, "decay.h0": 0.5, "decay.h1": 1.0, "no_decay.h0": 0.5, "no_decay.h1": 1.0,
+        "no_decay.top": 1.0, "qk.h1": 1.0}  # block 0's Q/K are frozen: in no group
+    assert groups["decay.embed"]["params"][0] is model.lm_head.weight  # the tied embedding, once
+    n_opt = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert n_opt == model.param_counts()["trainable"]
+    plain = build_optimizer(model, cfg(data_dir, method="oelm_freeze", qk_freeze_layers=1), torch.device("cpu"))
+    assert [g["name"] for g in plain.param_groups] == ["decay", "no_decay", "qk"]  # decay 1: the groups as ever
+    summary = train(c, tmp_path, log=quiet)
+    assert summary["lr_mults"]["decay.embed"] == 0.25 and summary["qk_check"] == "ok"
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(method="baseline", qk_update_every=10), "freezes no Q/K: drop qk_update_every"),
+    (dict(method="oelm_freeze", qk_update_every=10, qk_unfreeze_step=20), "two schedules for the same Q/K"),
+    (dict(method="oelm_freeze", qk_update_every=-1), "must be a whole number >= 0"),
+    (dict(lr_layer_decay=0), "lr_layer_decay=0.0 must be a number > 0"),
+    (dict(lr_layer_decay=-0.5), "lr_layer_decay=-0.5 must be a number > 0"),
+])
+def test_bad_next_experiment_settings_are_one_line(kw, msg):
+    from oelm_ray.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=msg):
+        make_config("cpu", **kw)

@@ -108,8 +108,9 @@ class CheckpointWriter:
         self._after: Callable[[], None] | None = None
 
     def save(self, files: list[tuple[Path, dict]], after: Callable[[], None] | None = None) -> None:
+        """Write `files`, then run `after`; with no files, `after` runs at once (after the write in flight)."""
         self.wait()
-        if not self.background:
+        if not self.background or not files:
             for path, payload in files:
                 save_checkpoint(path, payload)
             if after is not None:

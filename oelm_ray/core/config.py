@@ -17,7 +17,7 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 from .io import UserError
 
@@ -153,15 +153,23 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     eval_interval: int = 200
-    """Evaluate (and checkpoint) every this many steps, and at the last step."""
+    """Evaluate every this many steps, and at the last step."""
     eval_batches: int = 8
     """Validation batches per evaluation, a fixed sample the same at every evaluation; 0 scores the whole validation split (the research's definition)."""
+    eval_batch_size: int = 0
+    """Sequences per forward pass of an evaluation; 0 = batch_size. It changes only the speed: the same targets are scored, and the val loss is their token-weighted mean at any size."""
+    checkpoint_interval: int = 0
+    """Write latest.pt (the resume point) every this many steps, rounded up to whole eval intervals, and at the last step; 0 = at every evaluation. best.pt (weights only) is written at every evaluation that improves the val loss."""
     log_interval: int = 50
     """Print training progress (and check the loss for NaN/inf) every this many steps."""
     qk_unfreeze_step: int = -1
     """Step at which frozen Q/K start training; -1 keeps them frozen for the whole run."""
     qk_lr_mult: float = 1.0
     """Learning-rate multiplier for the Q/K projections whenever they train."""
+    qk_update_every: int = 0
+    """For frozen methods: the frozen Q/K get their gradient and an AdamW update only on every N-th step (steps N, 2N, ...), and stay fixed in between (their AdamW moments too); 0 never updates them, 1 updates them every step."""
+    lr_layer_decay: float = 1.0
+    """Layer-wise learning rates: block i of L trains at lr x decay^(L-1-i) (the top block at lr), the embeddings (tied with the LM head) at lr x decay^L, the final LayerNorm at lr; 1 is one rate for all."""
     device: str = "auto"
     """auto (cuda when available; in a Ray trial, cuda only if Ray assigned it a GPU), cpu or cuda."""
     dtype: str = "auto"
@@ -181,6 +189,10 @@ class TrainConfig:
             _positive(name, getattr(self, name))
         if not isinstance(self.eval_batches, int) or isinstance(self.eval_batches, bool) or self.eval_batches < 0:
             raise ConfigError(f"eval_batches={self.eval_batches!r} must be a whole number >= 0 (0 = the whole validation split)")
+        for name, zero in (("eval_batch_size", "batch_size"), ("checkpoint_interval", "every evaluation")):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{name}={v!r} must be a whole number >= 0 (0 = {zero})")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ConfigError(f"lr={self.lr} must be a finite number > 0")
         if not 0 <= self.warmup_steps < self.max_steps:
@@ -205,11 +217,29 @@ class TrainConfig:
             )
         if not self.qk_lr_mult > 0:
             raise ConfigError(f"qk_lr_mult={self.qk_lr_mult} must be > 0")
+        if not isinstance(self.qk_update_every, int) or isinstance(self.qk_update_every, bool) or self.qk_update_every < 0:
+            raise ConfigError(f"qk_update_every={self.qk_update_every!r} must be a whole number >= 0 (0 = off)")
+        if not (self.lr_layer_decay > 0 and math.isfinite(self.lr_layer_decay)):
+            raise ConfigError(f"lr_layer_decay={self.lr_layer_decay} must be a number > 0 (1 = one rate for all blocks)")
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("compile", self.compile, COMPILE_MODES)
         if self.num_threads < 0:
             raise ConfigError(f"num_threads={self.num_threads} must be >= 0")
+
+    @property
+    def eval_batch(self) -> int:
+        """Sequences per evaluation forward pass: eval_batch_size, or batch_size where that is 0."""
+        return self.eval_batch_size or self.batch_size
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Steps between latest.pt writes: checkpoint_interval rounded up to whole eval intervals."""
+        return self.eval_interval * max(1, -(-self.checkpoint_interval // self.eval_interval))
+
+    def checkpoints_at(self, step: int) -> bool:
+        """Whether the evaluation at `step` writes latest.pt (a pure function of the step: resume-safe)."""
+        return step >= self.max_steps or step % self.checkpoint_every == 0
 
 
 @dataclass
@@ -227,6 +257,16 @@ class Config:
             raise ConfigError(
                 f"vocab_size={self.model.vocab_size} is smaller than the {self.data.tokenizer} "
                 f"tokenizer's vocabulary ({need}): set vocab_size >= {need}"
+            )
+        if self.train.qk_update_every and not self.model.frozen_qk_layers:
+            raise ConfigError(
+                f"qk_update_every={self.train.qk_update_every} is set but method={self.model.method} with "
+                f"qk_freeze_layers={self.model.qk_freeze_layers} freezes no Q/K: drop qk_update_every, or use a frozen method"
+            )
+        if self.train.qk_update_every and self.train.qk_unfreeze_step != -1:
+            raise ConfigError(
+                f"qk_update_every={self.train.qk_update_every} and qk_unfreeze_step={self.train.qk_unfreeze_step} are "
+                "two schedules for the same Q/K: choose one"
             )
         if not self.model.frozen_qk_layers and self.train.qk_unfreeze_step != -1:
             raise ConfigError(
@@ -286,18 +326,34 @@ def _cpu_preset() -> Config:
 def _medium_512_preset() -> Config:
     # the research's "Medium-512" (RESEARCH.md); lr is the baseline's, recipes set it per method.
     # eval_batches=0: every evaluation scores the whole validation split, as the research did, so
-    # best_val_ppl / final_val_ppl are the research's "final perplexity" (README, "Validation")
+    # best_val_ppl / final_val_ppl are the research's "final perplexity" (README, "Validation").
+    # At the trainer's GPU speed the protocol decides the wall time (README, "Speed on a GPU"): the
+    # whole split is scored 32 sequences per forward (4x fewer launches than at the training batch
+    # of 8), and latest.pt (539 MB with AdamW state) is written every 5 evaluations, ~30 s of GPU
+    # time at the target speed: a crash redoes at most that, a disk needs ~20 MB/s per trial
     return Config(
         ModelConfig(vocab_size=50257, n_layer=6, n_head=8, d_model=512, d_ff=2048, block_size=512, dropout=0.1),
         DataConfig(dataset="tinystories", tokenizer="gpt2"),
         TrainConfig(
             max_steps=100_000, batch_size=8, lr=3e-4, warmup_steps=1000, eval_interval=1000,
-            eval_batches=0, log_interval=100, compile="auto",
+            eval_batches=0, eval_batch_size=32, checkpoint_interval=5000, log_interval=100, compile="auto",
         ),
     )
 
 
-PRESETS = {"cpu": _cpu_preset, "medium-512": _medium_512_preset}
+def _sized(n_layer: int, n_head: int, d_model: int) -> Callable[[], Config]:
+    """Medium-512's data and training, another model size (d_ff = 4 d_model, context 512): the scaling presets."""
+    def make() -> Config:
+        c = _medium_512_preset()
+        c.model = dataclasses.replace(c.model, n_layer=n_layer, n_head=n_head, d_model=d_model, d_ff=4 * d_model)
+        return c
+    return make
+
+
+# the research's Medium-512 with a smaller (d_model 256, 4 blocks) and a larger sibling (GPT-2 small's
+# 768 / 12 blocks / 12 heads); tests/test_model.py pins their parameter counts
+PRESETS = {"cpu": _cpu_preset, "small-256": _sized(4, 4, 256), "medium-512": _medium_512_preset,
+           "large-768": _sized(12, 12, 768)}
 
 
 def preset(name: str) -> Config:

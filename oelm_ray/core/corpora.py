@@ -51,6 +51,15 @@ class Corpus:
     source: str  # hub id or file path, for meta.json
     docs: Callable[[], Iterator[tuple[str, str]]]
     val_last: bool  # val documents come after all train documents (can't stop early on train)
+    count: Callable[[], int | None] = lambda: None
+    """About how many documents docs() yields, where that is cheap to know (progress and ETA); else None."""
+    fingerprint: Callable[[], list] = lambda: []
+    """What tells this corpus's content from an edited one (local files' sizes and times): a
+    half-built copy is resumed only while it is unchanged."""
+    resume_docs: Callable[[dict | None, list], Iterator[tuple[str, str]]] | None = None
+    """Where the stream can start part-way: resume_docs(mark, marks) yields the documents after
+    `mark` (None: from the first) and appends a mark {"docs": n, ...} to `marks` whenever the next
+    document is the stream's n-th (documents counted from the stream's start)."""
 
 
 def corpus(cfg: DataConfig) -> Corpus:
@@ -64,14 +73,61 @@ def corpus(cfg: DataConfig) -> Corpus:
         spec = HUB[cfg.dataset]
         name = cfg.dataset if spec.val_split else f"{cfg.dataset}-val{cfg.val_fraction:g}"
         source = cfg.hub_dir or spec.repo + (f"/{spec.config}" if spec.config else "")
-        return Corpus(name, source, lambda: _hub_docs(cfg, spec), val_last=False)
+        return Corpus(
+            name, source, lambda: _hub_docs(cfg, spec), val_last=False, count=lambda: _hub_count(cfg, spec),
+            resume_docs=None if cfg.dataset == "wikitext103" else lambda mark, marks: _hub_docs(cfg, spec, mark, marks),
+            fingerprint=lambda: _stats(f for fs in _hub_dir_files(cfg.hub_dir, spec).values() for f in fs) if cfg.hub_dir else [],
+        )
     path = Path(cfg.dataset).expanduser().resolve()
     # the path hash keeps two files called data.txt apart
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
     return Corpus(
         f"{path.stem}-{digest}-val{cfg.val_fraction:g}", str(path),
         lambda: _local_docs(path, cfg.val_fraction), val_last=True,
+        count=lambda: _local_count(path), fingerprint=lambda: _stats([path]),
     )
+
+
+def _stats(paths: Iterable[str | Path]) -> list:
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:  # reading it says so
+            continue
+        out.append([str(p), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _parquet_rows(files: Iterable[str | Path]) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def _hub_count(cfg: DataConfig, spec: HubSpec) -> int | None:
+    """Rows of the corpus's splits: from the parquet footers of a hub_dir, else the hub's dataset info."""
+    if cfg.dataset == "wikitext103":
+        return None  # rows are lines, not the articles they are joined into
+    if cfg.hub_dir:
+        return _parquet_rows(f for fs in _hub_dir_files(cfg.hub_dir, spec).values() for f in fs)
+    import datasets  # called once documents arrived: the hub (or the cache) answers
+
+    splits = datasets.load_dataset_builder(spec.repo, spec.config).info.splits or {}
+    rows = [splits[s].num_examples for s in ("train", spec.val_split) if s and s in splits]
+    return sum(rows) or None
+
+
+def _local_count(path: Path) -> int | None:
+    if path.suffix == ".parquet":
+        return _parquet_rows([path])
+    if path.suffix == ".jsonl":
+        lines = 0
+        with open(path, "rb") as f:
+            while block := f.read(8 << 20):
+                lines += block.count(b"\n")
+        return lines
+    return None
 
 
 def iter_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
@@ -93,7 +149,11 @@ def _is_heldout(i: int, fraction: float) -> bool:
     return (i + 1) * 0.6180339887498949 % 1.0 < fraction
 
 
-def _hub_docs(cfg: DataConfig, spec: HubSpec) -> Iterator[tuple[str, str]]:
+def _hub_docs(cfg: DataConfig, spec: HubSpec, mark: dict | None = None,
+              marks: list | None = None) -> Iterator[tuple[str, str]]:
+    """The hub corpus's documents. With `marks`, a streamed split records its datasets state after
+    each batch of rows, so that a resumed prepare starts there (`mark`) instead of re-reading (for
+    a hub stream: re-downloading) everything before it; wikitext's articles span batches: no marks."""
     import datasets
 
     if cfg.hub_dir:
@@ -107,9 +167,16 @@ def _hub_docs(cfg: DataConfig, spec: HubSpec) -> Iterator[tuple[str, str]]:
     try:
         ds = datasets.load_dataset(**kwargs, streaming=stream)
         splits = [("val", ds[spec.val_split]), ("train", ds["train"])] if spec.val_split else [("train", ds["train"])]
-        i = 0
-        for split, part in splits:
-            batches = part.select_columns([spec.text_field]).iter(batch_size=1000)
+        i = n = mark["docs"] if mark else 0  # held-out counter; documents from the stream's start
+        for k, (split, part) in enumerate(splits):
+            if mark and k < mark["split"]:
+                continue
+            view = part.select_columns([spec.text_field])
+            if mark and k == mark["split"]:
+                view.load_state_dict(mark["state"])
+            batches = view.iter(batch_size=1000)
+            if marks is not None and hasattr(view, "state_dict"):
+                batches = _marking(batches, spec.text_field, view, k, n, marks)
             lines = (text for batch in batches for text in batch[spec.text_field])
             texts = _wikitext_articles(lines) if cfg.dataset == "wikitext103" else lines
             for text in texts:
@@ -118,9 +185,20 @@ def _hub_docs(cfg: DataConfig, spec: HubSpec) -> Iterator[tuple[str, str]]:
                 if spec.val_split is None:
                     split = "val" if _is_heldout(i, cfg.val_fraction) else "train"
                     i += 1
+                n += 1
                 yield split, text
     except (ConnectionError, OSError, ValueError) as e:
-        raise DataError(f"could not read {cfg.dataset} ({kwargs['path']}): {e}. {_hub_help(cfg)}") from e
+        # chained, the error is retried when it is a network one; offline, retrying can't help
+        cause = None if datasets.config.HF_HUB_OFFLINE and not cfg.hub_dir else e
+        raise DataError(f"could not read {cfg.dataset} ({kwargs['path']}): {e}. {_hub_help(cfg)}") from cause
+
+
+def _marking(batches: Iterator[dict], field: str, view: Any, k: int, n: int, marks: list) -> Iterator[dict]:
+    # a batch's state is the position after it: the documents its non-empty rows become come first
+    for batch in batches:
+        n += sum(1 for t in batch[field] if t.strip())
+        marks.append({"docs": n, "split": k, "state": view.state_dict()})
+        yield batch
 
 
 def _wikitext_articles(lines: Iterable[str]) -> Iterator[str]:

@@ -127,8 +127,12 @@ class GPT(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, vocab); with targets, also the mean cross-entropy loss."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        """(logits (B, T, vocab), the mean cross-entropy loss or None without targets).
+
+        reduction="sum" (evaluation): (None, the summed cross-entropy over every target): the
+        logits are not returned, so a compiled or CUDA-graphed forward keeps only a scalar.
+        """
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size={self.cfg.block_size}")
@@ -139,8 +143,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        return (None, loss) if reduction == "sum" else (logits, loss)
 
 
 def _init_weights(m: nn.Module) -> None:

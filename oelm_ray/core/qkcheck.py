@@ -5,7 +5,9 @@ with the digest (sha256 of its bytes) it had at init, which the checkpoint keeps
 
 - a block whose Q/K are frozen now must be bit-identical to its init;
 - a block whose Q/K have trained (the baseline's, blocks above `qk_freeze_layers`, every frozen
-  block once `qk_unfreeze_step` has passed) must have moved from it.
+  block once `qk_unfreeze_step` has passed, or once its first `qk_update_every` update is done) must
+  have moved from it;
+- periodic Q/K (`qk_update_every`) must still be exactly what their last update left.
 
 A violation (a frozen tensor that an optimizer reached, a compiled graph that kept Q/K frozen after
 an unfreeze) stops the run with `QKCheckError` naming the blocks; the run's summary says so, and its
@@ -48,23 +50,38 @@ def trained_steps(cfg: Config, block: int, step: int) -> int:
     """
     if block not in cfg.model.frozen_qk_layers:
         return step
+    if cfg.train.qk_update_every:  # updated on steps N-1, 2N-1, ... (0-based)
+        return step // cfg.train.qk_update_every
     u = cfg.train.qk_unfreeze_step
     return max(0, step - u) if u != -1 else 0
 
 
-def check_qk(model, cfg: Config, init: list[str], step: int, fp16: bool = False) -> str:
-    """'ok', or raise QKCheckError naming the blocks whose Q/K broke the method's rule at `step`."""
+def check_qk(model, cfg: Config, init: list[str], step: int, fp16: bool = False,
+             since_update: list[torch.Tensor] | None = None) -> str:
+    """'ok', or raise QKCheckError naming the blocks whose Q/K broke the method's rule at `step`.
+
+    `since_update` (qk_update_every): the periodic Q/K as their last update left them; they must
+    still be exactly that, i.e. nothing changed them on the steps in between.
+    """
     now = qk_digests(model.qk_params().values())
     changed_frozen, unchanged_trained = [], []
+    drifted = []
+    if since_update is not None:
+        for i, snap in zip(cfg.model.frozen_qk_layers, since_update):
+            if not torch.equal(model.transformer.h[i].attn.c_qk.weight.detach(), snap):
+                drifted.append(i)
     for i, (a, b) in enumerate(zip(init, now)):
         n = trained_steps(cfg, i, step)
         if n == 0 and a != b:
             changed_frozen.append(i)
         elif n >= (SCALER_GRACE_STEPS if fp16 else 1) and a == b:
             unchanged_trained.append(i)
-    if not changed_frozen and not unchanged_trained:
+    if not changed_frozen and not unchanged_trained and not drifted:
         return "ok"
     parts = []
+    if drifted:
+        parts.append(f"Q/K of block(s) {_blocks(drifted)} changed on a step that was no update step "
+                     f"(qk_update_every={cfg.train.qk_update_every})")
     if changed_frozen:
         parts.append(f"Q/K of block(s) {_blocks(changed_frozen)} should be frozen ({cfg.model.method}) but changed since init")
     if unchanged_trained:

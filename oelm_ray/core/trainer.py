@@ -1,9 +1,11 @@
 """The training loop: runs on its own (`oelm-ray train`) and inside a Ray trial alike.
 
 `train(config, out_dir, report=...)` trains one model and calls `report(metrics)` at every
-evaluation, after `latest.pt` (and `best.pt` when the val loss improved) has been written. The
-checkpoint holds model, optimizer, step, RNG and data-sampler state, so a run resumed from it
-produces exactly the losses of one never interrupted (bit-for-bit on CPU).
+evaluation, after that evaluation's files are written: `latest.pt` where
+`TrainConfig.checkpoints_at(step)` (every checkpoint_interval steps and at the last), `best.pt`
+when the val loss improved. latest.pt holds model, optimizer, step, RNG and data-sampler state, so
+a run resumed from it redoes the evaluations after it and produces exactly the losses of one never
+interrupted (bit-for-bit on CPU).
 
 Speed notes (README, "Speed on a GPU"): no host sync per step (the loss is accumulated on the
 device and read at log and eval points only). On CUDA: the step compiled with CUDA graphs
@@ -101,21 +103,22 @@ def windows(tokens: np.ndarray, starts: list[int], T: int) -> tuple[torch.Tensor
 
 
 def eval_batches(val: np.ndarray, cfg: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The validation set every evaluation scores, in a fixed order.
+    """The validation set every evaluation scores, in a fixed order, eval_batch_size windows a batch.
 
-    eval_batches > 0: that many batches of windows drawn once from EVAL_SEED (a sample).
+    eval_batches > 0: eval_batches x batch_size windows drawn once from EVAL_SEED (a sample).
     eval_batches = 0: the whole split, the research's definition: consecutive windows of
-    block_size targets, batch_size at a time, then one shorter window for the remainder, so every
-    token after the first is predicted exactly once.
+    block_size targets, then one shorter window for the remainder, so every token after the first
+    is predicted exactly once. Which windows are scored does not depend on eval_batch_size (it
+    only groups them into forward passes), nor does the val loss: their token-weighted mean.
     """
-    T, B = cfg.model.block_size, cfg.train.batch_size
+    T, B = cfg.model.block_size, cfg.train.eval_batch
     if len(val) <= T + 1:
         raise ConfigError(f"the validation split has {len(val)} tokens, fewer than block_size+2={T + 2}")
     if cfg.train.eval_batches == 0:
         return list(_whole_split(val, T, B))
     gen = torch.Generator().manual_seed(EVAL_SEED)
-    starts = torch.randint(len(val) - T - 1, (cfg.train.eval_batches, B), generator=gen).tolist()
-    return [windows(val, row, T) for row in starts]
+    starts = torch.randint(len(val) - T - 1, (cfg.train.eval_batches, cfg.train.batch_size), generator=gen).reshape(-1).tolist()
+    return [windows(val, starts[i : i + B], T) for i in range(0, len(starts), B)]
 
 
 def _whole_split(val: np.ndarray, T: int, B: int):
@@ -149,46 +152,83 @@ def build_optimizer(model: GPT, cfg: Config, device: torch.device, qk_unfrozen: 
                     fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over trainable parameters only: matrices decay, norms and biases do not, Q/K get lr_mult.
 
-    The groups follow the policy, not the current requires_grad flags; `qk_unfrozen` adds the group
-    the policy's frozen Q/K join at their unfreeze, last, as `TrainStep.unfreeze_qk` does: a resumed
-    run passes what its checkpoint's optimizer holds (`qk_unfrozen_in`), so the groups match.
+    The groups follow the policy, not the current requires_grad flags: the policy's frozen Q/K are
+    left out, or with `qk_update_every` form the `qk_periodic` groups; `qk_unfrozen` adds the groups
+    the frozen Q/K join at their unfreeze, last, as `TrainStep.unfreeze_qk` does: a resumed run passes
+    what its checkpoint's optimizer holds (`qk_unfrozen_in`), so the groups match. With
+    `lr_layer_decay` != 1 every kind splits by layer (`decay.h0`, ...), each with its rate multiplier.
     `fused` (default: on CUDA) is the fused AdamW, whose `TrainStep` keeps the lr as a device tensor.
     """
     frozen_qk = {id(model.transformer.h[i].attn.c_qk.weight) for i in cfg.model.frozen_qk_layers}
     qk = {id(p) for p in model.qk_params().values()}
-    groups: dict[str, list] = {"decay": [], "no_decay": [], "qk": []}
+    kinds: dict[str, list] = {"decay": [], "no_decay": [], "qk": [], "qk_periodic": []}
     seen: set[int] = set()
     for p in model.parameters():
-        if id(p) in seen or id(p) in frozen_qk:  # tied weights appear once; frozen Q/K never
+        if id(p) in seen or (id(p) in frozen_qk and not cfg.train.qk_update_every):  # tied weights once; frozen Q/K never
             continue
         seen.add(id(p))
-        groups["qk" if id(p) in qk else "decay" if p.dim() >= 2 else "no_decay"].append(p)
-    t = cfg.train
-    spec = {"decay": (t.weight_decay, 1.0), "no_decay": (0.0, 1.0), "qk": (t.weight_decay, t.qk_lr_mult)}
-    param_groups = [
-        {"params": ps, "weight_decay": spec[name][0], "lr_mult": spec[name][1], "name": name}
-        for name, ps in groups.items()
-        if ps
-    ]
+        kind = ("qk_periodic" if id(p) in frozen_qk else "qk") if id(p) in qk else "decay" if p.dim() >= 2 else "no_decay"
+        kinds[kind].append(p)
+    param_groups = [g for kind, ps in kinds.items() for g in _groups(model, cfg, kind, ps)]
     if qk_unfrozen:
-        param_groups.append(qk_unfrozen_group(model, cfg))
+        param_groups += qk_unfrozen_groups(model, cfg)
+    t = cfg.train
     fused = device.type == "cuda" if fused is None else fused
     return torch.optim.AdamW(param_groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
 
 
-def qk_unfrozen_group(model: GPT, cfg: Config) -> dict:
-    """The optimizer group that the policy's frozen Q/K join once they are unfrozen."""
-    params = [model.transformer.h[i].attn.c_qk.weight for i in cfg.model.frozen_qk_layers]
-    return {"params": params, "weight_decay": cfg.train.weight_decay, "lr_mult": cfg.train.qk_lr_mult, "name": "qk_unfrozen"}
+def qk_unfrozen_groups(model: GPT, cfg: Config) -> list[dict]:
+    """The optimizer groups that the policy's frozen Q/K join once they are unfrozen."""
+    return _groups(model, cfg, "qk_unfrozen", [model.transformer.h[i].attn.c_qk.weight for i in cfg.model.frozen_qk_layers])
+
+
+def layer_lr_mults(model: GPT, cfg: Config) -> dict[int, tuple[str, float]]:
+    """id(parameter) -> (its layer, lr_layer_decay's multiplier for it).
+
+    Block i of L: decay^(L-1-i), the top block at 1; the embeddings (the token embedding is tied to
+    the LM head) below the first block, decay^L; the final LayerNorm on top, 1.
+    """
+    d, L = cfg.train.lr_layer_decay, cfg.model.n_layer
+    out = {id(p): ("top", 1.0) for p in model.transformer.ln_f.parameters()}
+    for name in ("wte", "wpe"):
+        out[id(model.transformer[name].weight)] = ("embed", d**L)
+    for i, block in enumerate(model.transformer.h):
+        out.update({id(p): (f"h{i}", d ** (L - 1 - i)) for p in block.parameters()})
+    return out
+
+
+def _groups(model: GPT, cfg: Config, kind: str, params: list) -> list[dict]:
+    """One optimizer group of `kind` (decay, no_decay, qk, qk_periodic, qk_unfrozen), or one per layer under lr_layer_decay."""
+    t = cfg.train
+    wd = 0.0 if kind == "no_decay" else t.weight_decay
+    mult = t.qk_lr_mult if kind.startswith("qk") else 1.0
+    if t.lr_layer_decay == 1.0:
+        return [{"params": params, "weight_decay": wd, "lr_mult": mult, "name": kind}] if params else []
+    layers = layer_lr_mults(model, cfg)
+    by_layer: dict[str, list] = {}
+    for p in params:
+        by_layer.setdefault(layers[id(p)][0], []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_mult": mult * layers[id(ps[0])][1], "name": f"{kind}.{layer}"}
+            for layer, ps in by_layer.items()]
 
 
 def qk_unfrozen_in(optimizer_state: dict) -> bool:
-    """Whether a saved optimizer state holds the unfrozen Q/K's group.
+    """Whether a saved optimizer state holds the unfrozen Q/K's groups.
 
     The checkpoint of step `qk_unfreeze_step` is written before the loop unfreezes (at the top of the
     next step), so the step number alone does not say; the optimizer's own groups do.
     """
-    return any(g.get("name") == "qk_unfrozen" for g in optimizer_state["param_groups"])
+    return any(_is_unfrozen(g) for g in optimizer_state["param_groups"])
+
+
+def _is_unfrozen(group: dict) -> bool:
+    return str(group.get("name", "")).split(".")[0] == "qk_unfrozen"
+
+
+def qk_update_at(step: int, cfg: Config) -> bool:
+    """Whether step `step` (0-based) updates the periodic Q/K: the N-th, 2N-th, ... step of the run."""
+    n = cfg.train.qk_update_every
+    return bool(n) and (step + 1) % n == 0
 
 
 def qk_init_name(cfg: Config) -> str:
@@ -296,6 +336,7 @@ class TrainStep:
         self._set_lr_types()
         self.compiles = 0  # how often the step was (re)compiled: once, plus once per Q/K unfreeze
         self.eval_failed = False  # a compiled evaluation failed once: evaluations run eager from then on
+        self.qk_update = True  # qk_update_every: whether this step updates the periodic Q/K (the loop sets it)
         self._build()
         self.describe = f"training step: {'torch.compile(mode=' + repr(self.mode) + ')' if self.mode else 'eager'} ({why})"
 
@@ -314,6 +355,7 @@ class TrainStep:
             self.compiled = self.raw
         self.model = _ddp(self.compiled, self.device) if self.world > 1 else self.compiled
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.periodic = [p for g in self.optimizer.param_groups if g["name"].startswith("qk_periodic") for p in g["params"]]
         self.unproven = GUARDED_STEPS if self.mode else 0
         self.eval_compiled, self.eval_proven = self.mode is not None and not self.eval_failed, False
 
@@ -348,20 +390,21 @@ class TrainStep:
     @property
     def qk_unfrozen(self) -> bool:
         """Whether the policy's frozen Q/K have joined the optimizer (`unfreeze_qk`, or a resumed run's groups)."""
-        return any(g["name"] == "qk_unfrozen" for g in self.optimizer.param_groups)
+        return any(_is_unfrozen(g) for g in self.optimizer.param_groups)
 
     def unfreeze_qk(self) -> None:
         """Frozen Q/K train from now on: they join the optimizer, and the step is compiled afresh."""
         self.raw.set_qk_trainable(True)
-        self.optimizer.add_param_group(qk_unfrozen_group(self.raw, self.cfg))
+        for group in qk_unfrozen_groups(self.raw, self.cfg):
+            self.optimizer.add_param_group(group)
         self._set_lr_types()
         self._build()  # also rebuilds DDP, which fixes its parameter set when built
 
-    def _forward(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _forward(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         if self.mode == "reduce-overhead" and model is not self.raw:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
         with self._autocast():
-            return model(x, y)[1]
+            return model(x, y, reduction=reduction)[1]
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
@@ -391,6 +434,11 @@ class TrainStep:
                 self.mode = None
                 self._build()
                 loss = self._forward_backward(x, y)
+        if self.periodic and not self.qk_update:
+            # not an update step: the periodic Q/K's gradients are dropped before clipping, so AdamW skips
+            # them (moments and step count stand still) and the clip norm is over what updates
+            for p in self.periodic:
+                p.grad = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if self.cfg.train.grad_clip > 0:
@@ -404,7 +452,11 @@ class TrainStep:
         return loss.detach()
 
     def evaluate(self, val_set: list[tuple[torch.Tensor, torch.Tensor]], val_tokens: int) -> float:
-        """Mean loss per scored token over the validation set (one host sync)."""
+        """Mean loss per scored token over the validation set (one host sync).
+
+        Each forward returns only its summed loss (no logits kept); the sums are added in float64,
+        so the result is the token-weighted mean whatever the batches' sizes.
+        """
         self.model.eval()
         try:
             if self.eval_compiled and not self.eval_proven:  # the first compiled evaluation may fail to compile
@@ -422,12 +474,12 @@ class TrainStep:
     def _score(self, val_set: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Summed loss over the scored tokens: compiled (if `eval_compiled`) for the main batch shape."""
         main_shape = val_set[0][0].shape
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for x, y in val_set:
                 # the whole split's last, smaller batches run uncompiled: no recompile for two shapes
                 m = self.compiled if self.eval_compiled and x.shape == main_shape else self.raw
-                total += self._forward(m, x, y).float() * y.numel()
+                total += self._forward(m, x, y, reduction="sum")
         return total.item()
 
 
@@ -474,12 +526,16 @@ def train(
         while run.step < t.max_steps:
             if qk_unfrozen_at(run.step, cfg) and not run.trainer.qk_unfrozen:
                 run.trainer.unfreeze_qk()
+                interval.rewarm()  # the step recompiles
                 log(f"step {run.step}: Q/K unfrozen in {len(cfg.model.frozen_qk_layers)} block(s)"
                     + ("; the training step is compiled afresh" if run.trainer.mode else ""))
             lr = lr_at(run.step, cfg)
             run.trainer.set_lr(lr)
+            run.trainer.qk_update = qk_update_at(run.step, cfg)
             x, y = run.batches.next()
             interval.add(run.trainer(x, y))
+            if run.trainer.periodic and run.trainer.qk_update:  # what the Q/K check holds them to until the next update
+                run.qk_since_update = [p.detach().clone() for p in run.trainer.periodic]
             run.writer.poll()  # a background checkpoint that has landed: its report goes out now
             run.step += 1
             run.tokens += run.tok_per_step
@@ -491,7 +547,7 @@ def train(
                     log(f"step {run.step}: training loss is {train_loss}: the run diverged; stopping")
                     break
                 if run.step % t.log_interval == 0:
-                    dt = interval.seconds() / interval.steps
+                    dt = interval.step_time()
                     log(f"step {run.step}/{t.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/step | {run.tok_per_step / dt:,.0f} tok/s")
             if not is_eval:
                 continue
@@ -534,6 +590,7 @@ class Run:
     writer: CheckpointWriter
     qk_init: list[str]  # each block's Q/K digest at init (qkcheck), kept in every checkpoint
     qk_check: str = "not checked yet"  # the last checkpoint's Q/K check: "ok", or what failed
+    qk_since_update: list[torch.Tensor] | None = None  # qk_update_every: the periodic Q/K after their last update
     step: int = 0  # optimizer steps taken
     tokens: int = 0  # training tokens seen (global batch)
     best_val: float = math.inf
@@ -554,17 +611,49 @@ class Run:
         return self.elapsed + time.perf_counter() - self.t0
 
 
+WARMUP_STEPS = GUARDED_STEPS  # the steps after a (re)compile: compiling, recording CUDA graphs
+"""Steps after the start of a process and after every (re)compile that an interval's speed leaves
+out: they compile the step and record its CUDA graphs (seconds each on a GPU), or warm the allocator."""
+
+
 class Interval:
-    """The training since the last evaluation: losses summed on the device, step count, start time."""
+    """The training since the last evaluation: losses summed on the device, step count, timing.
+
+    Its speed is steady-state: the clock of `step_time` starts after the first `WARMUP_STEPS` steps
+    of a process (and again after a recompile, `rewarm`), with one device sync there. An interval
+    that ends inside its warm-up is timed over all its steps and says so (`warmup`).
+    """
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.loss_sum = torch.zeros((), device=device)
         self.steps = 0
         self.start = time.perf_counter()
+        self.rewarm()
+
+    def rewarm(self) -> None:
+        """The next WARMUP_STEPS steps compile or warm up: leave them out of the timing."""
+        self.untimed = self.steps + WARMUP_STEPS
+        self.timed_start = None
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss  # no host sync
         self.steps += 1
+        if self.steps == self.untimed:  # warm-up done: the steady-state clock starts once its work has run
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.timed_start = time.perf_counter()
+
+    @property
+    def warmup(self) -> bool:
+        """Whether this interval's timing includes warm-up steps (it ended before they were over)."""
+        return self.timed_start is None or self.steps == self.untimed
+
+    def step_time(self) -> float:
+        """Seconds per step, steady-state: warm-up steps left out (all steps where `warmup`)."""
+        if self.warmup:
+            return self.seconds() / self.steps
+        return (time.perf_counter() - self.timed_start) / (self.steps - self.untimed)
 
     def mean_loss(self, world: int) -> float:
         if world > 1:  # the global batch's mean loss, as one process would see it
@@ -577,8 +666,10 @@ class Interval:
 
     def reset(self) -> None:
         self.loss_sum.zero_()
+        self.untimed = max(0, self.untimed - self.steps)  # a warm-up this interval did not finish goes on
         self.steps = 0
         self.start = time.perf_counter()
+        self.timed_start = None if self.untimed else self.start
 
 
 def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Callable[[str], None],
@@ -603,6 +694,8 @@ def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Call
     torch.manual_seed(t.seed)
     model = GPT(cfg.model)
     qk_init = qk_digests(model.qk_params().values())  # a resumed run checks against the digest its first process took
+    if t.qk_update_every:  # periodic Q/K get a gradient every step; the step drops it where it is no update step
+        model.set_qk_trainable(True)
     counts = model.param_counts()  # as the run starts (Q/K frozen), also when it resumes after an unfreeze
     batches = Batches(Sampler(data.train, cfg.model.block_size, t.batch_size, seed=t.seed), device, rank, world)
     val_set = eval_batches(data.val, cfg)
@@ -635,8 +728,11 @@ def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Call
     log(trainer.describe)
     if background is None:
         background = device.type == "cuda" and world == 1
-    return Run(cfg, out, device, amp_dtype, rank, world, model, trainer, batches, val_set,
-               scored_tokens(val_set), counts, CheckpointWriter(background), qk_init, **state)
+    run = Run(cfg, out, device, amp_dtype, rank, world, model, trainer, batches, val_set,
+              scored_tokens(val_set), counts, CheckpointWriter(background), qk_init, **state)
+    if trainer.periodic:  # as loaded: the checkpoint's own Q/K check found them as their last update left them
+        run.qk_since_update = [p.detach().clone() for p in trainer.periodic]
+    return run
 
 
 def _checkpoint_to_resume(out: Path, cfg: Config) -> dict:
@@ -660,6 +756,7 @@ def evaluate(run: Run, interval: Interval, train_loss: float, lr: float) -> dict
         torch.cuda.synchronize()
     interval_s = interval.seconds()
     run.train_time += interval_s
+    step_s = interval.step_time()  # steady-state: compiling and warm-up left out (unless `warmup`)
     t_eval = time.perf_counter()
     val_loss = run.trainer.evaluate(run.val_set, run.val_tokens)
     eval_s = time.perf_counter() - t_eval
@@ -671,8 +768,9 @@ def evaluate(run: Run, interval: Interval, train_loss: float, lr: float) -> dict
         "val/ppl": math.exp(val_loss),
         "val/best_ppl": math.exp(min(run.best_val, val_loss)),
         "lr": lr,
-        "step_time_s": interval_s / interval.steps,
-        "tokens_per_s": run.tok_per_step * interval.steps / interval_s,
+        "step_time_s": step_s,
+        "tokens_per_s": run.tok_per_step / step_s,
+        "warmup": int(interval.warmup),  # 1: this interval was too short to time without its warm-up steps
         "eval_time_s": eval_s,
         "val/tokens": run.val_tokens,
         "wall_time_s": run.wall(),
@@ -682,25 +780,32 @@ def evaluate(run: Run, interval: Interval, train_loss: float, lr: float) -> dict
 
 
 def checkpoint(run: Run, metrics: dict[str, Any], report: Report | None) -> None:
-    """The Q/K check, this evaluation's metrics row, latest.pt (best.pt when val improved), then the report.
+    """The Q/K check, this evaluation's metrics row, latest.pt where `checkpoints_at` says so, best.pt
+    when val improved, then the report.
 
     A failed Q/K check (`QKCheckError`) comes first: nothing of that state is written or reported.
-    The report follows a complete latest.pt: at once when writing inline, else when the background
-    write lands. Rank 0 writes; the other ranks hold identical weights.
+    The report follows this evaluation's files (and every earlier report): at once when writing
+    inline, else when the background write lands. Rank 0 writes; the other ranks hold identical
+    weights. An evaluation without a latest.pt is redone by a run resumed from the one before it.
     """
-    run.qk_check = metrics["qk_check"] = check_qk(run.model, run.cfg, run.qk_init, run.step, fp16=run.trainer.scaler is not None)
+    run.qk_check = metrics["qk_check"] = check_qk(run.model, run.cfg, run.qk_init, run.step, fp16=run.trainer.scaler is not None,
+                                                  since_update=run.qk_since_update)
     after = (lambda m=metrics: report(m)) if report is not None else None
     if run.rank == 0:
         _append_jsonl(run.metrics_path, metrics)
-        save(run, metrics["val/loss"], after)
+        save(run, metrics["val/loss"], after, latest=run.cfg.train.checkpoints_at(run.step))
     else:
         run.best_val = min(run.best_val, metrics["val/loss"])
         if after is not None:
             after()
 
 
-def save(run: Run, val_loss: float, after: Callable[[], None] | None) -> None:
-    """latest.pt (and best.pt when val improved), then `after` once they are on disk."""
+def save(run: Run, val_loss: float, after: Callable[[], None] | None, latest: bool = True) -> None:
+    """latest.pt (if `latest`) and best.pt (weights only, when val improved), then `after` once they are on disk."""
+    improved = val_loss < run.best_val
+    if not latest and not improved:
+        run.writer.save([], after)
+        return
     payload = {
         "format": 1,
         "config": run.cfg.to_dict(),
@@ -718,22 +823,32 @@ def save(run: Run, val_loss: float, after: Callable[[], None] | None) -> None:
         "elapsed_s": run.wall(),
         "train_time_s": run.train_time,
     }
+    if not latest:  # best.pt alone: copy (background) and write only the weights
+        payload = {k: payload[k] for k in ("format", "config", "step", "tokens", "model")}
     if run.writer.background:  # a device-to-host copy now; the file is written while training goes on
         payload = host_copy(payload)
     files = []
-    if val_loss < run.best_val:
+    if improved:
         run.best_val = val_loss
         best = {k: payload[k] for k in ("format", "config", "step", "tokens", "model")} | {"val_loss": val_loss}
         files.append((run.out / "best.pt", best))
-    files.append((run.out / "latest.pt", payload))
+    if latest:
+        files.append((run.out / "latest.pt", payload))
     run.writer.save(files, after)
 
 
 def finish(run: Run, status: str, report: Report | None, log: Callable[[str], None]) -> dict[str, Any]:
-    """The summary: written to summary.json (rank 0), logged and returned; a diverged run reports it."""
+    """The summary: written to summary.json (rank 0), logged and returned; a diverged run reports it.
+
+    Speed: `tokens_per_s` is steady-state, the global batch's tokens over the evaluation intervals'
+    steady-state step times (`step_time_s`: compiling and warm-up steps left out) weighted by their
+    steps; `train_time_s` is the wall time spent training, warm-up included, and `warmup_s` what
+    the warm-up steps cost beyond steady state.
+    """
     cfg, t = run.cfg, run.cfg.train
     wall = run.wall()
     history = read_metrics(run.metrics_path)
+    steady_s = sum(h["step_time_s"] * (h["step"] - prev["step"]) for prev, h in zip([{"step": 0}] + history, history))
     best_ppl = math.exp(run.best_val) if math.isfinite(run.best_val) else math.nan
     counts = run.counts
     summary = {
@@ -749,12 +864,14 @@ def finish(run: Run, status: str, report: Report | None, log: Callable[[str], No
         "total_wall_time": wall,
         "train_time_s": run.train_time,
         "mean_step_time": run.train_time / run.step if run.step else math.nan,
-        "tokens_per_s": run.tokens / run.train_time if run.train_time else math.nan,
+        "tokens_per_s": run.tok_per_step * history[-1]["step"] / steady_s if steady_s else math.nan,
+        "warmup_s": max(0.0, run.train_time - steady_s) if history else math.nan,
         "eval_time_s": sum(h["eval_time_s"] for h in history),
         "trainable_params": counts["trainable"],
         "frozen_param_count": counts["frozen"],
         "total_params": counts["total"],
         "frozen_params": run.model.frozen_param_names(),
+        "lr_mults": {g["name"]: g["lr_mult"] for g in run.trainer.optimizer.param_groups},
         "qk_check": run.qk_check,
         "val_tokens": run.val_tokens,
         "val_scope": "whole split" if t.eval_batches == 0 else f"{t.eval_batches} sampled batches",

@@ -185,7 +185,7 @@ class SyncHalving(FIFOScheduler):
 
     Unlike ASHA (asynchronous), no trial passes a rung before the whole field is known, so which
     candidates survive and what the search costs do not depend on the order trials start in.
-    Paused trials resume from their checkpoint (taken at every evaluation), bit-for-bit. Like Ray's
+    Paused trials resume from their checkpoint (the rungs sit on checkpoint steps), bit-for-bit. Like Ray's
     HyperBandScheduler, it stops paused losers through the controller it is handed. A trial that
     ends before a rung (diverged) counts there as the worst.
     """
@@ -295,9 +295,13 @@ def trial_steps(records: list[dict]) -> int:
 
 
 def budget(sw: Sweep, exp: Experiment) -> tuple[int, int]:
-    """(max_steps, eval_interval) of an experiment under the sweep's common overrides."""
+    """(max_steps, the step grid of its rungs) of an experiment under the sweep's common overrides.
+
+    The grid is the checkpoint steps (`checkpoint_every`: the eval interval unless checkpoint_interval
+    is larger), so a trial paused at a rung resumes from a latest.pt of that very step.
+    """
     cfg = _one_config(sw, exp)
-    return cfg.train.max_steps, cfg.train.eval_interval
+    return cfg.train.max_steps, cfg.train.checkpoint_every
 
 
 def _one_config(sw: Sweep, exp: Experiment):

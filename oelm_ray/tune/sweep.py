@@ -23,7 +23,7 @@ import ray
 from ray import tune
 
 from .. import results
-from ..core.config import ConfigError, field_sections
+from ..core.config import Config, ConfigError, field_sections
 from ..core.experiments import Experiment
 from ..core.io import write_json
 from .recorder import Recorder
@@ -169,6 +169,7 @@ def check_run_dir(sweep: Sweep, trials: list[TrialSpec] | None = None) -> bool:
             "(nothing was touched)"
         )
     new = sweep.identity(trials)
+    old = _with_new_fields(old)
     if old != new:
         diffs = [k for k in sorted(set(old) | set(new)) if k != "trials" and old.get(k) != new.get(k)]
         if old.get("trials") != new.get("trials"):
@@ -178,6 +179,20 @@ def check_run_dir(sweep: Sweep, trials: list[TrialSpec] | None = None) -> bool:
             "run the same command to resume it, or choose another --name (nothing was touched)"
         )
     return True
+
+
+def _with_new_fields(old: dict) -> dict:
+    """A stored identity with every config field added since it was written, at its default.
+
+    A sweep started before a field existed ran with what its default now says, so it is the same
+    sweep as one that leaves the field at its default; one that sets the field is another sweep.
+    """
+    defaults = Config().to_dict()
+    for t in old.get("trials") or []:
+        for sec, part in (t.get("config") or {}).items():
+            for k, v in defaults.get(sec, {}).items():
+                part.setdefault(k, v)
+    return old
 
 
 def _trial_diffs(old: list[dict], new: list[dict]) -> list[str]:
@@ -205,7 +220,7 @@ def prepare_datasets(trials: list[TrialSpec]) -> None:
         key = json.dumps(t.config.to_dict()["data"], sort_keys=True)
         if key not in seen:
             seen.add(key)
-            meta = prepare(t.config.data)
+            meta = prepare(t.config.data, log=lambda line: print(f"data: {line}", flush=True))
             print(f"data: {t.config.data.dataset} ({t.config.data.tokenizer}) ready: {meta['train_tokens']:,} train tokens", flush=True)
 
 

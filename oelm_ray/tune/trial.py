@@ -5,7 +5,10 @@ Tune's param space under "trial"; a search's sampled values already in place). `
 it back; the trial, the Recorder and the W&B logger all read that one copy.
 
 `trainable` turns the trainer's report callback into `tune.report(metrics, checkpoint=...)` and
-restores a retried trial from `tune.get_checkpoint()`.
+restores a retried trial from `tune.get_checkpoint()`. A report carries a Tune checkpoint only
+where the trainer wrote latest.pt (`TrainConfig.checkpoints_at`); the others are plain results,
+which a trial restored from the checkpoint before them redoes and reports again (as Tune expects
+of a trainable that checkpoints less often than it reports).
 """
 
 from __future__ import annotations
@@ -88,6 +91,9 @@ def trainable(config: dict) -> None:
 
     def report(metrics: dict) -> None:
         # a data-parallel trial's rank 0 reports the GPUs its workers hold
+        if not wrote_latest(cfg.train, metrics):  # latest.pt is older: a restore resumes from there
+            tune.report({"node": node, "node_id": node_id, "gpu": gpu, **metrics})
+            return
         with _checkpoint_dir(out, in_storage, metrics["step"]) as ckpt_dir:
             tune.report({"node": node, "node_id": node_id, "gpu": gpu, **metrics},
                         checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
@@ -95,9 +101,8 @@ def trainable(config: dict) -> None:
     if resume:
         # evaluations the state holds but Tune never heard of (the trial died between writing its
         # state and reporting, or Tune's experiment state is older): report them first, in order
-        for metrics in read_metrics(out / "metrics.jsonl"):
-            if metrics["step"] > known_step:
-                report(metrics)
+        for metrics in replayed(read_metrics(out / "metrics.jsonl"), known_step, cfg.train):
+            report(metrics)
 
     with open(out / "train.log", "a") as logf:  # the research's training.log; `oelm-ray status` is the live view
         def log(line: str) -> None:
@@ -110,6 +115,18 @@ def trainable(config: dict) -> None:
             train_ddp(cfg.to_dict(), out, report=report, resume=resume, log=log, **config["ddp"])
         else:
             train(cfg, out, report=report, resume=resume, data=data, log=log)
+
+
+def wrote_latest(train_cfg, metrics: dict) -> bool:
+    """Whether the evaluation these metrics come from wrote latest.pt (a diverged run's last report did not)."""
+    return not metrics.get("diverged") and train_cfg.checkpoints_at(metrics["step"])
+
+
+def replayed(rows: list[dict], known_step: int, train_cfg) -> list[dict]:
+    """The metrics rows to report again on resume: after the last step Tune knows of, up to the last
+    one that wrote latest.pt (the resume point; the trainer redoes and reports the rows after it)."""
+    resume_at = max((r["step"] for r in rows if wrote_latest(train_cfg, r)), default=0)
+    return [r for r in rows if known_step < r["step"] <= resume_at]
 
 
 def trial_device(want: str, gpu_ids: list, visible: str | None) -> str:
