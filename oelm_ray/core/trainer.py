@@ -334,7 +334,6 @@ class TrainStep:
         self.mode, why = resolve_compile(cfg, device, world)
         self.tensor_lr = bool(optimizer.defaults.get("fused"))  # fused AdamW takes lr as a device tensor
         self._set_lr_types()
-        self.compiles = 0  # how often the step was (re)compiled: once, plus once per Q/K unfreeze
         self.eval_failed = False  # a compiled evaluation failed once: evaluations run eager from then on
         self.qk_update = True  # qk_update_every: whether this step updates the periodic Q/K (the loop sets it)
         self._build()
@@ -350,7 +349,6 @@ class TrainStep:
         if self.mode:
             torch._dynamo.reset()  # also the CUDA graph trees of the old graphs
             self.compiled = torch.compile(self.raw, mode=self.mode, dynamic=False)
-            self.compiles += 1
         else:
             self.compiled = self.raw
         self.model = _ddp(self.compiled, self.device) if self.world > 1 else self.compiled
