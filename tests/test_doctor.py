@@ -29,8 +29,8 @@ def test_torch_build_pick_follows_the_driver_table():
     assert T.min_driver_for_cuda("12.6") == "560.28.03" and T.min_driver_for_cuda("10.2") is None
 
 
-def test_readme_lists_every_torch_build_with_its_driver():
-    readme = (ROOT / "README.md").read_text()
+def test_docs_list_every_torch_build_with_its_driver():
+    readme = (ROOT / "docs" / "cluster.md").read_text()
     for tag, (cuda, driver) in T.BUILDS.items():
         assert re.search(rf"\| `{tag}` \| {re.escape(cuda)} \| >= {re.escape(driver)} \|", readme), tag
 

@@ -16,8 +16,8 @@ def test_ci_runs_the_readme_test_command():
     assert ci == blocks[1].strip()
 
 
-def test_readme_options_table_is_current():
-    assert options_markdown() in (ROOT / "README.md").read_text()
+def test_docs_options_table_is_current():
+    assert options_markdown() in (ROOT / "docs" / "options.md").read_text()
 
 
 def _imports(path: Path) -> set[str]:
