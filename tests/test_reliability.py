@@ -48,6 +48,7 @@ from oelm_ray.core.checkpoint import load_checkpoint, save_checkpoint
 from oelm_ray.core.io import DiskFullError, atomic_write, write_json
 from oelm_ray.core.config import make_config
 from oelm_ray.core.experiments import Experiment
+from trial_files import state_files
 from oelm_ray.tune.sweep import Sweep, run
 import faults  # tests/faults.py: a trainable that crashes once, at a given step
 
@@ -202,6 +203,7 @@ def test_driver_sigkilled_mid_sweep_resumes_with_the_same_command(tmp_path):
         leaked = _still_running(ray_procs)
         assert not leaked, f"Ray processes outlived the killed driver: {leaked}"
         before = {r["name"]: r for r in results.load_records(run_dir)}
+        finished_files = state_files(run_dir, done)
         assert len(before) < 9 or {r["status"] for r in before.values()} != {"completed"}, first_out[-2000:]
         tune_view = _tune_trial_states(run_dir)  # what the second run will restore from
         stale_done = [n for n in done if tune_view.get(n) != "TERMINATED"]
@@ -216,8 +218,8 @@ def test_driver_sigkilled_mid_sweep_resumes_with_the_same_command(tmp_path):
         # Tune's experiment state may be older than the trials' newest checkpoints after a SIGKILL
         # (it is saved every >= 10 s); the trials' state folders are always current, so a finished
         # trial Tune starts again does no work and reports nothing, and none is lost
-        rerun = {n for n in done if f"  {n}: step" in second.stdout}
-        assert not rerun, f"finished trials trained again: {sorted(rerun)}"
+        rerun = {f for f, v in state_files(run_dir, done).items() if finished_files.get(f) != v}
+        assert not rerun, f"finished trials trained again, rewriting {sorted(rerun)}"
         lost = [n for n in recs if "does not exist on storage anymore" in _error_text(run_dir, n)]
         assert not lost, lost
         assert len(recs) == 9 and {r["status"] for r in recs.values()} == {"completed"}

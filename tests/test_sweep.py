@@ -25,6 +25,7 @@ from oelm_ray.tune.resources import resources
 from oelm_ray.tune.sweep import Sweep, run
 from oelm_ray.tune.trial import trial_device
 import faults  # tests/faults.py: a trainable that crashes once, at a given step
+from trial_files import state_files
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = [
@@ -228,15 +229,15 @@ def test_interrupted_sweep_resumes_with_the_same_command(tmp_path):
     first_out, _ = proc.communicate(timeout=120)
     unfinished = {r["name"] for r in results.load_records(run_dir) if r["status"] != "completed"}
     assert unfinished or len(results.load_records(run_dir)) < 9, first_out[-2000:]
+    finished_files = state_files(run_dir, done_before)
 
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming" in second.stdout
     recs = results.load_records(run_dir)
     assert len(recs) == 9 and {r["status"] for r in recs} == {"completed"}
-    # finished trials were not run again: the second run reported nothing for them
-    reported_again = {n for n in done_before if f"  {n}: step" in second.stdout}
-    assert not reported_again
+    # finished trials were not run again: their train.log, latest.pt, metrics.jsonl are untouched
+    assert state_files(run_dir, done_before) == finished_files
     assert len(pd.read_parquet(run_dir / "trials.parquet")) == 9
 
 

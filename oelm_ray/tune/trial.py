@@ -98,6 +98,13 @@ def trainable(config: dict) -> None:
             tune.report({"node": node, "node_id": node_id, "gpu": gpu, **metrics},
                         checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
 
+    if resume and finished(out):
+        # Tune's experiment state was older than the trial (a killed driver): the run is complete, so
+        # report what Tune has not heard of and leave its files (train.log, summary.json, ...) as they are
+        for metrics in read_metrics(out / "metrics.jsonl"):
+            if metrics["step"] > known_step:
+                report(metrics)
+        return
     if resume:
         # evaluations the state holds but Tune never heard of (the trial died between writing its
         # state and reporting, or Tune's experiment state is older): report them first, in order
@@ -115,6 +122,14 @@ def trainable(config: dict) -> None:
             train_ddp(cfg.to_dict(), out, report=report, resume=resume, log=log, **config["ddp"])
         else:
             train(cfg, out, report=report, resume=resume, data=data, log=log)
+
+
+def finished(out: Path) -> bool:
+    """Whether the trial's state holds a run that completed (its summary.json says so)."""
+    try:
+        return json.loads((out / "summary.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
 
 
 def wrote_latest(train_cfg, metrics: dict) -> bool:
