@@ -1,4 +1,4 @@
-"""Reliability (issue 7): faults, bad input, data integrity, security and determinism, end to end.
+"""Reliability: faults, bad input, data integrity, security and determinism, end to end.
 
 A sweep is days of GPU time; losing it is the worst thing this tool can do. Each test here would
 fail if the guarantee it names broke:
