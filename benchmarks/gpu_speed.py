@@ -48,7 +48,10 @@ from oelm_ray.core.checkpoint import host_copy, save_checkpoint  # noqa: E402
 from oelm_ray.core.config import make_config  # noqa: E402
 from oelm_ray.core.selftest import synthetic_data  # noqa: E402
 from oelm_ray.core.model import GPT  # noqa: E402
-from oelm_ray.core.trainer import build_optimizer, read_metrics, resolve_device, train  # noqa: E402
+from oelm_ray.core.io import read_metrics  # noqa: E402
+from oelm_ray.core.optim import build_optimizer  # noqa: E402
+from oelm_ray.core.train_step import resolve_device  # noqa: E402
+from oelm_ray.core.trainer import train  # noqa: E402
 
 SMOKE = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, vocab_size=257, dropout=0.1,
              tokenizer="bytes")
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     B, T = base.train.batch_size, base.model.block_size
     n_val = args.val_tokens or ((45 * T + T // 2 + 1) if args.smoke else 4_600_000)
-    background = device.type == "cuda"  # the trainer's rule for one process (BACKGROUND_CHECKPOINTS)
+    background = device.type == "cuda"  # train's background=None rule for one process
     with tempfile.TemporaryDirectory() as d:
         data = synthetic_data(Path(d), base.model.vocab_size, n_train=64 * B * (T + 1) if args.smoke else 8 << 20, n_val=n_val)
         print(f"{'method':<12} {'what':<34} {'tok/s':>10} {'TFLOP/s':>8} {'vs ceiling':>10}")

@@ -24,7 +24,10 @@ import torch
 from oelm_ray.core.config import METHODS, make_config
 from oelm_ray.core.data import load_prepared, prepare
 from oelm_ray.core.model import GPT
-from oelm_ray.core.trainer import Sampler, build_optimizer, lr_at, resolve_device, train
+from oelm_ray.core.batches import Sampler
+from oelm_ray.core.optim import build_optimizer, lr_at
+from oelm_ray.core.train_step import resolve_device
+from oelm_ray.core.trainer import train
 
 
 def plain_loop(cfg, data, steps: int) -> float:

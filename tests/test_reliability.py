@@ -1,4 +1,4 @@
-"""Reliability (issue 7): faults, bad input, data integrity, security and determinism, end to end.
+"""Reliability: faults, bad input, data integrity, security and determinism, end to end.
 
 A sweep is days of GPU time; losing it is the worst thing this tool can do. Each test here would
 fail if the guarantee it names broke:
@@ -883,7 +883,8 @@ def test_docs_document_token_auth_for_clusters():
 
 
 def test_same_seed_same_numbers_in_one_process_and_across_processes(tmp_path, world):
-    from oelm_ray.core.trainer import read_metrics, train
+    from oelm_ray.core.io import read_metrics
+    from oelm_ray.core.trainer import train
 
     over = {**TINY, "max_steps": 20, "dropout": 0.1, "data_dir": str(world.data)}  # dropout: RNG in every step
     threads = torch.get_num_threads()

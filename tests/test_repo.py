@@ -35,7 +35,8 @@ def _imports(path: Path) -> set[str]:
 
 def test_layers_import_what_the_readme_says():
     core = sorted((ROOT / "oelm_ray" / "core").glob("*.py"))
-    assert {p.name for p in core} >= {"config.py", "model.py", "data.py", "trainer.py", "checkpoint.py", "io.py"}
+    assert {p.name for p in core} >= {"config.py", "model.py", "data.py", "batches.py", "optim.py", "train_step.py",
+                                      "trainer.py", "checkpoint.py", "io.py"}
     for p in core:
         assert not _imports(p) & {"ray", "wandb"}, f"{p.name} imports Ray or W&B: oelm_ray/core must run without them"
     assert not _imports(ROOT / "oelm_ray" / "results.py") & {"ray", "wandb", "torch"}
@@ -54,3 +55,16 @@ def test_layers_import_what_the_readme_says():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'wandb'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[]"
+
+
+def test_metrics_files_are_read_without_torch(tmp_path):
+    """The trial adapter reads a run's metrics.jsonl (a retried trial replays it) without importing torch."""
+    import subprocess
+    import sys
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10}\n{"step": 20}\n{"st')  # a torn last line is dropped
+    code = ("import sys; from oelm_ray.core.io import read_metrics; import oelm_ray.tune.trial; "
+            f"rows = read_metrics({str(tmp_path / 'metrics.jsonl')!r}); "
+            "print([r['step'] for r in rows], 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[10, 20] False"

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from oelm_ray import cli
-from oelm_ray.core import selftest, trainer
+from oelm_ray.core import selftest
+from oelm_ray.core.batches import Batches
+from oelm_ray.core.train_step import TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +33,7 @@ def test_selftest_local_passes_on_this_cpu():
 
 def test_broken_staging_fails_its_check_and_the_command_exits_2(monkeypatch, capsys):
     # a staged batch whose saved state is the one after it: a resumed run would skip a batch
-    monkeypatch.setattr(trainer.Batches, "state_dict", lambda self: self.sampler.state_dict())
+    monkeypatch.setattr(Batches, "state_dict", lambda self: self.sampler.state_dict())
     assert cli.main(["selftest", "--local", "--checks", "staging,tensor-lr"]) == 2
     out = capsys.readouterr().out.splitlines()
     assert [l.split(": ", 1)[1].split()[:2] for l in out[:2]] == [["staging", "FAIL"], ["tensor-lr", "PASS"]]
@@ -39,8 +41,8 @@ def test_broken_staging_fails_its_check_and_the_command_exits_2(monkeypatch, cap
 
 
 def test_a_tensor_lr_that_is_not_updated_fails_its_check(monkeypatch):
-    real = trainer.TrainStep.set_lr
-    monkeypatch.setattr(trainer.TrainStep, "set_lr", lambda self, lr: None if self.tensor_lr else real(self, lr))
+    real = TrainStep.set_lr
+    monkeypatch.setattr(TrainStep, "set_lr", lambda self, lr: None if self.tensor_lr else real(self, lr))
     (check,) = selftest.run_selftest("cpu", only=("tensor-lr",))
     assert not check.ok and "lr as a device Tensor" in check.detail
 
@@ -50,7 +52,7 @@ def test_dropout_frozen_across_replays_fails_its_check(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "dropout", lambda x, p=0.5, training=True, inplace=False: x * (1 - p))
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, dropout_p=0.0, **kw: sdpa(*a, dropout_p=0.0, **kw))
-    monkeypatch.setattr(trainer.torch, "compile", lambda m, **kw: m)  # eager stands in for the compiled step
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: m)  # eager stands in for the compiled step
     (check,) = selftest.run_selftest("cpu", only=("dropout",))
     assert not check.ok and "distinct losses" in check.detail
 

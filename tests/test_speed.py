@@ -1,4 +1,4 @@
-"""The fast path (issue 12): the compiled step, staged batches, background checkpoints, trial packing, gpu_speed.py.
+"""The fast path: the compiled step, staged batches, background checkpoints, trial packing, gpu_speed.py.
 
 The CUDA-only parts (CUDA graphs, pinned copies on a side stream, the device-to-host snapshot) need
 a GPU: `benchmarks/gpu_speed.py` checks them there. Everything else runs here on CPU.
@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from oelm_ray.core import trainer as T
+from oelm_ray.core.batches import Batches, Sampler
 from oelm_ray.core.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
-from oelm_ray.core.io import DiskFullError
 from oelm_ray.core.config import ConfigError, make_config
+from oelm_ray.core.io import DiskFullError, read_metrics
+from oelm_ray.core.train_step import resolve_compile, resolve_device
+from oelm_ray.core.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, max_steps=20,
@@ -45,7 +47,7 @@ def stop_at(step):
 
 
 def rows(out):
-    return [(r["train/loss"], r["val/loss"]) for r in T.read_metrics(Path(out) / "metrics.jsonl")]
+    return [(r["train/loss"], r["val/loss"]) for r in read_metrics(Path(out) / "metrics.jsonl")]
 
 
 def flat(out):
@@ -58,18 +60,18 @@ def flat(out):
 
 def test_compile_choices_resolve_per_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert T.resolve_compile(make_config("cpu"), cpu)[0] is None  # auto: eager on CPU
-    assert T.resolve_compile(make_config("cpu", compile="default"), cpu)[0] == "default"
-    assert T.resolve_compile(make_config("cpu", compile="reduce-overhead"), cpu)[0] == "default"  # no CUDA graphs on CPU
-    assert T.resolve_compile(make_config("cpu", compile="true"), cpu)[0] == "default"  # the old bool spelling
-    assert T.resolve_compile(make_config("cpu", compile="off"), cpu)[0] is None
+    assert resolve_compile(make_config("cpu"), cpu)[0] is None  # auto: eager on CPU
+    assert resolve_compile(make_config("cpu", compile="default"), cpu)[0] == "default"
+    assert resolve_compile(make_config("cpu", compile="reduce-overhead"), cpu)[0] == "default"  # no CUDA graphs on CPU
+    assert resolve_compile(make_config("cpu", compile="true"), cpu)[0] == "default"  # the old bool spelling
+    assert resolve_compile(make_config("cpu", compile="off"), cpu)[0] is None
     with pytest.MonkeyPatch.context() as mp:  # a CUDA GPU as resolve_compile sees one: its capability
         mp.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-        assert T.resolve_compile(make_config("medium-512"), cuda)[0] == "reduce-overhead"
-        assert T.resolve_compile(make_config("medium-512"), cuda, world=2)[0] == "default"
-        assert T.resolve_compile(make_config("medium-512", compile="off"), cuda)[0] is None
+        assert resolve_compile(make_config("medium-512"), cuda)[0] == "reduce-overhead"
+        assert resolve_compile(make_config("medium-512"), cuda, world=2)[0] == "default"
+        assert resolve_compile(make_config("medium-512", compile="off"), cuda)[0] is None
         mp.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
-        assert T.resolve_compile(make_config("medium-512"), cuda)[0] is None  # too old for torch.compile
+        assert resolve_compile(make_config("medium-512"), cuda)[0] is None  # too old for torch.compile
     with pytest.raises(ConfigError, match="compile='fast' is unknown"):
         make_config("cpu", compile="fast")
 
@@ -82,7 +84,7 @@ def test_compiled_step_matches_eager_resumes_exactly_and_unfreezes(tmp_path, dat
     # the compiled dropout draws from eager's RNG ops, so eager and compiled see the same masks
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15, n_layer=1)  # one block: half the kernels to build
-    T.train(c.override({"compile": "off"}), tmp_path / "eager", log=lambda _: None)
+    train(c.override({"compile": "off"}), tmp_path / "eager", log=lambda _: None)
     counters.clear()
     qk = {}
 
@@ -91,15 +93,15 @@ def test_compiled_step_matches_eager_resumes_exactly_and_unfreezes(tmp_path, dat
 
     lines = []
     c = c.override({"compile": "default"})
-    T.train(c, tmp_path / "straight", report=grab, log=lines.append)
+    train(c, tmp_path / "straight", report=grab, log=lines.append)
     assert "training step: torch.compile(mode='default')" in "\n".join(lines)
     assert counters["frames"]["ok"] > 0 and not counters["graph_break"]  # it compiled, the model in one graph
     assert flat(tmp_path / "straight") == pytest.approx(flat(tmp_path / "eager"), rel=1e-4)
     assert not torch.equal(qk[10], qk[20])  # the unfrozen Q/K train under compile (a recompile at step 15)
 
     with pytest.raises(Stop):
-        T.train(c, tmp_path / "cut", report=stop_at(10), log=lambda _: None)
-    T.train(c, tmp_path / "cut", resume=True, log=lambda _: None)
+        train(c, tmp_path / "cut", report=stop_at(10), log=lambda _: None)
+    train(c, tmp_path / "cut", resume=True, log=lambda _: None)
     assert rows(tmp_path / "cut") == rows(tmp_path / "straight")  # bit-for-bit under compile too
     a = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "cut" / "latest.pt", weights_only=True)["model"]
@@ -114,8 +116,8 @@ def test_a_compiler_that_fails_falls_back_to_eager_and_says_why(tmp_path, data_d
 
     monkeypatch.setattr(torch, "compile", broken)
     lines = []
-    T.train(cfg(data_dir, compile="default"), tmp_path / "a", log=lines.append)
-    T.train(cfg(data_dir, compile="off"), tmp_path / "b", log=lambda _: None)
+    train(cfg(data_dir, compile="default"), tmp_path / "a", log=lines.append)
+    train(cfg(data_dir, compile="off"), tmp_path / "b", log=lambda _: None)
     assert any("failed in a training step (RuntimeError: no C++ compiler found): training eager" in l for l in lines)
     assert rows(tmp_path / "a") == rows(tmp_path / "b")  # the failed attempt left no trace in the run
 
@@ -129,14 +131,14 @@ def test_batches_stage_ahead_and_their_state_is_the_one_before_the_staged_batch(
     from oelm_ray.core.data import load_prepared
 
     data = load_prepared(cfg(data_dir).data)
-    ref = T.Sampler(data.train, 32, 4, seed=0)
-    a = T.Batches(T.Sampler(data.train, 32, 4, seed=0), torch.device("cpu"))
+    ref = Sampler(data.train, 32, 4, seed=0)
+    a = Batches(Sampler(data.train, 32, 4, seed=0), torch.device("cpu"))
     for _ in range(3):
         x, y = a.next()
         buf = ref.next_buf()
         assert torch.equal(x, buf[:, :-1]) and torch.equal(y, buf[:, 1:])  # the sampler's batches, in order
     assert a.staged is not None  # the fourth batch is already drawn...
-    b = T.Batches(T.Sampler(data.train, 32, 4, seed=1), torch.device("cpu"))
+    b = Batches(Sampler(data.train, 32, 4, seed=1), torch.device("cpu"))
     b.load_state_dict(a.state_dict())  # ...but the state is from before it: a restore draws it again
     fourth = ref.next_buf()
     for batches in (a, b):
@@ -155,7 +157,7 @@ def test_background_checkpoints_report_after_the_write_and_resume_exactly(tmp_pa
     from oelm_ray.core import checkpoint
 
     c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15)
-    T.train(c, tmp_path / "inline", log=lambda _: None, background=False)
+    train(c, tmp_path / "inline", log=lambda _: None, background=False)
     writers, real_save = [], checkpoint.save_checkpoint
     monkeypatch.setattr(checkpoint, "save_checkpoint",
                         lambda path, payload: (writers.append(threading.current_thread().name), real_save(path, payload)))
@@ -164,12 +166,12 @@ def test_background_checkpoints_report_after_the_write_and_resume_exactly(tmp_pa
     def check(m):  # the report comes once latest.pt holds this very step
         seen.append((m["step"], torch.load(tmp_path / "bg" / "latest.pt", weights_only=True)["step"]))
 
-    T.train(c, tmp_path / "bg", report=check, log=lambda _: None, background=True)
+    train(c, tmp_path / "bg", report=check, log=lambda _: None, background=True)
     assert seen == [(10, 10), (20, 20)]
     assert writers and set(writers) == {"checkpoint-writer"}  # every file written off the training thread
     with pytest.raises(Stop):
-        T.train(c, tmp_path / "cut", report=stop_at(10), log=lambda _: None, background=True)
-    T.train(c, tmp_path / "cut", resume=True, log=lambda _: None, background=True)
+        train(c, tmp_path / "cut", report=stop_at(10), log=lambda _: None, background=True)
+    train(c, tmp_path / "cut", resume=True, log=lambda _: None, background=True)
     assert rows(tmp_path / "bg") == rows(tmp_path / "inline") == rows(tmp_path / "cut")
     for name in ("latest.pt", "best.pt"):
         a = torch.load(tmp_path / "inline" / name, weights_only=True)["model"]
@@ -223,9 +225,9 @@ def test_a_kill_during_a_background_write_leaves_the_previous_latest_whole(tmp_p
     assert load_checkpoint(tmp_path / "latest.pt")["step"] == 1  # the old file, whole
     # a real run in that state: resume clears the dead write's temp file and uses the whole latest.pt
     run = tmp_path / "run"
-    T.train(cfg(data_dir, max_steps=10), run, report=None, log=lambda _: None)
+    train(cfg(data_dir, max_steps=10), run, report=None, log=lambda _: None)
     (run / ".latest.pt.dead.tmp").write_bytes(b"half")
-    T.train(cfg(data_dir), run, resume=True, log=lambda _: None)
+    train(cfg(data_dir), run, resume=True, log=lambda _: None)
     assert not list(run.glob(".*.tmp")) and load_checkpoint(run / "latest.pt")["step"] == 20
 
 
@@ -302,20 +304,20 @@ def test_gpu_speed_smoke_runs_with_the_trainer_deps_only():
 def test_cuda_fast_path_through_unfreeze_background_checkpoints_and_resume(tmp_path, data_dir, monkeypatch):
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15, device="cuda", dtype="fp32", num_threads=0)
-    T.train(c.override({"compile": "off"}), tmp_path / "eager", log=lambda _: None)
+    train(c.override({"compile": "off"}), tmp_path / "eager", log=lambda _: None)
     lines, seen = [], []
 
     def check(m):
         seen.append((m["step"], torch.load(tmp_path / "fast" / "latest.pt", weights_only=True)["step"]))
 
-    T.train(c, tmp_path / "fast", report=check, log=lines.append)
+    train(c, tmp_path / "fast", report=check, log=lines.append)
     assert "training step: torch.compile(mode='reduce-overhead')" in "\n".join(lines), lines
     assert not any("training eager" in l for l in lines), lines
     assert seen == [(10, 10), (20, 20)]  # background writes, each report after its own latest.pt
     assert flat(tmp_path / "fast") == pytest.approx(flat(tmp_path / "eager"), rel=1e-3)
     with pytest.raises(Stop):
-        T.train(c, tmp_path / "cut", report=stop_at(10), log=lambda _: None)
-    T.train(c, tmp_path / "cut", resume=True, log=lambda _: None)
+        train(c, tmp_path / "cut", report=stop_at(10), log=lambda _: None)
+    train(c, tmp_path / "cut", resume=True, log=lambda _: None)
     assert flat(tmp_path / "cut") == pytest.approx(flat(tmp_path / "fast"), rel=1e-3)
 
 
@@ -351,18 +353,56 @@ def test_unfrozen_qk_train_even_where_the_compiled_graph_would_be_stale(tmp_path
     monkeypatch.setattr(torch, "compile", StaleGraph)
     lines = []
     c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15, compile="default")
-    summary = T.train(c, tmp_path / "a", log=lines.append)
-    T.train(c.override({"compile": "off"}), tmp_path / "eager", log=lambda _: None)
+    summary = train(c, tmp_path / "a", log=lines.append)
+    train(c.override({"compile": "off"}), tmp_path / "eager", log=lambda _: None)
     assert summary["qk_check"] == "ok"
     assert rows(tmp_path / "a") == rows(tmp_path / "eager")  # the same run as eager: Q/K trained from step 15
     assert any("Q/K unfrozen in 2 block(s); the training step is compiled afresh" in l for l in lines), lines
 
 
+def test_the_step_compiles_once_at_start_and_once_at_the_unfreeze(tmp_path, data_dir, monkeypatch):
+    """One compile per process, plus one at the Q/K unfreeze if this process crosses it; a process resumed
+    from a checkpoint whose optimizer already holds the unfrozen Q/K compiles once, for the unfrozen model."""
+    compiles = []
+
+    def counting(model, **kw):
+        compiles.append(sorted(n for n, p in model.qk_params().items() if p.requires_grad))
+        return model  # eager stands in for the compiled model
+
+    monkeypatch.setattr(torch, "compile", counting)
+    c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=20, max_steps=40, compile="default")
+    frozen, unfrozen = [], ["transformer.h.0.attn.c_qk.weight", "transformer.h.1.attn.c_qk.weight"]
+
+    def processes(out, cut=None):
+        """The compiles of a run straight through (cut=None), or of its two processes, cut at step `cut`."""
+        compiles.clear()
+        if cut is None:
+            train(c, tmp_path / out, log=lambda _: None)
+            return [list(compiles)]
+        with pytest.raises(Stop):
+            train(c, tmp_path / out, report=stop_at(cut), log=lambda _: None)
+        first = list(compiles)
+        compiles.clear()
+        train(c, tmp_path / out, resume=True, log=lambda _: None)
+        return [first, list(compiles)]
+
+    assert processes("straight") == [[frozen, unfrozen]]
+    assert processes("cut10", cut=10) == [[frozen], [frozen, unfrozen]]
+    # step 20's checkpoint is written before the unfreeze (at the top of the next step): the resumed process crosses it
+    assert processes("cut20", cut=20) == [[frozen], [frozen, unfrozen]]
+    assert processes("cut30", cut=30) == [[frozen, unfrozen], [unfrozen]]  # resumed unfrozen: no second compile
+    for out in ("cut10", "cut20", "cut30"):
+        assert rows(tmp_path / out) == rows(tmp_path / "straight")
+    compiles.clear()
+    train(c.override({"method": "baseline", "qk_unfreeze_step": -1}), tmp_path / "baseline", log=lambda _: None)
+    assert len(compiles) == 1  # nothing to unfreeze: one compile
+
+
 def test_a_compiled_run_evaluates_again_and_again(tmp_path, data_dir, monkeypatch):
     monkeypatch.setattr(torch, "compile", StaleGraph)  # no unfreeze here: the same as a real compiled model
     c = cfg(data_dir, max_steps=30)
-    T.train(c.override({"compile": "default"}), tmp_path / "a", log=lambda _: None)
-    T.train(c.override({"compile": "off"}), tmp_path / "b", log=lambda _: None)
+    train(c.override({"compile": "default"}), tmp_path / "a", log=lambda _: None)
+    train(c.override({"compile": "off"}), tmp_path / "b", log=lambda _: None)
     assert len(rows(tmp_path / "a")) == 3 and rows(tmp_path / "a") == rows(tmp_path / "b")
 
 
@@ -406,8 +446,8 @@ def test_a_compiler_failure_after_the_first_forward_falls_back_too(tmp_path, dat
     monkeypatch.setattr(torch, "compile", lambda model, **kw: FailingCompile(model, fail, **kw))
     c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15)
     lines = []
-    T.train(c.override({"compile": "default"}), tmp_path / "a", log=lines.append)
-    T.train(c.override({"compile": "off"}), tmp_path / "b", log=lambda _: None)
+    train(c.override({"compile": "default"}), tmp_path / "a", log=lines.append)
+    train(c.override({"compile": "off"}), tmp_path / "b", log=lambda _: None)
     assert sum(f"failed {where} (RuntimeError:" in l for l in lines) == 1, lines  # said once, with the reason
     assert rows(tmp_path / "a") == rows(tmp_path / "b")  # redone eager from the same RNG state: no trace
 
@@ -436,14 +476,14 @@ def test_auto_precision_is_bf16_only_where_the_gpu_has_it(monkeypatch, capabilit
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # V100 and T4 emulate it
     monkeypatch.setattr(torch.version, "hip", None)
-    assert T.resolve_device(make_config("medium-512"))[1] == dtype
-    assert T.resolve_device(make_config("medium-512", dtype="bf16"))[1] == torch.bfloat16  # asked for: as asked
-    assert T.resolve_device(make_config("cpu", device="cpu"))[1] is None  # fp32 on CPU
+    assert resolve_device(make_config("medium-512"))[1] == dtype
+    assert resolve_device(make_config("medium-512", dtype="bf16"))[1] == torch.bfloat16  # asked for: as asked
+    assert resolve_device(make_config("cpu", device="cpu"))[1] is None  # fp32 on CPU
 
 
 def test_fp16_trains_with_a_gradient_scaler(tmp_path, data_dir):
     lines = []
-    summary = T.train(cfg(data_dir, dtype="fp16"), tmp_path, log=lines.append)
+    summary = train(cfg(data_dir, dtype="fp16"), tmp_path, log=lines.append)
     ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
     assert ckpt["scaler"]["scale"] > 0 and summary["qk_check"] == "ok"
     assert math.isfinite(summary["best_val_ppl"])

@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+from oelm_ray.core.batches import eval_batches
 from oelm_ray.core.checkpoint import CheckpointError
 from oelm_ray.core.config import make_config
 from oelm_ray.core.data import load_prepared, prepare
 from oelm_ray.core.model import GPT
+from oelm_ray.core.optim import build_optimizer
 from oelm_ray.core.qkcheck import QKCheckError
-from oelm_ray.core.trainer import RunExistsError, build_optimizer, eval_batches, train
+from oelm_ray.core.train_step import TrainStep
+from oelm_ray.core.trainer import RunExistsError, train
 
 TINY = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, max_steps=40,
             warmup_steps=4, eval_interval=10, eval_batches=2, log_interval=10, stories_mb=0.2, num_threads=1,
@@ -270,10 +273,8 @@ def test_checkpoint_interval_writes_latest_less_often_and_resume_redoes_the_rest
 def test_interval_speed_leaves_out_the_warmup_steps(tmp_path, data_dir, monkeypatch):
     """The first steps of a process (compiling, CUDA graph recording on a GPU) are left out of an
     interval's tokens/s; summary.json's tokens_per_s is the steady-state figure."""
-    from oelm_ray.core import trainer as T
-
     slow = {1, 2, 3}  # the first three steps take 0.3 s each: a stand-in for compiling
-    real = T.TrainStep.__call__
+    real = TrainStep.__call__
     calls = []
 
     def step(self, x, y):
@@ -283,7 +284,7 @@ def test_interval_speed_leaves_out_the_warmup_steps(tmp_path, data_dir, monkeypa
             time.sleep(0.3)
         return real(self, x, y)
 
-    monkeypatch.setattr(T.TrainStep, "__call__", step)
+    monkeypatch.setattr(TrainStep, "__call__", step)
     s = train(cfg(data_dir, max_steps=20), tmp_path, log=quiet)
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["warmup"] for r in rows] == [0, 0]
@@ -414,14 +415,12 @@ def test_frozen_qk_that_move_stop_the_run(tmp_path, data_dir, monkeypatch):
     """An optimizer that reaches the frozen Q/K: the first checkpoint says which blocks changed."""
     from oelm_ray.core import trainer
 
-    real = trainer.build_optimizer
-
     def leaky(model, c, device, qk_unfrozen=False):
         for w in model.qk_params().values():
             w.requires_grad_(True)
-        return real(model, c, device, qk_unfrozen=True)
+        return build_optimizer(model, c, device, qk_unfrozen=True)
 
-    monkeypatch.setattr(trainer, "build_optimizer", leaky)
+    monkeypatch.setattr(trainer, "build_optimizer", leaky)  # the name `setup` calls
     with pytest.raises(QKCheckError, match=r"at step 10: Q/K of block\(s\) 0, 1 should be frozen \(oelm_freeze\) but changed"):
         train(cfg(data_dir, method="oelm_freeze"), tmp_path, log=quiet)
     assert not (tmp_path / "latest.pt").exists()
@@ -454,7 +453,7 @@ def test_periodic_qk_change_only_on_their_update_steps(tmp_path, data_dir):
 def test_periodic_qk_changed_between_updates_stop_the_run(tmp_path, data_dir, monkeypatch):
     from oelm_ray.core import trainer
 
-    monkeypatch.setattr(trainer, "qk_update_at", lambda step, c: True)  # every step updates, whatever N says
+    monkeypatch.setattr(trainer, "qk_update_at", lambda step, c: True)  # the loop's: every step updates, whatever N says
     with pytest.raises(QKCheckError, match=r"at step 10: Q/K of block\(s\) 0, 1 should be frozen"):
         train(cfg(data_dir, method="oelm_freeze", qk_update_every=20, max_steps=40), tmp_path, log=quiet)
 

@@ -191,7 +191,7 @@ def gather(storage: Path, data_dir: Path, address: str | None, timeout: float = 
         f.cuda_available = torch.cuda.is_available()
         if f.cuda_available:
             f.gpu_names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            from ..core.trainer import native_bf16
+            from ..core.train_step import native_bf16
 
             f.bf16 = all(native_bf16(torch.device("cuda", i)) for i in range(torch.cuda.device_count()))
     except ImportError:

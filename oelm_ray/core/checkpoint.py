@@ -1,19 +1,66 @@
-"""Checkpoint saving (atomic, in the background on CUDA) and loading that refuses what does not belong to the run."""
+"""Checkpoints: what a run's latest.pt and best.pt hold, saving (atomic, in the background on CUDA), and
+loading that refuses what does not belong to the run."""
 
 from __future__ import annotations
 
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from .io import UserError, atomic_write
 
+if TYPE_CHECKING:
+    from .trainer import Run
+
+WEIGHTS = ("format", "config", "step", "tokens", "model")
+"""What best.pt keeps of latest.pt's entries (with its `val_loss`)."""
+
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable or from another model; the message says what to do."""
+
+
+def checkpoint_files(run: Run, val_loss: float, latest: bool) -> list[tuple[Path, dict]]:
+    """The files one evaluation writes, as (path, payload): best.pt (the weights) when `val_loss` beats
+    the run's best, latest.pt (everything a resume needs: weights, optimizer, sampler and RNG state,
+    the run's clock) if `latest`.
+
+    When the run writes in the background the payloads are host copies (one device-to-host copy
+    now, shared by both files), so the files can be written while training goes on.
+    """
+    improved = val_loss < run.best_val
+    if not latest and not improved:
+        return []
+    payload = {
+        "format": 1,
+        "config": run.cfg.to_dict(),
+        "step": run.step,
+        "tokens": run.tokens,
+        "model": run.model.state_dict(),
+        **run.trainer.state_dict(),  # optimizer (and fp16's gradient scaler)
+        "sampler": run.batches.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None,
+        },
+        "best_val_loss": min(run.best_val, val_loss),
+        "qk_init": run.qk_init,
+        "elapsed_s": run.wall(),
+        "train_time_s": run.train_time,
+    }
+    if not latest:  # best.pt alone: copy (background) and write only the weights
+        payload = {k: payload[k] for k in WEIGHTS}
+    if run.writer.background:
+        payload = host_copy(payload)
+    files = []
+    if improved:
+        files.append((run.out / "best.pt", {k: payload[k] for k in WEIGHTS} | {"val_loss": val_loss}))
+    if latest:
+        files.append((run.out / "latest.pt", payload))
+    return files
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:

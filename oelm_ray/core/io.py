@@ -1,4 +1,5 @@
-"""The small I/O helpers everything shares: the user-error base class, atomic writes, a TCP probe.
+"""The small I/O helpers everything shares: the user-error base class, atomic writes, a run's metrics
+file, a TCP probe. No torch: the Ray side and the reports read metrics files without it.
 
 One of each, so that a fix (fsync the directory, keep the old file on a full disk) lands everywhere.
 """
@@ -85,6 +86,45 @@ def _disk_full(e: BaseException | None) -> OSError | None:
             return e
         e = e.__cause__ or e.__context__
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# a run's metrics file (metrics.jsonl): one JSON line per evaluation
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a metrics file, oldest first; [] if there is none."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line after a crash: drop it
+            break
+    return rows
+
+
+def append_metrics(path: str | os.PathLike, row: dict) -> None:
+    """Append one row and fsync: a row on disk survives a crash right after."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_metrics(path: str | os.PathLike, step: int) -> None:
+    """Keep only the rows up to `step` (a resumed run's checkpoint): the later ones will be redone."""
+    path = Path(path)
+    rows = read_metrics(path)
+    keep = [r for r in rows if r["step"] <= step]
+    if len(keep) != len(rows) or (path.exists() and not rows and path.stat().st_size):
+        atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in keep)), mode="w")
+
+
+# ------------------------------------------------------------------------------------------------
+# reachability
 
 
 def tcp_error(host: str, port: int, timeout: float = 3.0) -> str | None:

@@ -34,11 +34,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .batches import Batches, Sampler, eval_batches
 from .config import Config, ConfigError, make_config
 from .data import Prepared
+from .io import read_metrics
 from .model import GPT
+from .optim import build_optimizer
 from .qkcheck import qk_digests
-from .trainer import Batches, Sampler, TrainStep, build_optimizer, read_metrics, resolve_compile, train
+from .train_step import TrainStep, resolve_compile, resolve_device
+from .trainer import train
 
 CHECK_CPU = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, vocab_size=257,
                  tokenizer="bytes", num_threads=0)
@@ -224,14 +228,12 @@ class SelfTest:
                                 f"(rel diff {rel:.1e}, tol {self.tol['resume']:.0e})")]
 
     def whole_split_eval(self) -> Check:
-        from .trainer import eval_batches
-
         cfg = self.config(eval_batches=0)
         val = [(x.to(self.device), y.to(self.device)) for x, y in eval_batches(self.data.val, cfg)]
         tokens = sum(y.numel() for _, y in val)
         step = self._step(cfg, self.mode)
-        compiled = step.evaluate(val, tokens)
-        eager = self._step(cfg, "off").evaluate(val, tokens)  # the same init (seed 0)
+        compiled = step.val_loss(val, tokens)
+        eager = self._step(cfg, "off").val_loss(val, tokens)  # the same init (seed 0)
         rel, tol = abs(compiled - eager) / eager, self.tol["fp32"]
         last = val[-1][1].shape
         return Check("eval", rel <= tol and step.eval_compiled and last[1] < cfg.model.block_size,
@@ -260,8 +262,6 @@ class SelfTest:
 
     def _ceiling(self, cfg: Config, steps: int) -> float:
         """Tokens/s of `TrainStep` alone on one resident batch, under the mode the trainer picks."""
-        from .trainer import resolve_device
-
         amp = resolve_device(cfg)[1]
         torch.manual_seed(0)
         model = GPT(cfg.model).to(self.device)

@@ -147,7 +147,7 @@ def annealing_starts(space: Space, max_steps: int, min_lr_frac: float = 0.0) -> 
     """The first step at which some candidate's learning rate has come down to half its peak (the trainer's own
     lr_at: linear warmup, then cosine to lr * min_lr_frac); max_steps if none does before the end."""
     from ..core.config import Config
-    from ..core.trainer import lr_at
+    from ..core.optim import lr_at
 
     first = max_steps
     for w in space.warmups(max_steps):

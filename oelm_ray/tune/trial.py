@@ -28,7 +28,7 @@ from ray import tune
 
 from ..core.config import Config, ConfigError
 from ..core.experiments import Experiment
-from ..core.trainer import read_metrics
+from ..core.io import read_metrics
 
 STATE_DIR = "state"
 
