@@ -19,7 +19,7 @@ from .core.io import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter  # descriptions and epilogs keep their line breaks
-    ap = argparse.ArgumentParser(prog="oelm-ray", description=__doc__, formatter_class=raw)
+    ap = C.ArgumentParser(prog="oelm-ray", description=__doc__, formatter_class=raw)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def command(name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = C.parse_args(build_parser(), argv)
+    args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
     except KeyboardInterrupt:

@@ -464,15 +464,15 @@ def parse_sets(args: argparse.Namespace | list[str], sections: tuple[str, ...] =
     return out
 
 
-def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """`ap.parse_args(argv)`, where a field spelled as a flag (`--lr 1e-3`) is told its spelling, `--set lr=1e-3`."""
-    args, rest = ap.parse_known_args(argv)
-    if rest:
-        name = rest[0].lstrip("-").partition("=")[0].replace("-", "_")
-        if rest[0].startswith("--") and name in field_sections():
-            ap.error(f"{rest[0]} is not a flag: set config fields with --set, e.g. --set {name}=VALUE")
-        ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    return args
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, telling a config field spelled as a flag (`--lr 1e-3`) its spelling: `--set lr=1e-3`."""
+
+    def error(self, message: str):  # type: ignore[override]
+        flag = re.match(r"unrecognized arguments: (--[\w-]+)", message)
+        if flag and flag.group(1)[2:].replace("-", "_") in field_sections():
+            name = flag.group(1)[2:].replace("-", "_")
+            message = f"{flag.group(1)} is not a flag: set config fields with --set, e.g. --set {name}=VALUE"
+        super().error(message)
 
 
 def fields_help(sections: tuple[str, ...] = ("model", "data", "train"), width: int = 100) -> str:

@@ -22,7 +22,7 @@ Presets = dict[str, dict[str, Any]]
 
 
 def parser(name: str, presets: Presets, doc: str | None = None) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=f"sweeps/{name}.py", description=doc, epilog=C.fields_help(),
+    ap = C.ArgumentParser(prog=f"sweeps/{name}.py", description=doc, epilog=C.fields_help(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="embedded", choices=sorted(presets),
                     help="embedded: local Ray on this machine (CPU, minutes); paper: the research's runs on a cluster; "
@@ -173,7 +173,7 @@ def main(name: str, presets: Presets, argv: list[str] | None = None,
     Every option and config value is checked before Ray starts: a bad one is one line and exit 2."""
     from . import sweep as S
 
-    args = C.parse_args(parser(name, presets, doc), argv)
+    args = parser(name, presets, doc).parse_args(argv)
     if args.no_wandb:  # also for the W&B logger that Tune restores with a resumed run (it decides its mode at start)
         os.environ["WANDB_MODE"] = "disabled"
     try:
