@@ -44,7 +44,8 @@ def main(argv=None) -> int:
 
     def two_phases(sw, args):
         if {"lr", "warmup_steps"} & set(sw.sets):
-            raise ConfigError("this recipe searches lr and warmup_steps for each arm: drop --set lr / --set warmup_steps")
+            raise ConfigError("this recipe searches lr and warmup_steps for each arm: "
+                              "drop --set lr / --set warmup_steps")
         p = {**PRESETS[args.preset], **(SMOKE if args.smoke_test else {})}
         if args.smoke_test and not args.seeds:
             sw.seeds = p["seeds"]

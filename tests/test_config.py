@@ -123,7 +123,8 @@ def test_a_value_is_the_same_however_it_arrives():
     py = C.make_config("cpu", {"lr": 0.005, "max_steps": 300, "method": "oelm_freeze", "compile": "off"})
     ray = C.Config.from_dict(json.loads(json.dumps({"train": {**py.to_dict()["train"], "max_steps": 300.0}, "model":
                                                     py.to_dict()["model"], "data": py.to_dict()["data"]})))
-    exp = Experiment("X", "cpu", {"lr": "0.005", "method": "oelm_freeze"}).config(0, {"max_steps": "300", "compile": "off"})
+    exp = Experiment("X", "cpu", {"lr": "0.005", "method": "oelm_freeze"}).config(0, {"max_steps": "300",
+                                                                                      "compile": "off"})
     assert cli == py == ray == exp
     assert type(cli.train.max_steps) is int and type(ray.train.max_steps) is int and type(exp.train.lr) is float
 

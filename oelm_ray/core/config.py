@@ -303,7 +303,8 @@ class Config:
     def override(self, flat: dict[str, Any]) -> "Config":
         """A copy with flat overrides (field name -> value) applied, each value coerced by `typed`."""
         where, flat = field_sections(), typed(flat)
-        return Config(**{sec: dataclasses.replace(getattr(self, sec), **{k: v for k, v in flat.items() if where[k] == sec})
+        return Config(**{sec: dataclasses.replace(getattr(self, sec), **{k: v for k, v in flat.items()
+                                                                           if where[k] == sec})
                          for sec in section_classes()})
 
 
@@ -484,8 +485,8 @@ def fields_help(sections: tuple[str, ...] = ("model", "data", "train"), width: i
         docs = field_docs(cls)
         lines.append(f"{sec} fields (--set FIELD=VALUE; the value in brackets is --preset cpu's):")
         for f in fields(cls):
-            v = cpu[sec][f.name]
-            head = f"  {f.name} ({f.type}) [{v if v != '' else chr(34) * 2}]  "
+            shown = '""' if cpu[sec][f.name] == "" else cpu[sec][f.name]
+            head = f"  {f.name} ({f.type}) [{shown}]  "
             lines += textwrap.wrap(docs.get(f.name, ""), width, initial_indent=head, subsequent_indent=" " * 6)
         lines.append("")
     return "\n".join(lines)

@@ -87,7 +87,8 @@ def check_options(args: argparse.Namespace, presets: Presets) -> None:
             raise ConfigError(f"--experiments {', '.join(missing)}: not in --preset {args.preset}, whose experiments "
                               f"are {', '.join(have)}")
     gpus, cpus = args.gpus_per_trial, args.cpus_per_trial
-    if gpus is not None and not (gpus == 0 or 1e-4 <= gpus <= 1 or gpus > 1 and math.isfinite(gpus) and gpus.is_integer()):
+    whole = gpus is not None and gpus > 1 and math.isfinite(gpus) and gpus.is_integer()
+    if gpus is not None and not (gpus == 0 or 1e-4 <= gpus <= 1 or whole):
         raise ConfigError(f"--gpus-per-trial {gpus:g} must be 0 (CPU trials), a share of one GPU from 0.0001 to 1 "
                           "(e.g. 0.5), or a whole number of GPUs (data-parallel): Ray can schedule nothing else")
     if cpus is not None and not (cpus >= 1e-4 and math.isfinite(cpus)):
@@ -105,7 +106,8 @@ def check_options(args: argparse.Namespace, presets: Presets) -> None:
                           "trial; Tune's -1, retry forever, would never end a trial that always crashes)")
     project = args.wandb_project
     if not project.strip() or len(project) > 128 or set(project) & set("/\\#?%:"):
-        raise ConfigError(f"--wandb-project {project!r} is not a W&B project name: 1-128 characters, none of / \\ # ? % :")
+        raise ConfigError(f"--wandb-project {project!r} is not a W&B project name: 1-128 characters, "
+                          "none of / \\ # ? % :")
 
 
 def gpu_share(trials_per_gpu: int) -> float:
@@ -129,7 +131,8 @@ def build(name: str, presets: Presets, args: argparse.Namespace, **extra: Any):
     if "seed" in sets:
         raise ConfigError(f"--set seed={sets['seed']}: a sweep's seeds are its seed axis: use --seeds {sets['seed']}")
     if sets.get("data_dir") == "":
-        raise ConfigError("--data-dir '' is empty: give the folder of the prepared data, or leave it out for <storage>/data")
+        raise ConfigError("--data-dir '' is empty: give the folder of the prepared data, "
+                          "or leave it out for <storage>/data")
     common: dict[str, Any] = dict(p.get("common", {}))
     if args.smoke_test:
         common.update(E.SMOKE)

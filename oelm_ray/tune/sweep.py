@@ -45,7 +45,7 @@ class Sweep:
     seeds: list[int]
     storage: str = "runs"
     common: dict[str, Any] = field(default_factory=dict)
-    """Flat config overrides for every trial (max_steps, smoke sizes, data_dir, ...): the --set layer of `make_config`."""
+    """Flat config overrides for every trial (smoke sizes, --set, data_dir, ...): the --set layer of `make_config`."""
     sets: dict[str, Any] = field(default_factory=dict)
     """The command line's own --set values (also in common): one that replaces a value the experiments set
     per arm is named in a warning when the sweep starts."""
