@@ -23,7 +23,7 @@ Presets = dict[str, dict[str, Any]]
 
 def parser(name: str, presets: Presets, doc: str | None = None) -> argparse.ArgumentParser:
     ap = C.ArgumentParser(prog=f"sweeps/{name}.py", description=doc, epilog=C.fields_help(),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="embedded", choices=sorted(presets),
                     help="embedded: local Ray on this machine (CPU, minutes); paper: the research's runs on a cluster; "
                          "others: see the recipe's docstring")
@@ -38,7 +38,7 @@ def parser(name: str, presets: Presets, doc: str | None = None) -> argparse.Argu
                          "cluster has GPUs, else 0 (--preset paper: an error)")
     ap.add_argument("--trials-per-gpu", type=int, default=None,
                     help="pack N trials on each GPU: each asks for 1/N GPU (Ray fractional resources; they share its "
-                         "memory) and 1 CPU; see the README's 'Speed on a GPU'")
+                         "memory) and 1 CPU; see docs/speed.md")
     ap.add_argument("--cpus-per-trial", type=float, default=None, help="default: 1 without GPUs, 2 with")
     ap.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint (>= 0)")
     ap.add_argument("--smoke-test", action="store_true", help="tiny model, few steps: checks every code path in seconds")
