@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's oelm_ray, installed or not
 
 from oelm_ray.core.checkpoint import host_copy, save_checkpoint  # noqa: E402
-from oelm_ray.core.config import make_config  # noqa: E402
+from oelm_ray.core.config import make_config, parse_sets  # noqa: E402
 from oelm_ray.core.selftest import synthetic_data  # noqa: E402
 from oelm_ray.core.model import GPT  # noqa: E402
 from oelm_ray.core.io import read_metrics  # noqa: E402
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (5 if args.smoke else 300)
     warmup = 2 if args.smoke else 20
     modes = (args.modes or ("eager" if args.smoke else "eager,default,reduce-overhead")).split(",")
-    over = dict(s.split("=", 1) for s in args.set)
+    over = parse_sets(args.set)
     if args.smoke:
         over = {**SMOKE, "device": "cpu", "num_threads": 1, **over}
         torch.set_num_threads(1)

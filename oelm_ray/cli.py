@@ -1,83 +1,71 @@
 """`oelm-ray` (also `python -m oelm_ray`): prepare data, train one model, watch and report sweeps.
 
-Every config field is a flag (`--d-model`, `--lr`, ...), its help text the field's docstring. A
-user error (bad value, missing data, foreign checkpoint, existing run) ends in one message and
-exit code 2, before any expensive work; a traceback means a bug.
+A config field is set as in every sweep recipe: `--set FIELD=VALUE` (e.g. `--set lr=1e-3 seed=1`),
+with `--max-steps` and `--data-dir` as the two everyday aliases; `oelm-ray train --help` lists the
+fields, their docstrings and the precedence. A user error (bad value, missing data, foreign
+checkpoint, existing run) ends in one message and exit code 2, before any expensive work; a
+traceback means a bug.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from .core import config as C
 from .core.io import UserError
 
 
-def _add_config_flags(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
-    for sec in sections:
-        cls = C.section_classes()[sec]
-        g = p.add_argument_group(f"{sec} config (defaults come from --preset)")
-        docs = C.field_docs(cls)
-        for f in fields(cls):
-            g.add_argument(
-                "--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.type.upper(),
-                help=docs.get(f.name, ""),
-            )
-
-
-def _overrides(args: argparse.Namespace, sections: tuple[str, ...]) -> dict:
-    names = {f.name for sec in sections for f in fields(C.section_classes()[sec])}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="oelm-ray", description=__doc__.splitlines()[0])
+    raw = argparse.RawDescriptionHelpFormatter  # descriptions and epilogs keep their line breaks
+    ap = C.ArgumentParser(prog="oelm-ray", description=__doc__, formatter_class=raw)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin / meta.json")
+    def command(name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=raw)
+
+    p = command("prepare", "tokenize a corpus into train.bin / val.bin / meta.json", C.fields_help(("data",)))
     p.add_argument("--preset", default="cpu", help=f"preset whose data settings are the defaults ({', '.join(C.PRESETS)})")
     p.add_argument("--force", action="store_true", help="rebuild even if a prepared copy exists")
     p.add_argument("--verify", default="quick", choices=("quick", "full"), help="how an existing copy is checked")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="tokenizer processes (default: the usable cores; 0: tokenize in this process)")
-    _add_config_flags(p, ("data",))
+    C.add_set_arguments(p, ("data_dir",))
 
-    p = sub.add_parser("train", help="train one model (no Ray)")
+    p = command("train", "train one model (no Ray)", C.fields_help())
     p.add_argument("--preset", default="cpu", help=f"config preset: {', '.join(C.PRESETS)}")
     p.add_argument("--out-dir", required=True, help="folder for metrics.jsonl, latest.pt, best.pt, summary.json")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/latest.pt")
     p.add_argument("--no-prepare", action="store_true", help="fail instead of preparing missing data")
-    _add_config_flags(p, ("model", "data", "train"))
+    C.add_set_arguments(p)
 
-    p = sub.add_parser("status", help="table of a sweep's trials (works while it runs)")
+    p = command("status", "table of a sweep's trials (works while it runs)")
     p.add_argument("run", nargs="?", default=None, help="run folder or name (default: the newest under --storage)")
     p.add_argument("--storage", default="runs", help="storage folder that holds the runs")
 
-    p = sub.add_parser("report", help="write trials.parquet, summary.md and val_ppl.png for a sweep")
+    p = command("report", "write trials.parquet, summary.md and val_ppl.png for a sweep")
     p.add_argument("run", nargs="?", default=None, help="run folder or name (default: the newest under --storage)")
     p.add_argument("--storage", default="runs", help="storage folder that holds the runs")
 
-    p = sub.add_parser("sync", help="upload a sweep's offline W&B runs, then add its W&B sweep view and results table")
+    p = command("sync", "upload a sweep's offline W&B runs, then add its W&B sweep view and results table")
     p.add_argument("run", nargs="?", default=None, help="run folder or name (default: the newest under --storage)")
     p.add_argument("--storage", default="runs", help="storage folder that holds the runs")
     p.add_argument("--project", default=None, help="W&B project (default: the one the sweep logged to)")
 
-    p = sub.add_parser("check-cluster", help="validate a Ray cluster-launcher YAML offline with Ray's own schema")
+    p = command("check-cluster", "validate a Ray cluster-launcher YAML offline with Ray's own schema")
     p.add_argument("yaml", nargs="?", default="cluster.yaml", help="cluster config (default: cluster.yaml)")
     p.add_argument("--strict", action="store_true",
                    help="placeholder hosts (*_TODO) and a missing ssh key file are errors, as right before `ray up`")
 
-    p = sub.add_parser("selftest", help="prove the fast path on this hardware: one line per check per GPU (exit 2 if any fails)")
+    p = command("selftest", "prove the fast path on this hardware: one line per check per GPU (exit 2 if any fails)")
     p.add_argument("--local", action="store_true", help="this machine only, without Ray (its GPU if it has one, else the CPU)")
     p.add_argument("--address", default=None, help="the Ray cluster (default: RAY_ADDRESS, else the one running here)")
     p.add_argument("--checks", default="", help="only these checks, comma-separated (default: all)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed check (the correctness checks only)")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for every GPU's answer on a cluster (default 600)")
 
-    p = sub.add_parser("doctor", help="is this node ready for a --preset paper sweep? one line per check (exit 2 if not)")
+    p = command("doctor", "is this node ready for a --preset paper sweep? one line per check (exit 2 if not)")
     p.add_argument("--storage", default="runs", help="the sweep's --storage (checked writable and seen by every node)")
     p.add_argument("--data-dir", default=None, help="the sweep's --data-dir (default: <storage>/data)")
     p.add_argument("--address", default=None, help="the Ray cluster (default: RAY_ADDRESS, else the one running here)")
@@ -102,7 +90,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "prepare":
         from .core.data import prepare
 
-        cfg = C.preset(args.preset).override(_overrides(args, ("data",))).validate()
+        cfg = C.make_config(args.preset, C.parse_sets(args, sections=("data",)))
         meta = prepare(cfg.data, force=args.force, workers=args.workers,
                        log=lambda line: print(line, file=sys.stderr, flush=True))
         print(f"prepared {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens")
@@ -111,7 +99,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .core.data import load_prepared, prepare
         from .core.trainer import train
 
-        cfg = C.make_config(args.preset, **_overrides(args, ("model", "data", "train")))
+        cfg = C.make_config(args.preset, C.parse_sets(args))
         data = load_prepared(cfg.data) if args.no_prepare else None
         if data is None:
             prepare(cfg.data)

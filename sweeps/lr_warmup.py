@@ -18,6 +18,7 @@ and the compute the search spent beside a full grid). Run the same command again
 """
 
 from oelm_ray.core import experiments
+from oelm_ray.core.config import ConfigError
 from oelm_ray.tune import recipe, search
 
 PRESETS = {
@@ -42,6 +43,9 @@ def main(argv=None) -> int:
     done = {}
 
     def two_phases(sw, args):
+        if {"lr", "warmup_steps"} & set(sw.sets):
+            raise ConfigError("this recipe searches lr and warmup_steps for each arm: "
+                              "drop --set lr / --set warmup_steps")
         p = {**PRESETS[args.preset], **(SMOKE if args.smoke_test else {})}
         if args.smoke_test and not args.seeds:
             sw.seeds = p["seeds"]

@@ -95,7 +95,7 @@ def tuned(exps: list[Experiment], best_json: str, common: dict) -> list[Experime
         raise ConfigError(f"--best {best_json}: not a best.json written by sweeps/lr_warmup.py ({e})") from None
     out = []
     for e in exps:
-        cfg = e.config(0, **common)
+        cfg = e.config(0, common)
         method = "baseline" if e.id in BASELINE_RATE else "oelm_freeze"
         hit = [c["best"] for c in cells if c["method"] == method and c["dataset"] == cfg.data.dataset and c.get("best")]
         if not hit:
@@ -105,9 +105,9 @@ def tuned(exps: list[Experiment], best_json: str, common: dict) -> list[Experime
 
 
 def at_run_size(sw, args, best: str | None = None):
-    """Re-derive the variants for the trials' real size (--smoke-test, --max-steps, --set n_layer=...)."""
+    """Re-derive the variants for the trials' real size (--smoke-test, --set max_steps=... n_layer=...)."""
     base, freeze = PRESETS[args.preset]["experiments"][:2]
-    cfg = make_config(freeze.preset, **{**freeze.overrides, **sw.common})
+    cfg = make_config(freeze.preset, freeze.overrides, sw.common)
     keep = {e.id for e in sw.experiments}
     sw.experiments = [e for e in variants(base, freeze, cfg.model.n_layer, cfg.train.max_steps)
                       if e.id in keep or e.id.startswith("PU-k") and not args.experiments]

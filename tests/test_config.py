@@ -1,8 +1,12 @@
 """Config: presets, dict round-trip, and one clear error per bad value."""
 
+from pathlib import Path
+
 import pytest
 
 from oelm_ray.core import config as C
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", sorted(C.PRESETS))
@@ -103,3 +107,135 @@ def test_controls_differ_from_a_protocol_arm_in_exactly_what_they_isolate():
     assert all(e.role == "protocol" for e in E.PAPER.values())
     cpu_ctl = [e for e in E.EMBEDDED.values() if e.role == "control"]
     assert [e.config(0).model.qk_std for e in cpu_ctl] == [64**-0.5]
+
+
+# ------------------------------------------------------------------------------------------------
+# one spelling (--set FIELD=VALUE), one coercion, one precedence
+
+
+def test_a_value_is_the_same_however_it_arrives():
+    """--set strings, Python values (an experiment) and the JSON floats Ray hands a trial: one Config."""
+    import json
+
+    from oelm_ray.core.experiments import Experiment
+
+    cli = C.make_config("cpu", C.parse_sets(["lr=5e-3", "max_steps=300", "method=oelm_freeze", "compile=false"]))
+    py = C.make_config("cpu", {"lr": 0.005, "max_steps": 300, "method": "oelm_freeze", "compile": "off"})
+    ray = C.Config.from_dict(json.loads(json.dumps({"train": {**py.to_dict()["train"], "max_steps": 300.0}, "model":
+                                                    py.to_dict()["model"], "data": py.to_dict()["data"]})))
+    exp = Experiment("X", "cpu", {"lr": "0.005", "method": "oelm_freeze"}).config(0, {"max_steps": "300",
+                                                                                      "compile": "off"})
+    assert cli == py == ray == exp
+    assert type(cli.train.max_steps) is int and type(ray.train.max_steps) is int and type(exp.train.lr) is float
+
+
+def test_precedence_preset_experiment_set_search_seed():
+    from oelm_ray.core.experiments import Experiment
+
+    exp = Experiment("X", "cpu", {"lr": 1e-3, "warmup_steps": 10, "max_steps": 300, "seed": 5})
+    assert C.preset("cpu").train.lr == 1e-2
+    t = exp.config(7).train  # the experiment over the preset, the seed axis over everything
+    assert (t.lr, t.warmup_steps, t.max_steps, t.seed) == (1e-3, 10, 300, 7)
+    t = exp.config(7, {"lr": 2e-3, "max_steps": 400}).train  # --set over the experiment
+    assert (t.lr, t.warmup_steps, t.max_steps) == (2e-3, 10, 400)
+    t = exp.config(7, {"lr": 2e-3}, {"lr": 4e-3, "warmup_steps": 20}).train  # a search over --set
+    assert (t.lr, t.warmup_steps, t.seed) == (4e-3, 20, 7)
+    assert exp.config(7, {"seed": 1}, {"seed": 2}).train.seed == 7
+
+
+def test_the_precedence_is_written_once_and_shown_by_help(capsys):
+    import inspect
+
+    from oelm_ray import cli
+
+    doc = inspect.getdoc(C.make_config)
+    layers = [line.split()[1] for line in C.precedence().splitlines() if line.split()[0].endswith(".")]
+    assert layers == ["preset", "experiment", "--set", "search", "seed"]
+    assert C.precedence() in doc
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert C.precedence() in out  # verbatim: its line breaks kept
+    for sec in ("model", "data", "train"):  # every field, with its docstring
+        for f in C.section_classes()[sec].__dataclass_fields__:
+            assert f"\n  {f} (" in out
+
+
+SET_ERRORS = [
+    (["lr"], "--set 'lr' must look like FIELD=VALUE, e.g. --set lr=1e-3"),
+    (["=1"], "--set '=1' must look like FIELD=VALUE"),
+    (["lr=1e-3", "lr=2e-3"], "--set lr= is given twice ('1e-3' and '2e-3'): keep one"),
+    (["learning_rate=1e-3"], "unknown config field 'learning_rate'; see `oelm-ray train --help` for the fields"),
+    (["max_step=10"], "unknown config field 'max_step' (did you mean max_steps?)"),
+    (["max_steps=1e3"], "max_steps='1e3' is not a valid int: give a whole number, e.g. max_steps=1000"),
+    (["lr=fast"], "lr='fast' is not a valid float: give a number, e.g. lr=0.002"),
+]
+
+
+@pytest.mark.parametrize("items,message", SET_ERRORS, ids=[m[:30] for _, m in SET_ERRORS])
+def test_a_bad_set_is_one_error_naming_the_field_and_its_type(items, message):
+    with pytest.raises(C.ConfigError) as e:
+        C.parse_sets(items)
+    assert message in str(e.value)
+
+
+def test_aliases_are_set_and_conflict_with_it():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    C.add_set_arguments(ap)
+    assert C.parse_sets(ap.parse_args(["--max-steps", "20", "--set", "lr=1e-3", "d-model=32"])) == \
+        {"lr": 1e-3, "d_model": 32, "max_steps": 20}
+    with pytest.raises(C.ConfigError, match="--max-steps 20 and --set max_steps=30 set the same field: keep one"):
+        C.parse_sets(ap.parse_args(["--max-steps", "20", "--set", "max_steps=30"]))
+    with pytest.raises(C.ConfigError, match="lr: not a data field; this command reads only those"):
+        C.parse_sets(["lr=1e-3"], sections=("data",))
+
+
+def test_a_field_spelled_as_a_flag_is_told_the_spelling(capsys):
+    from oelm_ray import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--out-dir", "x", "--lr", "1e-3"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "oelm-ray: error: --lr is not a flag: set config fields with --set, e.g. --set lr=VALUE"
+
+
+def test_per_arm_fields_come_from_the_experiments():
+    from oelm_ray.core import experiments as E
+
+    paper = list(E.PAPER.values())
+    per_arm = {k for e in paper for k in e.overrides}  # what the paper rows set, not a hand-written list
+    assert {"lr", "max_steps", "method", "dataset"} <= per_arm
+    lines = E.per_arm(paper, {"lr": 2e-3, "weight_decay": 0.1})
+    assert lines == ["--set lr=0.002 replaces the per-arm lr of the experiments (GPT-01, GPT-04, GPT-06: 0.0003; "
+                     "GPT-02, GPT-03, GPT-05, GPT-07: 0.001): every trial runs at lr=0.002, not at its experiment's "
+                     "own value"]
+    (steps,) = E.per_arm(paper, {"max_steps": 100_000})  # arms already at that value are not replaced
+    assert "(GPT-04, GPT-05: 150000; GPT-06, GPT-07: 200000)" in steps and "GPT-01" not in steps
+    assert E.per_arm(paper[:3], {"max_steps": 100_000}) == []
+    assert E.per_arm(list(E.EMBEDDED.values()), {"lr": 1e-3}) == []  # the embedded arms share the preset's lr
+
+
+def test_help_keeps_the_docstrings_line_breaks(capsys):
+    import runpy
+
+    from oelm_ray import cli
+    from oelm_ray.tune import recipe
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(line in out.splitlines() for line in cli.__doc__.strip().splitlines())
+    for cmd in ("prepare", "train", "status", "report", "sync", "check-cluster", "selftest", "doctor"):
+        with pytest.raises(SystemExit):
+            cli.main([cmd, "--help"])
+        assert capsys.readouterr().out.startswith("usage: ")
+    for name in ("phase3", "lr_warmup", "partial_unfreeze", "scaling"):
+        mod = runpy.run_path(str(ROOT / "sweeps" / f"{name}.py"))
+        text = recipe.parser(name, mod["PRESETS"], mod["__doc__"]).format_help()
+        lines = text.splitlines()
+        missing = [line for line in mod["__doc__"].strip().splitlines() if line.rstrip() not in lines]
+        assert not missing, f"sweeps/{name}.py --help reflowed {missing[:2]}"
+        assert C.precedence() in text

@@ -177,9 +177,18 @@ def test_prepare_idempotent(tmp_path):
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == mtimes
 
 
-def test_load_missing(tmp_path):
-    with pytest.raises(DataError, match="oelm-ray prepare --dataset stories"):
-        data.load_prepared(small_cfg(tmp_path))
+def test_load_missing_names_the_prepare_command_that_builds_it(tmp_path):
+    import shlex
+
+    from oelm_ray import cli
+    from oelm_ray.core import config as C
+
+    cfg = small_cfg(tmp_path, stories_seed=7)
+    with pytest.raises(DataError, match="oelm-ray prepare --set dataset=stories tokenizer=bytes stories_mb=0.2 ") as e:
+        data.load_prepared(cfg)
+    hint = shlex.split(str(e.value).split("`")[1])
+    args = cli.build_parser().parse_args(hint[1:])
+    assert data.prepared_dir(C.make_config(args.preset, C.parse_sets(args, ("data",))).data) == data.prepared_dir(cfg)
 
 
 def test_corrupted_truncated_and_foreign(tmp_path):

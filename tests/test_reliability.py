@@ -43,6 +43,7 @@ import torch
 from oelm_ray import cli, results
 from oelm_ray.core import data
 from oelm_ray.tune import recipe
+from oelm_ray.tune import sweep as sweep_mod
 from oelm_ray.core import experiments as E
 from oelm_ray.core.checkpoint import load_checkpoint, save_checkpoint
 from oelm_ray.core.io import DiskFullError, atomic_write, write_json
@@ -415,10 +416,14 @@ def _train_config(**kw):
 # 2. bad input: one line, exit 2, before any training, nothing overwritten
 
 
-# a tiny `oelm-ray train` run, as config overrides and as the same flags
+# a tiny `oelm-ray train` run, as config overrides and as the same command line
 TINY = dict(stories_mb=0.3, d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, max_steps=10,
             warmup_steps=2, eval_interval=10, eval_batches=1, log_interval=10, num_threads=1)
-TRAIN = ["train", "--preset", "cpu", *[a for k, v in TINY.items() for a in ("--" + k.replace("_", "-"), str(v))]]
+
+
+def train_argv(**fields) -> list[str]:
+    """`oelm-ray train --preset cpu --set ...` of the tiny run, with `fields` changed or added."""
+    return ["train", "--preset", "cpu", "--set", *[f"{k}={v}" for k, v in {**TINY, **fields}.items()]]
 
 
 @dataclass
@@ -443,15 +448,17 @@ class Bad:
     patch: Callable[[pytest.MonkeyPatch], None] | None = None
     env: Callable[[Path], dict] | None = None
     ray: bool = False
-    """Needs the shared local Ray (the check asks the cluster)."""
+    """Needs the shared local Ray (the check asks the cluster); otherwise the check must come before Ray starts."""
+    usage: bool = False
+    """argparse's own error: its usage lines, then the one message."""
     example: str = ""
     """The bad input, in words (README)."""
     says: str = ""
     """What the message tells the user (README)."""
 
 
-def _train(d: Path, w: World, *extra: str, data_dir: Path | None = None) -> list[str]:
-    return [*TRAIN, "--data-dir", str(data_dir or w.data), *extra]
+def _train(d: Path, w: World, *extra: str, data_dir: Path | None = None, **fields) -> list[str]:
+    return [*train_argv(**fields), "--data-dir", str(data_dir or w.data), *extra]
 
 
 def _sweep(d: Path, w: World, *extra: str) -> list[str]:
@@ -528,9 +535,9 @@ BAD_INPUT = [
     Bad("unknown method", "phase3", lambda d, w: _sweep(d, w, "--set", "method=oelm_magic"),
         r"method='oelm_magic' is unknown: choose one of baseline, oelm_freeze, oelm_random",
         example='`--set method=oelm_magic`', says='names the trial and lists baseline, oelm_freeze, oelm_random'),
-    Bad("unknown dataset", "oelm-ray", lambda d, w: _train(d, w, "--dataset", "nosuch", "--out-dir", str(d / "x")),
+    Bad("unknown dataset", "oelm-ray", lambda d, w: _train(d, w, "--out-dir", str(d / "x"), dataset="nosuch"),
         r"dataset='nosuch' is unknown: choose one of stories, tinystories",
-        example='`--dataset nosuch`', says='lists the known corpora and the local file suffixes'),
+        example='`--set dataset=nosuch`', says='lists the known corpora and the local file suffixes'),
     Bad("unknown preset", "oelm-ray", lambda d, w: [*_train(d, w, "--out-dir", str(d / "x")), "--preset", "huge"],
         r"preset='huge' is unknown: choose one of cpu, small-256, medium-512, large-768",
         example='`--preset huge`', says='lists the presets (cpu, medium-512)'),
@@ -551,6 +558,56 @@ BAD_INPUT = [
     Bad("seeds not integers", "phase3", lambda d, w: _sweep(d, w, "--seeds", "0,one"),
         r"--seeds '0,one' must be comma-separated whole numbers",
         example='`--seeds 0,one`', says='comma-separated whole numbers, e.g. 0,1,2'),
+    Bad("seeds empty", "phase3", lambda d, w: _sweep(d, w, "--seeds", ","),
+        r"--seeds ',' names no seed: give comma-separated",
+        example='`--seeds ,`', says='give comma-separated whole numbers, or leave `--seeds` out for the preset\'s'),
+    Bad("seed given twice", "phase3", lambda d, w: _sweep(d, w, "--seeds", "0,1,0"),
+        r"--seeds '0,1,0' names seed 0 twice: .*list each seed once",
+        example='`--seeds 0,1,0`', says='which seed repeats (two trials would share a name and folder)'),
+    Bad("seed set as a field", "phase3", lambda d, w: _sweep(d, w, "--set", "seed=3"),
+        r"--set seed=3: a sweep's seeds are its seed axis: use --seeds 3",
+        example='`--set seed=3`', says='use `--seeds`'),
+    Bad("experiment not in the preset", "phase3", lambda d, w: _sweep(d, w, "--experiments", "GPT-01"),
+        r"--experiments GPT-01: not in --preset embedded, whose experiments are CPU-01, CPU-02, CPU-03, CPU-04",
+        example='`--experiments GPT-01` with the embedded preset', says="lists the preset's experiments"),
+    Bad("bad --set item", "phase3", lambda d, w: _sweep(d, w, "--set", "lr"), r"--set 'lr' must look like FIELD=VALUE",
+        example='`--set lr`', says='FIELD=VALUE, with an example'),
+    Bad("field given twice", "phase3", lambda d, w: _sweep(d, w, "--max-steps", "20", "--set", "max_steps=30"),
+        r"--max-steps 20 and --set max_steps=30 set the same field: keep one",
+        example='`--max-steps 20 --set max_steps=30`', says='the two spellings; keep one'),
+    Bad("value of the wrong type", "phase3", lambda d, w: _sweep(d, w, "--set", "max_steps=1e3"),
+        r"max_steps='1e3' is not a valid int: give a whole number, e.g. max_steps=1000",
+        example='`--set max_steps=1e3`', says="the field's type, with an example"),
+    Bad("negative GPUs per trial", "phase3", lambda d, w: _sweep(d, w, "--gpus-per-trial", "-1"),
+        r"--gpus-per-trial -1 must be 0 \(CPU trials\), a share of one GPU from 0.0001 to 1 .*or a whole number",
+        example='`--gpus-per-trial -1`', says='0, a share of one GPU, or whole GPUs (before Ray starts)'),
+    Bad("fractional GPUs above one", "phase3", lambda d, w: _sweep(d, w, "--gpus-per-trial", "1.5"),
+        r"--gpus-per-trial 1.5 must be 0 \(CPU trials\), a share of one GPU",
+        example='`--gpus-per-trial 1.5`', says='0, a share of one GPU, or whole GPUs'),
+    Bad("zero CPUs per trial", "phase3", lambda d, w: _sweep(d, w, "--cpus-per-trial", "0"),
+        r"--cpus-per-trial 0 must be a number of CPUs of at least 0.0001",
+        example='`--cpus-per-trial 0`', says='at least 0.0001 CPU (e.g. 1 or 0.5)'),
+    Bad("zero trials per GPU", "phase3", lambda d, w: _sweep(d, w, "--trials-per-gpu", "0"),
+        r"--trials-per-gpu 0 must be a whole number from 1 .* to 10000",
+        example='`--trials-per-gpu 0`', says='a whole number from 1 to 10000'),
+    Bad("trials per GPU and GPUs per trial", "phase3",
+        lambda d, w: _sweep(d, w, "--trials-per-gpu", "2", "--gpus-per-trial", "1"),
+        r"--trials-per-gpu 2 and --gpus-per-trial 1 both set each trial's GPU share: keep one",
+        example='`--trials-per-gpu 2 --gpus-per-trial 1`', says='both set the GPU share: keep one'),
+    Bad("negative retries", "phase3", lambda d, w: _sweep(d, w, "--max-failures", "-1"),
+        r"--max-failures -1 must be a whole number >= 0",
+        example='`--max-failures -1`', says=">= 0 (Tune's -1 would retry an always-crashing trial forever)"),
+    Bad("run name with a path", "phase3", lambda d, w: _sweep(d, w, "--name", "../elsewhere"),
+        r"--name '../elsewhere' must be one folder name under --storage: .*no '/' and no '..'",
+        example="`--name ../elsewhere` (or `a/b`)", says="one folder name: letters, digits, '.', '_', '-'"),
+    Bad("empty storage", "phase3", lambda d, w: [*_sweep(d, w), "--storage", ""], r"--storage '' is empty",
+        example="`--storage ''`", says='give the folder or URI for the runs'),
+    Bad("bad W&B project", "phase3", lambda d, w: [*_sweep(d, w), "--wandb-project", "team/project"],
+        r"--wandb-project 'team/project' is not a W&B project name",
+        example='`--wandb-project team/project`', says='1-128 characters, none of `/ \\ # ? % :`'),
+    Bad("config field as a flag", "oelm-ray", lambda d, w: [*_train(d, w, "--out-dir", str(d / "x")), "--lr", "1e-3"],
+        r"--lr is not a flag: set config fields with --set, e.g. --set lr=VALUE", usage=True,
+        example='`oelm-ray train --lr 1e-3`', says='use `--set lr=...`'),
     Bad("token file truncated", "oelm-ray", lambda d, w: _train(d, w, "--out-dir", str(d / "x"), data_dir=d / "data"),
         r"train.bin is \d+ bytes, expected \d+ .*truncated or incomplete.*delete", setup=_truncate,
         example='train.bin cut short', says='the size it has and should have; delete and prepare again (`--force`)'),
@@ -564,12 +621,14 @@ BAD_INPUT = [
         example='meta.json says gpt2, config says bytes', says='which tokenizer it was prepared with; delete and prepare again'),
     Bad("no prepared data (--no-prepare)", "oelm-ray",
         lambda d, w: _train(d, w, "--out-dir", str(d / "x"), "--no-prepare", data_dir=d / "nodata"),
-        r"no prepared data at .*run `oelm-ray prepare --dataset stories",
+        r"no prepared data at .*run `oelm-ray prepare --set dataset=stories tokenizer=bytes stories_mb=0.3 "
+        r"--data-dir .*nodata`",
         example='empty `--data-dir`', says='the `oelm-ray prepare ...` command to run'),
     Bad("checkpoint from another model config", "oelm-ray",
-        lambda d, w: _train(d, w, "--out-dir", str(d / "x"), "--resume", "--d-model", "48"),
+        lambda d, w: _train(d, w, "--out-dir", str(d / "x"), "--resume", d_model=48),
         r"belongs to another model/corpus \(model.d_model: checkpoint 32 vs config 48", setup=_copy_run,
-        example='`--resume --d-model 48` on a d_model 32 run', says='the differing fields; resume with the original config or another `--out-dir`'),
+        example='`--resume --set d_model=48` on a d_model 32 run',
+        says='the differing fields; resume with the original config or another `--out-dir`'),
     Bad("--resume with no checkpoint", "oelm-ray", lambda d, w: _train(d, w, "--out-dir", str(d / "x"), "--resume"),
         r"no checkpoint at .*latest.pt: run without --resume",
         example='`--resume` into an empty folder', says='run without `--resume`'),
@@ -654,14 +713,25 @@ def test_bad_input_fails_in_one_line_before_any_work(bad: Bad, tmp_path, world, 
         with monkeypatch.context() as mp_:
             if bad.patch:
                 bad.patch(mp_)
-            if bad.entry == "oelm-ray":
-                rc = cli.main(argv)
-            else:
-                rc = recipe.main("phase3", _phase3_presets(), argv)
+            if not bad.ray:  # the check comes before Ray: joining or starting one here is a failure
+
+                def no_ray(address):
+                    raise AssertionError(f"{bad.case}: Ray was started before the bad input was found")
+                mp_.setattr(sweep_mod, "connect", no_ray)
+            try:
+                if bad.entry == "oelm-ray":
+                    rc = cli.main(argv)
+                else:
+                    rc = recipe.main("phase3", _phase3_presets(), argv)
+            except SystemExit as e:  # argparse's own errors
+                rc = e.code
         err, prefix, limit = capsys.readouterr().err, ("oelm-ray " if bad.entry == "oelm-ray" else "phase3: "), 30.0
     elapsed = time.perf_counter() - t
     lines = err.strip().splitlines()
     assert rc == 2, err
+    if bad.usage:  # argparse: the usage, then `<prog>: error: <message>` as the last line
+        lines, prefix = lines[-1:], "oelm-ray" if bad.entry == "oelm-ray" else "sweeps/phase3.py"
+        assert err.startswith("usage: "), err
     assert len(lines) == 1, err
     assert lines[0].startswith(prefix) and ": error: " in lines[0], lines[0]
     assert re.search(bad.expect, lines[0]), lines[0]
@@ -901,8 +971,8 @@ def test_same_seed_same_numbers_in_one_process_and_across_processes(tmp_path, wo
     # a different seed does differ (the comparison is not vacuous)
     assert losses(read_metrics(tmp_path / "other-seed" / "metrics.jsonl")) != losses(a)
     # a fresh interpreter (another day, or a Ray worker) gives the same numbers
-    args = [sys.executable, "-m", "oelm_ray", *TRAIN, "--data-dir", str(world.data), "--max-steps", "20",
-            "--dropout", "0.1", "--out-dir", str(tmp_path / "c"), "--no-prepare"]
+    args = [sys.executable, "-m", "oelm_ray", *train_argv(max_steps=20, dropout=0.1), "--data-dir", str(world.data),
+            "--out-dir", str(tmp_path / "c"), "--no-prepare"]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert losses(read_metrics(tmp_path / "c" / "metrics.jsonl")) == losses(a)

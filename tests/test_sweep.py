@@ -204,6 +204,44 @@ def test_bad_trial_config_is_caught_before_ray(tmp_path):
         Sweep("bad", list(E.EMBEDDED.values()), ["a"], str(tmp_path)).trials()
 
 
+def test_a_set_over_per_arm_values_is_said_in_the_sweeps_first_lines(tmp_path, monkeypatch, capsys):
+    """--set lr / --max-steps on the paper rows: a warning per field, naming the arms and the values it replaces."""
+    from test_reliability import _phase3_presets
+    from oelm_ray.tune import sweep as S
+
+    def stop(address):
+        raise ConfigError("stopped where Ray would start")
+
+    monkeypatch.setattr(S, "connect", stop)
+    argv = ["--preset", "paper", "--no-wandb", "--storage", str(tmp_path), "--set", "lr=2e-3", "weight_decay=0.1"]
+    assert recipe.main("phase3", _phase3_presets(), argv + ["--max-steps", "5000"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.splitlines() == [
+        "phase3-paper: warning: --set lr=0.002 replaces the per-arm lr of the experiments (GPT-01, GPT-04, "
+        "GPT-06: 0.0003; GPT-02, GPT-03, GPT-05, GPT-07: 0.001): every trial runs at lr=0.002, not at its "
+        "experiment's own value",
+        "phase3-paper: warning: --set max_steps=5000 replaces the per-arm max_steps of the experiments (GPT-01, "
+        "GPT-02, GPT-03: 100000; GPT-04, GPT-05: 150000; GPT-06, GPT-07: 200000): every trial runs at "
+        "max_steps=5000, not at its experiment's own value",
+        "phase3: error: stopped where Ray would start",
+    ]
+    # no per-arm field: no warning
+    assert recipe.main("phase3", _phase3_presets(), argv[:-2] + ["weight_decay=0.1"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["phase3: error: stopped where Ray would start"]
+
+
+def test_a_search_recipe_refuses_a_set_of_what_it_searches(tmp_path, capsys):
+    import runpy
+
+    lw = runpy.run_path(str(ROOT / "sweeps" / "lr_warmup.py"))
+    for field in ("lr=1e-3", "warmup_steps=10"):
+        assert lw["main"](["--smoke-test", "--no-wandb", "--storage", str(tmp_path), "--set", field]) == 2
+        assert capsys.readouterr().err.strip() == \
+            "lr_warmup: error: this recipe searches lr and warmup_steps for each arm: drop --set lr / --set " \
+            "warmup_steps"
+    assert not (tmp_path / "lr_warmup-smoke").exists()
+
+
 def _recipe(tmp_path: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "sweeps" / "phase3.py"), "--smoke-test", "--no-wandb",
             "--storage", str(tmp_path / "runs"), *extra]

@@ -157,10 +157,10 @@ def test_summary_and_metrics_files(tmp_path, data_dir):
 
 
 def test_cli_train_and_resume(tmp_path, data_dir):
-    args = [sys.executable, "-m", "oelm_ray", "train", "--preset", "cpu", "--method", "oelm_freeze", "--seed", "0",
-            "--out-dir", str(tmp_path / "x"), "--data-dir", data_dir, "--stories-mb", "0.2", "--d-model", "32",
-            "--n-layer", "2", "--n-head", "2", "--d-ff", "64", "--block-size", "32", "--batch-size", "4",
-            "--warmup-steps", "2", "--eval-interval", "5", "--eval-batches", "1", "--num-threads", "1"]
+    args = [sys.executable, "-m", "oelm_ray", "train", "--preset", "cpu", "--out-dir", str(tmp_path / "x"),
+            "--data-dir", data_dir, "--set", "method=oelm_freeze", "seed=0", "stories_mb=0.2", "d_model=32",
+            "n_layer=2", "n_head=2", "d_ff=64", "block_size=32", "batch_size=4", "warmup_steps=2", "eval_interval=5",
+            "eval_batches=1", "num_threads=1"]
     r = subprocess.run(args + ["--max-steps", "10"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "val ppl" in r.stdout
@@ -168,7 +168,7 @@ def test_cli_train_and_resume(tmp_path, data_dir):
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout
     assert json.loads((tmp_path / "x" / "summary.json").read_text())["steps"] == 20
-    bad = subprocess.run(args + ["--max-steps", "10", "--lr", "-1"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(args + ["--max-steps", "10", "--set", "lr=-1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["oelm-ray train: error: lr=-1.0 must be a finite number > 0"]
 

@@ -6,16 +6,23 @@ reads them back for `--help` and the README's table of options.
 
 A config round-trips through plain dicts (`to_dict` / `from_dict`), which is how Ray hands it to a
 trial. Field names are unique across the three sections, so a flat override such as
-`{"lr": 1e-3, "d_model": 256}` is unambiguous.
+`{"lr": 1e-3, "d_model": 256}` is unambiguous. `make_config` resolves a run's config from its
+layers (preset < experiment < --set < search < seed: its docstring is the one statement of that
+order), `typed` is the one coercion of a value to its field's type, and `parse_sets` reads the
+command line's `--set FIELD=VALUE` (the one spelling of a field in `oelm-ray` and every recipe).
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
+import difflib
 import functools
 import inspect
 import math
+import re
+import textwrap
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
@@ -118,6 +125,8 @@ class DataConfig:
                 f"or a local file ending in {', '.join(LOCAL_SUFFIXES)}"
             )
         _choice("tokenizer", self.tokenizer, TOKENIZERS)
+        if not self.data_dir.strip():
+            raise ConfigError("data_dir='' is empty: give the folder of the prepared data (default: data)")
         if not self.stories_mb > 0:
             raise ConfigError(f"stories_mb={self.stories_mb} must be > 0")
         if not 0.0 < self.val_fraction < 0.5:
@@ -280,28 +289,23 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
-        """Build from a nested dict ({"model": {...}, ...}); unknown keys are an error."""
-        parts = {}
-        for f in fields(cls):
-            sub = dict(d.get(f.name) or {})
-            part_cls = f.default_factory  # type: ignore[misc]
-            known = {g.name for g in fields(part_cls)}
-            unknown = set(sub) - known
-            if unknown:
-                raise ConfigError(f"unknown {f.name} config field(s): {', '.join(sorted(unknown))}")
-            parts[f.name] = part_cls(**{k: _coerce(part_cls, k, v) for k, v in sub.items()})
+        """Build from a nested dict ({"model": {...}, ...}), e.g. what Ray hands a trial; unknown keys are an error."""
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
-        return cls(**parts)
+        where = field_sections()
+        for sec, part in d.items():
+            misplaced = sorted(k for k in part or {} if where.get(k) != sec)
+            if misplaced:
+                raise ConfigError(f"unknown {sec} config field(s): {', '.join(misplaced)}")
+        return cls().override({k: v for part in d.values() for k, v in (part or {}).items()})
 
     def override(self, flat: dict[str, Any]) -> "Config":
-        """Return a copy with flat overrides (field name -> value) applied; unknown names are an error."""
-        d = self.to_dict()
-        where = field_sections()
-        for key, value in typed(flat).items():
-            d[where[key]][key] = value
-        return Config.from_dict(d)
+        """A copy with flat overrides (field name -> value) applied, each value coerced by `typed`."""
+        where, flat = field_sections(), typed(flat)
+        return Config(**{sec: dataclasses.replace(getattr(self, sec), **{k: v for k, v in flat.items()
+                                                                           if where[k] == sec})
+                         for sec in section_classes()})
 
 
 VOCAB_SIZES = {"bytes": 257, "gpt2": 50257}
@@ -364,23 +368,128 @@ def preset(name: str) -> Config:
 
 
 def typed(flat: dict[str, Any]) -> dict[str, Any]:
-    """Flat overrides with every value coerced to its field's type ("5e-3" -> 0.005, "true" -> True).
+    """Flat overrides with every value coerced to its field's type ("5e-3" -> 0.005, "500" -> 500).
 
-    Unknown fields are an error. Equal values are then equal however they were spelled.
+    The one coercion of config values, wherever they come from (`--set`, an experiment, a search, the
+    dict Ray hands a trial). An unknown field, or a value its field's type cannot take, is one
+    ConfigError naming the field and the type. Equal values are then equal however they were spelled.
     """
     where, classes = field_sections(), section_classes()
     out = {}
     for key, value in flat.items():
         key = key.replace("-", "_")
         if key not in where:
-            raise ConfigError(f"unknown config field {key!r}; see `oelm-ray train --help` for the fields")
+            near = difflib.get_close_matches(key, where, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"unknown config field {key!r}{hint}; see `oelm-ray train --help` for the fields")
         out[key] = _coerce(classes[where[key]], key, value)
     return out
 
 
-def make_config(preset_name: str = "cpu", **overrides: Any) -> Config:
-    """Preset + flat overrides, validated: the one way recipes, the CLI and Ray trials build configs."""
-    return preset(preset_name).override(overrides).validate()
+def make_config(preset_name: str = "cpu", *layers: dict[str, Any], **overrides: Any) -> Config:
+    """The config of one run, resolved from its layers and validated: the one way the CLI, the
+    recipes and Ray trials build configs. Each layer is a dict of flat overrides (field -> value)
+    and replaces the fields it names; the later layer wins:
+
+      1. preset      the named preset's defaults (`--preset`; each experiment names its own)
+      2. experiment  the experiment's per-arm overrides (GPT-01's dataset, method, lr, max_steps)
+      3. --set       FIELD=VALUE from the command line (after --smoke-test's sizes), for every trial;
+                     a sweep's first lines warn of each per-arm value of layer 2 that it replaces
+      4. search      the value a search tries for its fields (sweeps/lr_warmup.py: lr, warmup_steps)
+      5. seed        the trial's seed, from the sweep's seed axis (--seeds)
+
+    `oelm-ray train` has layers 1 and 3 (`seed` is a field like any other there). Keyword
+    overrides are one more layer, after the others.
+    """
+    merged: dict[str, Any] = {}
+    for layer in (*layers, overrides):
+        merged.update(layer)
+    return preset(preset_name).override(merged).validate()
+
+
+def precedence() -> str:
+    """The numbered precedence list of `make_config`'s docstring, for `--help`."""
+    doc = (inspect.getdoc(make_config) or "").splitlines()
+    first = next(i for i, line in enumerate(doc) if re.match(r"\s+1\. ", line))
+    last = next((i for i in range(first, len(doc)) if not doc[i].strip()), len(doc))
+    return "\n".join(doc[first:last])
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line: --set FIELD=VALUE, and the two everyday flags that are aliases of it
+
+ALIASES = {"max_steps": "--max-steps", "data_dir": "--data-dir"}
+"""Field -> flag: `--max-steps N` is `--set max_steps=N`, in `oelm-ray train` and every sweep recipe."""
+
+
+def add_set_arguments(ap: argparse.ArgumentParser, aliases: tuple[str, ...] = tuple(ALIASES),
+                      defaults: dict[str, str] | None = None) -> None:
+    """`--set FIELD=VALUE ...` (repeatable) and the alias flags `aliases` names; `defaults`: a field's
+    default where the command has its own (a recipe's data_dir: <storage>/data), for the help text."""
+    g = ap.add_argument_group("config fields (the list and the precedence: at the end)")
+    g.add_argument("--set", dest="set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                   help="set config fields, e.g. --set lr=1e-3 max_steps=2000 (repeatable)")
+    for name in aliases:
+        g.add_argument(ALIASES[name], dest=f"alias_{name}", default=None, metavar=name.upper(),
+                       help=f"the same as --set {name}={name.upper()}"
+                            + (f" (default: {defaults[name]})" if name in (defaults or {}) else ""))
+
+
+def parse_sets(args: argparse.Namespace | list[str], sections: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`--set` items and alias flags -> typed flat overrides (one error for a bad item, field or value).
+
+    `args` is parsed arguments (after `add_set_arguments`) or a bare list of FIELD=VALUE items;
+    `sections` limits the fields to those sections (`oelm-ray prepare`: data).
+    """
+    items = args if isinstance(args, list) else args.set
+    flat: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r} must look like FIELD=VALUE, e.g. --set lr=1e-3")
+        if key in flat:
+            raise ConfigError(f"--set {key}= is given twice ({flat[key]!r} and {value.strip()!r}): keep one")
+        flat[key] = value.strip()
+    for name, flag in ALIASES.items():
+        value = None if isinstance(args, list) else getattr(args, f"alias_{name}", None)
+        if value is not None:
+            if name in flat:
+                raise ConfigError(f"{flag} {value} and --set {name}={flat[name]} set the same field: keep one")
+            flat[name] = value
+    out = typed(flat)
+    where = field_sections()
+    outside = [k for k in out if sections and where[k] not in sections]
+    if outside:
+        raise ConfigError(f"{', '.join(outside)}: not a {'/'.join(sections)} field; this command reads only those")
+    return out
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, telling a config field spelled as a flag (`--lr 1e-3`) its spelling: `--set lr=1e-3`."""
+
+    def error(self, message: str):  # type: ignore[override]
+        flag = re.match(r"unrecognized arguments: (--[\w-]+)", message)
+        if flag and flag.group(1)[2:].replace("-", "_") in field_sections():
+            name = flag.group(1)[2:].replace("-", "_")
+            message = f"{flag.group(1)} is not a flag: set config fields with --set, e.g. --set {name}=VALUE"
+        super().error(message)
+
+
+def fields_help(sections: tuple[str, ...] = ("model", "data", "train"), width: int = 100) -> str:
+    """`--help`'s epilog: the precedence, then every field (type, cpu preset's value, docstring)."""
+    cpu = preset("cpu").to_dict()
+    lines = ["precedence, lowest first (a later layer replaces the fields it names):", precedence(), ""]
+    for sec in sections:
+        cls = section_classes()[sec]
+        docs = field_docs(cls)
+        lines.append(f"{sec} fields (--set FIELD=VALUE; the value in brackets is --preset cpu's):")
+        for f in fields(cls):
+            shown = '""' if cpu[sec][f.name] == "" else cpu[sec][f.name]
+            head = f"  {f.name} ({f.type}) [{shown}]  "
+            lines += textwrap.wrap(docs.get(f.name, ""), width, initial_indent=head, subsequent_indent=" " * 6)
+        lines.append("")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +533,9 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
         if typ == "str":
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r} is not a valid {typ}") from None
+        example = {"int": "a whole number", "float": "a number", "bool": "true or false"}.get(typ, typ)
+        raise ConfigError(f"{name}={value!r} is not a valid {typ}: give {example}, "
+                          f"e.g. {name}={getattr(cls(), name)!r}") from None
     return value
 
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shlex
 import shutil
 import tempfile
 import threading
@@ -134,7 +135,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def _prepare_hint(cfg: DataConfig) -> str:
-    return f"oelm-ray prepare --dataset {cfg.dataset} --tokenizer {cfg.tokenizer}"
+    """The `oelm-ray prepare` command that builds prepared_dir(cfg): every data field off its default."""
+    base = asdict(DataConfig())
+    sets = [shlex.quote(f"{k}={v}") for k, v in asdict(cfg).items()
+            if k in ("dataset", "tokenizer") or k != "data_dir" and v != base[k]]
+    where = f" --data-dir {shlex.quote(cfg.data_dir)}" if cfg.data_dir != base["data_dir"] else ""
+    return f"oelm-ray prepare --set {' '.join(sets)}{where}"
 
 
 def prepare(cfg: DataConfig, progress: bool = True, force: bool = False, workers: int | None = None,

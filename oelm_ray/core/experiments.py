@@ -40,9 +40,10 @@ class Experiment:
     def trial_name(self, seed: int) -> str:
         return trial_name(self.id, self.method, seed)
 
-    def config(self, seed: int, **extra: Any) -> Config:
-        """The validated config of one trial: preset + overrides + seed + extra (recipe-level) overrides."""
-        return make_config(self.preset, **{**self.overrides, **extra, "seed": seed})
+    def config(self, seed: int, *layers: dict[str, Any], **extra: Any) -> Config:
+        """The validated config of one trial: this experiment's preset and overrides, then `layers` (the
+        sweep's --set, a search's values) and `extra`, then the seed (`make_config` has the order)."""
+        return make_config(self.preset, self.overrides, *layers, extra, {"seed": seed})
 
     def to_dict(self) -> dict[str, Any]:
         d = {"id": self.id, "preset": self.preset, "overrides": dict(self.overrides)}
@@ -123,6 +124,22 @@ SMOKE = dict(
     d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4,
     max_steps=30, warmup_steps=5, eval_interval=10, eval_batches=2, log_interval=10, stories_mb=0.3,
 )
+
+
+def per_arm(experiments: list[Experiment], flat: dict[str, Any]) -> list[str]:
+    """One line per field of `flat` that replaces a value the experiments set per arm: the field, the
+    arms whose own value it replaces, and those values (e.g. --set lr over GPT-01's 3e-4)."""
+    lines = []
+    for key, value in flat.items():
+        own: dict[Any, list[str]] = {}
+        for e in experiments:
+            if key in e.overrides and e.overrides[key] != value:
+                own.setdefault(e.overrides[key], []).append(e.id)
+        if own:
+            arms = "; ".join(f"{', '.join(ids)}: {v!r}" for v, ids in own.items())
+            lines.append(f"--set {key}={value!r} replaces the per-arm {key} of the experiments ({arms}): "
+                         f"every trial runs at {key}={value!r}, not at its experiment's own value")
+    return lines
 
 
 def get(ids: list[str]) -> list[Experiment]:

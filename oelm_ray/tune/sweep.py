@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from ray import tune
 
 from .. import results
 from ..core.config import Config, ConfigError, field_sections
-from ..core.experiments import Experiment
+from ..core.experiments import Experiment, per_arm
 from ..core.io import write_json
 from .recorder import Recorder
 from .resources import check_shared_storage, connect, is_uri, resources
@@ -44,7 +45,10 @@ class Sweep:
     seeds: list[int]
     storage: str = "runs"
     common: dict[str, Any] = field(default_factory=dict)
-    """Flat config overrides for every trial (max_steps, smoke sizes, data_dir, ...)."""
+    """Flat config overrides for every trial (smoke sizes, --set, data_dir, ...): the --set layer of `make_config`."""
+    sets: dict[str, Any] = field(default_factory=dict)
+    """The command line's own --set values (also in common): one that replaces a value the experiments set
+    per arm is named in a warning when the sweep starts."""
     search: dict[str, Any] = field(default_factory=dict)
     """Flat config overrides that may be Tune domains (tune.loguniform, ...): a search space."""
     num_samples: int = 1
@@ -83,7 +87,7 @@ class Sweep:
         for exp in self.experiments:
             for seed in self.seeds:
                 try:
-                    cfg = exp.config(seed, **self.common, **sample)
+                    cfg = exp.config(seed, self.common, sample)
                 except ConfigError as e:
                     raise ConfigError(f"{exp.trial_name(seed)}: {e}") from None
                 out.append(TrialSpec(exp, seed, cfg, tuple(self.search)))
@@ -232,6 +236,8 @@ def _name(trial) -> str:
 def run(sweep: Sweep, report: bool = True) -> Path:
     """Run (or resume) a sweep to its end and write its report; returns the run folder."""
     trials = sweep.trials()
+    for line in per_arm(sweep.experiments, sweep.sets):  # the protocol's per-arm values, replaced: said first
+        print(f"{sweep.name}: warning: {line}", file=sys.stderr, flush=True)
     # checkpoints every eval with num_to_keep=2 trip this warning on tiny runs; it is not actionable here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     resuming = check_run_dir(sweep, trials)
