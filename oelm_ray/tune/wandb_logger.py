@@ -7,7 +7,7 @@ reinit="create_new")`, several live runs at once), so workers need neither netwo
 
 - each row is logged at the training `step` (`run.log(..., step=step)`), so W&B's step axis is
   the training step and the rows of every attempt of a trial share one axis;
-- a retried trial keeps its open run; a restored one (a new driver) continues it (resume="allow");
+- a retried trial keeps its open run; a restored one (a new driver) continues it (online: resume="allow");
   either way only steps above the last one logged (`<run>/wandb/last-step/<trial id>`) are
   logged, so a trial that re-reports the steps after its checkpoint adds no duplicate rows.
   Offline, each driver's attempt is one more `offline-run-*-<id>` folder; `wandb sync` uploads
@@ -141,7 +141,10 @@ class Callback(LoggerCallback):
             return  # a retried trial keeps its open run
         run_dir = self.run_dir or _run_dir_of(trial)
         kwargs = dict(**trial_init(trial.config, trial.trial_id, str(trial)), project=self.project, group=self.group,
-                      dir=str(run_dir), resume="allow", reinit="create_new", allow_val_change=True,
+                      dir=str(run_dir), reinit="create_new", allow_val_change=True,
+                      # online, a restored trial continues its run on the server; offline has nothing to resume
+                      # (each attempt is one more folder) and W&B would warn on the console that it ignores it
+                      resume="allow" if self.mode == "online" else None,
                       # the driver's console is the sweep's: no trial output there, and no W&B banner or summary per run
                       # (this logger says the mode once; `oelm-ray sync` and the report say the rest)
                       settings=wandb.Settings(console="off", silent=True))
@@ -164,7 +167,7 @@ class Callback(LoggerCallback):
             print(f"W&B: {name}: online init failed ({e}); logging offline from now on, `oelm-ray sync` uploads it",
                   flush=True)
             self.mode = "offline"  # one wait for a timeout per sweep, not one per trial
-            return wandb.init(**kwargs, mode="offline")
+            return wandb.init(**{**kwargs, "resume": None}, mode="offline")
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         if trial.trial_id not in self._open:
