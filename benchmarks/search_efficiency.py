@@ -17,10 +17,11 @@ Searchers (benchmarks/searchers.py): sha-phase, the product's (oelm_ray.tune.sea
 halving with rungs only before any candidate's lr has annealed to half its peak (here one, at 60 steps),
 its survivors as many as 40% of the grid's trial-steps pays for (here 6); sha-grid: rungs at 60 and 240
 (--grace-frac 0.2, --reduction-factor 4), a quarter kept at each; asha-grid: the same rungs, asynchronous
-(Ray's ASHA); tpe: Optuna's TPE + ASHA, --samples trials (optuna: `pip install -e ".[bench]"`). --replay replays each search on the grid's recorded curves instead
-of training it, the search's own scheduler (and, for tpe, searcher) objects making every decision (exact
-but for timing: two trials at a time, equal speed; tpe only approximately: its parameter names differ
-from a real search's, so its proposals may too).
+(Ray's ASHA); tpe: Optuna's TPE + ASHA, --samples trials (optuna: `pip install -e ".[bench]"`).
+--replay replays each search on the grid's recorded curves instead of training it, the search's own
+scheduler (and, for tpe, searcher) objects making every decision (exact but for timing: two trials at a
+time, equal speed; tpe only approximately: its parameter names differ from a real search's, so its
+proposals may too).
 Pass, per search: the pick's final val PPL within 2% of the grid's best, for at most 40% of the grid's
 trial-steps (steps actually trained, summed over trials). One table per searcher, over every (arm,
 training seed, searcher seed), and the pass count. Everything resumes if re-run; the rows go to
@@ -288,7 +289,8 @@ def main(argv=None) -> int:
     one.add_argument("--seed", type=int, help="one searcher seed (default 0)")
     one.add_argument("--seeds", help="several searcher seeds against one grid: 0-4 or 0,2,5")
     ap.add_argument("--searcher", default=S.SEARCHERS[0],
-                    help=f"one or several of {', '.join(S.SEARCHERS)}, comma-separated: one table each (default %(default)s)")
+                    help=f"one or several of {', '.join(S.SEARCHERS)}, comma-separated: one table each "
+                         "(default %(default)s)")
     ap.add_argument("--samples", type=int, default=10, help="trials per search (tpe only; the others start every candidate)")
     ap.add_argument("--grace-frac", type=float, default=GRACE_FRAC,
                     help="the first rung as a fraction of the run (rungs then x --reduction-factor); default %(default)s")

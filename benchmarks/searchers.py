@@ -51,7 +51,8 @@ def plan(kind: str, space: search.Space, max_steps: int, eval_interval: int, see
     if kind not in SEARCHERS:
         raise ConfigError(f"searcher={kind!r} is unknown: choose one of {', '.join(SEARCHERS)}")
     if kind == "sha-phase":
-        return search.plan(space, max_steps, eval_interval, seed, grace_frac, reduction_factor, budget_frac, min_lr_frac)
+        return search.plan(space, max_steps, eval_interval, seed, grace_frac, reduction_factor, budget_frac,
+                           min_lr_frac)
     if kind == "tpe":
         if not samples:
             raise ConfigError("searcher tpe needs samples >= 1")

@@ -48,33 +48,39 @@ def cell_summary(exp: Experiment, recs: list[dict], n_candidates: int, max_steps
 
 
 def search_markdown(cells: list[dict]) -> str:
-    """search.md: the best configuration per cell and the trial-steps spent beside the full grid, then each search's trials."""
+    """search.md: the best configuration per cell and the trial-steps spent beside the full grid, then each
+    search's trials."""
     lines = [
         "# Learning-rate / warmup search", "",
         "Best configuration per method (lowest val PPL among the trials trained to max_steps), and the compute",
         "the search spent in trial-steps (steps actually trained, summed over trials) beside a full grid over",
         "the same candidates (every candidate trained to max_steps).", "",
-        "| dataset | experiment | method | best lr | best warmup | val PPL | trials | stopped early | trial-steps | full grid | share of grid |",
+        "| dataset | experiment | method | best lr | best warmup | val PPL | trials | stopped early | trial-steps "
+        "| full grid | share of grid |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         b = c["best"] or {}
+        head = f"| {c['dataset']} | {c['experiment_id']} | {c['method']} "
         lines.append(
-            f"| {c['dataset']} | {c['experiment_id']} | {c['method']} | {b.get('lr', '-'):} | {b.get('warmup_steps', '-')} "
+            head + f"| {b.get('lr', '-'):} | {b.get('warmup_steps', '-')} "
             f"| {b['best_val_ppl']:.3f} | {c['trials']} | {c['stopped_early']} | {c['trial_steps']:,} "
-            f"| {c['grid_trial_steps']:,} ({c['candidates']} x {c['max_steps']:,}) | {100 * c['fraction_of_grid']:.0f}% |"
-            if b else f"| {c['dataset']} | {c['experiment_id']} | {c['method']} | - | - | - | {c['trials']} | - | - | - | - |"
+            f"| {c['grid_trial_steps']:,} ({c['candidates']} x {c['max_steps']:,}) "
+            f"| {100 * c['fraction_of_grid']:.0f}% |"
+            if b else head + f"| - | - | - | {c['trials']} | - | - | - | - |"
         )
     spent, grid = sum(c["trial_steps"] for c in cells), sum(c["grid_trial_steps"] for c in cells)
     if grid:
-        lines += ["", f"All cells: {spent:,} trial-steps searched vs {grid:,} for the full grids ({100 * spent / grid:.0f}%)."]
+        lines += ["", f"All cells: {spent:,} trial-steps searched vs {grid:,} for the full grids "
+                      f"({100 * spent / grid:.0f}%)."]
     for c in cells:
         if c.get("tried"):
             lines += ["", f"{c['experiment_id']} ({c['method']}, {c['dataset']}): the trials of the search", "",
                       "| trial | lr | warmup | steps | val PPL | status |", "|---|---|---|---|---|---|"]
-            lines += [f"| {t['trial']} | {t['lr']:g} | {t['warmup_steps']} | {t['steps']} | {t['best_val_ppl']:.3f} | {t['status']} |"
-                      for t in c["tried"]]
-    lines += ["", "The searches as heatmaps (lr x warmup, val PPL; stopped candidates hatched, the pick framed): search.png.",
+            lines += [f"| {t['trial']} | {t['lr']:g} | {t['warmup_steps']} | {t['steps']} | {t['best_val_ppl']:.3f} "
+                      f"| {t['status']} |" for t in c["tried"]]
+    lines += ["", "The searches as heatmaps (lr x warmup, val PPL; stopped candidates hatched, the pick framed): "
+              "search.png.",
               "The methods compared again at their own best settings, over fresh seeds: summary.md.", ""]
     return "\n".join(lines)
 
@@ -144,7 +150,8 @@ def search_figure(cells: list[dict]):
         ax.set_xticks(range(len(warmups)), [f"{w}\n({100 * w / c['max_steps']:.0f}%)" for w in warmups], fontsize=7)
         ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], fontsize=7)
         ax.set(xlabel="warmup steps", ylabel="peak lr",
-               title=f"{c['experiment_id']} {c['method']} ({c['dataset']})\n{100 * c['fraction_of_grid']:.0f}% of the grid's "
+               title=f"{c['experiment_id']} {c['method']} ({c['dataset']})\n"
+                     f"{100 * c['fraction_of_grid']:.0f}% of the grid's "
                      f"trial-steps; hatched: stopped at a rung")
         ax.title.set_fontsize(8)
     fig.tight_layout()

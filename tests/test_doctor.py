@@ -165,5 +165,6 @@ def test_doctor_finds_a_wandb_key_exactly_where_the_sweep_does(tmp_path):
     assert agree({"HOME": str(home)}) is False  # not a key for api.wandb.ai
     # a netrc that $NETRC points to, and an identity token file instead of a key
     netrc.rename(tmp_path / "elsewhere")
-    assert agree({"HOME": str(home), "NETRC": str(tmp_path / "elsewhere"), "WANDB_BASE_URL": "https://wandb.example.org"})
+    assert agree({"HOME": str(home), "NETRC": str(tmp_path / "elsewhere"),
+                  "WANDB_BASE_URL": "https://wandb.example.org"}) is True
     assert agree({"HOME": str(home), "WANDB_IDENTITY_TOKEN_FILE": str(tmp_path / "token")}) is True

@@ -85,7 +85,7 @@ class Space:
 
 
 def grid_order(space: Space, max_steps: int, seed: int) -> list[dict[str, Any]]:
-    """Every candidate once, in an order shuffled by `seed` (asynchronous rungs favour early arrivals)."""
+    """Every candidate once, in an order shuffled by `seed` (the order their trials start in)."""
     import random
 
     cands = [{"lr": lr, "warmup_steps": w} for lr in space.lrs for w in space.warmups(max_steps)]

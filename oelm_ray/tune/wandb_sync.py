@@ -62,7 +62,8 @@ def sync(run_dir: str | os.PathLike, project: str | None = None) -> None:
     meta = read_meta(run_dir) or {}
     project = project or meta.get("project")
     if not project:
-        raise ConfigError(f"{run_dir} has no W&B runs (was it run with --no-wandb?); pass --project to publish its table anyway")
+        raise ConfigError(f"{run_dir} has no W&B runs (was it run with --no-wandb?); "
+                          "pass --project to publish its table anyway")
     if not has_key():
         raise ConfigError("no W&B API key: run `wandb login` (or set WANDB_API_KEY), then `oelm-ray sync` again")
     runs = offline_runs(run_dir)
@@ -73,7 +74,8 @@ def sync(run_dir: str | os.PathLike, project: str | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
         print(f"W&B: uploading {len(runs)} offline run folder(s) to {project!r}", flush=True)
         if subprocess.run(cmd, env=env).returncode != 0:
-            raise ConfigError(f"`wandb sync` failed for {run_dir / 'wandb'}: see its messages above; run `oelm-ray sync` again")
+            raise ConfigError(f"`wandb sync` failed for {run_dir / 'wandb'}: see its messages above; "
+                              "run `oelm-ray sync` again")
     publish(run_dir, project=project, entity=meta.get("entity"), group=meta.get("group") or run_dir.name)
 
 
@@ -92,7 +94,8 @@ def publish(run_dir: Path, project: str, entity: str | None, group: str, mode: s
     report = wandb.init(project=project, entity=entity, group=group, job_type="report", name=f"{group}-report",
                         id=_report_id(group), resume="allow", dir=str(run_dir), mode=mode, reinit="create_new",
                         config={"run_dir": str(run_dir), "trials": len(ids)})
-    table = {"trials": wandb.Table(dataframe=df.astype({c: "float64" for c in df.columns if str(df[c].dtype) == "boolean"}))}
+    floats = {c: "float64" for c in df.columns if str(df[c].dtype) == "boolean"}  # W&B tables take no nullable bools
+    table = {"trials": wandb.Table(dataframe=df.astype(floats))}
     if (run_dir / "val_ppl.png").exists():
         table["val_ppl"] = wandb.Image(str(run_dir / "val_ppl.png"))
     report.log(table)
