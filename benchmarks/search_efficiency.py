@@ -6,25 +6,26 @@
     python benchmarks/search_efficiency.py --experiments CPU-02 --seeds 0,1 --searcher tpe --samples 10
 
 Per (experiment, training seed), one full grid (every candidate trained to max_steps) and, for each
-searcher seed, one search over the same candidates (oelm_ray.tune.search, as sweeps/lr_warmup.py runs it,
-with the same training seed: a candidate scores exactly what it scores in the grid). The space: 5 lrs
+searcher seed, one search over the same candidates (oelm_ray.tune.search.search_cells, as sweeps/lr_warmup.py
+runs it, with the same training seed: a candidate scores exactly what it scores in the grid). The space: 5 lrs
 (4e-3 ... 6.4e-2, doubling) x 5 warmups (10%, 30%, 60%, 90%, 99%) = 25 candidates. The cpu preset's model
 on the stories corpus, shrunk to max_steps 300, eval every 30. Grids are trained once and kept under
 <storage>/search_efficiency-grid-<experiment>-t<training seed>; their curves are cached in
 <storage>/search_efficiency-cache/, which is all a replay reads.
 
-Searchers (oelm_ray.tune.search.plan): sha-phase, the default: synchronous halving with rungs only before
-any candidate's lr has annealed to half its peak (here one, at 60 steps), its survivors as many as 40% of
-the grid's trial-steps pays for (here 6); sha-grid: rungs at 60 and 240 (--grace-frac 0.2,
---reduction-factor 4), a quarter kept at each; asha-grid: the same rungs, asynchronous (Ray's ASHA); tpe:
-Optuna's TPE + ASHA, --samples trials. --replay replays each search on the grid's recorded curves instead
-of training it, the search's own scheduler (and, for tpe, searcher) objects making every decision (exact
-but for timing: two trials at a time, equal speed; tpe only approximately: its parameter names differ
-from a real search's, so its proposals may too).
+Searchers (benchmarks/searchers.py): sha-phase, the product's (oelm_ray.tune.search.plan): synchronous
+halving with rungs only before any candidate's lr has annealed to half its peak (here one, at 60 steps),
+its survivors as many as 40% of the grid's trial-steps pays for (here 6); sha-grid: rungs at 60 and 240
+(--grace-frac 0.2, --reduction-factor 4), a quarter kept at each; asha-grid: the same rungs, asynchronous
+(Ray's ASHA); tpe: Optuna's TPE + ASHA, --samples trials (optuna: `pip install -e ".[bench]"`).
+--replay replays each search on the grid's recorded curves instead of training it, the search's own
+scheduler (and, for tpe, searcher) objects making every decision (exact but for timing: two trials at a
+time, equal speed; tpe only approximately: its parameter names differ from a real search's, so its
+proposals may too).
 Pass, per search: the pick's final val PPL within 2% of the grid's best, for at most 40% of the grid's
 trial-steps (steps actually trained, summed over trials). One table per searcher, over every (arm,
 training seed, searcher seed), and the pass count. Everything resumes if re-run; the rows go to
-<storage>/search_efficiency-<searcher>[-replay].json too. Figures: README, "search_efficiency".
+<storage>/search_efficiency-<searcher>[-replay].json too.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import searchers as S  # noqa: E402
 from oelm_ray.core import experiments as E  # noqa: E402
 from oelm_ray import results  # noqa: E402
+from oelm_ray.search_report import cell_summary  # noqa: E402
 from oelm_ray.tune import search  # noqa: E402
-from oelm_ray.tune.sweep import Sweep, run  # noqa: E402
+from oelm_ray.tune.sweep import METRIC, MODE, Sweep, run  # noqa: E402
 
 SPACE = search.Space(lrs=search.log_spaced(4e-3, 6.4e-2, 5), warmup_fracs=[0.1, 0.3, 0.6, 0.9, 0.99])
 SHRINK = dict(max_steps=300, eval_interval=30, log_interval=30)
@@ -105,9 +108,9 @@ def one_search(exp, storage: str, common: dict, seed: int, searcher: str, sample
     tag = f"-{searcher}" + (f"{samples}" if searcher == "tpe" else "") + f"-g{grace_frac:g}-rf{reduction_factor:g}"
     base = Sweep(name=f"search_efficiency{tag}-t{train_seed}-s{seed}", experiments=[exp], seeds=[train_seed],
                  storage=storage, common=common)
-    return search.search_cells(base, SPACE, samples, seed=seed, train_seed=train_seed, searcher_kind=searcher,
-                               n_startup=4, grace_frac=grace_frac, reduction_factor=reduction_factor,
-                               budget_frac=STEPS_MAX)[0]
+    return search.search_cells(base, SPACE, seed=seed, train_seed=train_seed, grace_frac=grace_frac,
+                               reduction_factor=reduction_factor, budget_frac=STEPS_MAX,
+                               planner=S.planner(searcher, samples))[0]
 
 
 def replay(exp, seed: int, grid: dict, grace_frac: float = GRACE_FRAC, workers: int = 2,
@@ -116,7 +119,7 @@ def replay(exp, seed: int, grid: dict, grace_frac: float = GRACE_FRAC, workers: 
     """The search of `seed` replayed on the grid's recorded curves (grid_curves), without training.
 
     Exact up to timing: a search trial's val losses are bit-identical to the grid trial's (tested), and
-    the search's own scheduler and searcher objects (search.plan: SyncHalving, Ray's ASHA, seeded TPE)
+    the search's own scheduler and searcher objects (searchers.plan: SyncHalving, Ray's ASHA, seeded TPE)
     make every decision; only the timing is modelled: `workers` trials at a time, equal speed, pending
     trials in the searcher's order (grid_order(seed), or what TPE suggests from the results so far),
     then paused ones the scheduler promotes. Returns a cell like search_cells'.
@@ -126,10 +129,10 @@ def replay(exp, seed: int, grid: dict, grace_frac: float = GRACE_FRAC, workers: 
     max_steps, every = SHRINK["max_steps"], SHRINK["eval_interval"]
     configs = {(c["train"]["lr"], c["train"]["warmup_steps"]): c for c in grid["configs"].values()}
     curves = {cand: [tuple(h) for h in grid["curves"][f"{cand[0]:g},{cand[1]}"]] for cand in configs}
-    n, alg, sched = search.plan(searcher, SPACE, max_steps, every, seed, samples, 4, grace_frac, reduction_factor,
-                                STEPS_MAX)
+    n, alg, sched = S.plan(searcher, SPACE, max_steps, every, seed, grace_frac, reduction_factor, STEPS_MAX,
+                           samples=samples)
     if searcher == "tpe":
-        alg.set_search_properties(search.METRIC, search.MODE, SPACE.domains(max_steps))
+        alg.set_search_properties(METRIC, MODE, SPACE.domains(max_steps))
 
     class _T:  # what the schedulers read of a trial
         def __init__(self, cand, i):
@@ -182,14 +185,14 @@ def replay(exp, seed: int, grid: dict, grace_frac: float = GRACE_FRAC, workers: 
     def ended(t):  # the searcher hears of every finished or stopped trial (TPE models them; ASHA stops by STOP)
         if searcher == "tpe":
             step, loss = curves[t.cand][t.trained - 1]
-            alg.on_trial_complete(t.trial_id, {search.METRIC: loss, "step": step})
+            alg.on_trial_complete(t.trial_id, {METRIC: loss, "step": step})
 
     start_free()
     while running:
         now, _, t = heapq.heappop(running)
         step, loss = curves[t.cand][t.i]
         t.trained = t.i + 1
-        action = sched.on_trial_result(ctl, t, {"step": step, search.METRIC: loss})
+        action = sched.on_trial_result(ctl, t, {"step": step, METRIC: loss})
         if step >= max_steps or action == "STOP":
             t.status = "TERMINATED"
             if action != "STOP":
@@ -210,7 +213,7 @@ def replay(exp, seed: int, grid: dict, grace_frac: float = GRACE_FRAC, workers: 
              "config": {"train": {"lr": t.cand[0], "warmup_steps": t.cand[1], "max_steps": max_steps}, "model": {}},
              "history": [{"step": st, "val/loss": lo, "val/ppl": math.exp(lo)} for st, lo in curves[t.cand][: t.trained]]}
             for t in trials]
-    return search.cell_summary(exp, recs, SPACE.size(max_steps), max_steps, Path(f"replay of {grid_name(exp, train_seed)}"))
+    return cell_summary(exp, recs, SPACE.size(max_steps), max_steps, Path(f"replay of {grid_name(exp, train_seed)}"))
 
 
 def grid_table(grid: dict) -> list[dict]:
@@ -285,8 +288,9 @@ def main(argv=None) -> int:
     one = ap.add_mutually_exclusive_group()
     one.add_argument("--seed", type=int, help="one searcher seed (default 0)")
     one.add_argument("--seeds", help="several searcher seeds against one grid: 0-4 or 0,2,5")
-    ap.add_argument("--searcher", default=search.SEARCHERS[0],
-                    help=f"one or several of {', '.join(search.SEARCHERS)}, comma-separated: one table each (default %(default)s)")
+    ap.add_argument("--searcher", default=S.SEARCHERS[0],
+                    help=f"one or several of {', '.join(S.SEARCHERS)}, comma-separated: one table each "
+                         "(default %(default)s)")
     ap.add_argument("--samples", type=int, default=10, help="trials per search (tpe only; the others start every candidate)")
     ap.add_argument("--grace-frac", type=float, default=GRACE_FRAC,
                     help="the first rung as a fraction of the run (rungs then x --reduction-factor); default %(default)s")
@@ -298,9 +302,9 @@ def main(argv=None) -> int:
     seeds = parse_seed_list(args.seeds) if args.seeds else [args.seed or 0]
     train_seeds = parse_seed_list(args.train_seeds)
     searchers = [x.strip() for x in args.searcher.split(",") if x.strip()]
-    bad = [x for x in searchers if x not in search.SEARCHERS]
+    bad = [x for x in searchers if x not in S.SEARCHERS]
     if bad or not searchers:
-        ap.error(f"--searcher {args.searcher!r}: choose from {', '.join(search.SEARCHERS)}")
+        ap.error(f"--searcher {args.searcher!r}: choose from {', '.join(S.SEARCHERS)}")
     try:
         exps = E.get(args.experiments.split(","))
     except ValueError as e:  # an unknown id: one clear error before any work

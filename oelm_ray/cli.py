@@ -117,9 +117,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "sync":
         from . import results
-        from .tune import wandb_logger
+        from .tune import wandb_sync
 
-        wandb_logger.sync(results.find_run(args.storage, args.run), project=args.project)
+        wandb_sync.sync(results.find_run(args.storage, args.run), project=args.project)
         return 0
     if args.cmd == "check-cluster":
         from .cluster import launcher

@@ -7,7 +7,8 @@ driver died, and need no Ray.
 
 PPL in the tables is the research's "final perplexity": exp(best validation loss) of a trial.
 The gap of a trial is measured against the baseline of the same dataset and seed (the best one
-where a search ran several); the criterion is OELM PPL <= 1.05 x baseline PPL.
+where a search ran several); the criterion is OELM PPL <= 1.05 x baseline PPL. A learning-rate
+search's own report (best.json, search.md, search.png) is oelm_ray.search_report's, built on these records.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from .core.io import atomic_write, write_json
@@ -405,72 +405,13 @@ def plot_val_ppl(records: list[dict], path: Path, df: pd.DataFrame | None = None
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    save_png(fig, path)
 
 
-def search_figure(cells: list[dict]):
-    """A learning-rate search as a heatmap per searched cell: lr (rows) x warmup (columns), coloured by the val
-    PPL each candidate last reached; a candidate a rung stopped is hatched and labelled with its last step,
-    the pick (the cell's best) is framed, candidates the search never tried are grey. Returns the figure.
-
-    `cells`: oelm_ray.tune.search's cell summaries (best.json), each with its "tried" trials.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-    from matplotlib.patches import Rectangle
-
-    cells = [c for c in cells if c.get("tried")]
-    n = max(1, len(cells))
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
-    for ax, c in zip(axes[0], cells):
-        tried = c["tried"]
-        lrs = sorted({t["lr"] for t in tried} | ({c["best"]["lr"]} if c.get("best") else set()))
-        warmups = sorted({t["warmup_steps"] for t in tried})
-        grid = np.full((len(lrs), len(warmups)), np.nan)
-        for t in tried:
-            v = t.get("last_val_ppl", t["best_val_ppl"])
-            grid[lrs.index(t["lr"]), warmups.index(t["warmup_steps"])] = v if finite(v) else np.nan
-        ok = grid[np.isfinite(grid)]
-        norm = LogNorm(vmin=ok.min(), vmax=max(ok.max(), ok.min() * 1.0001)) if ok.size else None
-        cmap = matplotlib.colormaps["viridis_r"].with_extremes(bad="#d9d9d9")
-        im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, origin="lower", aspect="auto")
-        fig.colorbar(im, ax=ax, label="val PPL (last value reached)")
-        for t in tried:
-            y, x = lrs.index(t["lr"]), warmups.index(t["warmup_steps"])
-            v = t.get("last_val_ppl", t["best_val_ppl"])
-            stopped = t["status"] != "completed" or t["steps"] < c["max_steps"]
-            label = f"{v:.2f}" if finite(v) else t["status"]
-            if stopped:
-                label += f"\n@{t['steps']}"
-                ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#bbbbbb", lw=0,
-                                       gid=f"stopped {t['lr']:g},{t['warmup_steps']}"))
-            dark = norm is not None and finite(v) and norm(v) > 0.5  # viridis_r: high PPL is dark
-            ax.text(x, y, label, ha="center", va="center", fontsize=7, color="white" if dark else "black")
-        if c.get("best"):
-            b = c["best"]
-            ax.add_patch(Rectangle((warmups.index(b["warmup_steps"]) - 0.5, lrs.index(b["lr"]) - 0.5), 1, 1, fill=False,
-                                   edgecolor="red", lw=2.5, gid=f"pick {b['lr']:g},{b['warmup_steps']}"))
-        ax.set_xticks(range(len(warmups)), [f"{w}\n({100 * w / c['max_steps']:.0f}%)" for w in warmups], fontsize=7)
-        ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], fontsize=7)
-        ax.set(xlabel="warmup steps", ylabel="peak lr",
-               title=f"{c['experiment_id']} {c['method']} ({c['dataset']})\n{100 * c['fraction_of_grid']:.0f}% of the grid's "
-                     f"trial-steps; hatched: stopped at a rung")
-        ax.title.set_fontsize(8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_search(cells: list[dict], path: Path) -> None:
-    """search_figure written to `path` as a PNG (atomically)."""
+def save_png(fig, path: Path) -> None:
+    """A matplotlib figure written to `path` as a PNG (atomically), then closed."""
     import matplotlib.pyplot as plt
 
-    fig = search_figure(cells)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

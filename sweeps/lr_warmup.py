@@ -9,29 +9,29 @@ search seed shuffles, and synchronous successive halving ("sha-phase") decides o
 before any candidate's learning rate has annealed to half its peak: the best trials that 40% of the full
 grid's trial-steps pays for train to the end, where every schedule has annealed (trials pause at the rung
 until all have reached it). A rung later in the run would rank annealed candidates against ones still near
-their peak lr, whose loss annealing has yet to bring down: that cut the scale-matched control's best
-(benchmarks/search_efficiency.py; searcher="sha-grid" / "asha-grid" / "tpe" in a preset still run the
-others). Every search trial trains with seed 0.
+their peak lr, whose loss annealing has yet to bring down (benchmarks/search_efficiency.py measures this
+searcher against the full grid and against the alternatives in benchmarks/searchers.py). Every search
+trial trains with seed 0.
 Phase 2: each method at its own best lr and warmup over fresh seeds, in `<name>` (summary.md as
 phase 3, plus search.md, search.png and best.json: the best settings, the searches as lr x warmup heatmaps
 and the compute the search spent beside a full grid). Run the same command again to resume either phase.
 """
 
 from oelm_ray.core import experiments
+from oelm_ray import search_report
 from oelm_ray.core.config import ConfigError
 from oelm_ray.tune import recipe, search
 
 PRESETS = {
     # 4 lrs (4e-3 ... 3.2e-2, doubling) x 4 warmups (10-90% of the 500 steps) = 16 candidates per method: at 300
-    # steps the benchmark's bests sit at lr 8e-3 ... 3.2e-2 and warmup 60-99% on every arm (README, "search_efficiency");
-    # the old 2/10/30% warmups picked the longest every time. One rung at 100 of 500 steps keeping 4: 3,200
-    # trial-steps per method (40% of the grid's 8,000)
-    "embedded": dict(experiments=list(experiments.EMBEDDED), seeds=[1, 2], searcher="sha-phase", search_seed=0,
+    # steps benchmarks/search_efficiency.py's bests sit at lr 8e-3 ... 3.2e-2 and warmup 60-99% on every arm.
+    # One rung at 100 of 500 steps keeping 4: 3,200 trial-steps per method (40% of the grid's 8,000)
+    "embedded": dict(experiments=list(experiments.EMBEDDED), seeds=[1, 2], search_seed=0,
                      train_seed=0, grace_frac=0.2, reduction_factor=4, budget_frac=0.4,
                      space=search.Space(lrs=search.log_spaced(4e-3, 3.2e-2, 4), warmup_fracs=[0.1, 0.3, 0.6, 0.9])),
     # doubling lrs around the research's 3e-4 / 1e-3; warmups 1% (theirs) to 30% (the research's "longer warmup"
     # for the frozen variants; a long run's best warmup is short, a 300-step run's long: the grid spans both)
-    "paper": dict(experiments=["GPT-01", "GPT-02", "GPT-03"], seeds=[1, 2, 3], searcher="sha-phase", search_seed=0,
+    "paper": dict(experiments=["GPT-01", "GPT-02", "GPT-03"], seeds=[1, 2, 3], search_seed=0,
                   train_seed=0, grace_frac=0.2, reduction_factor=4, budget_frac=0.4,
                   space=search.Space(lrs=search.log_spaced(1e-4, 3.2e-3, 6), warmup_fracs=[0.01, 0.03, 0.1, 0.3])),
 }
@@ -49,17 +49,16 @@ def main(argv=None) -> int:
         p = {**PRESETS[args.preset], **(SMOKE if args.smoke_test else {})}
         if args.smoke_test and not args.seeds:
             sw.seeds = p["seeds"]
-        cells = search.search_cells(sw, p["space"], p.get("num_samples"), seed=p["search_seed"], train_seed=p["train_seed"],
-                                    searcher_kind=p["searcher"], n_startup=p.get("n_startup", 4),
+        cells = search.search_cells(sw, p["space"], seed=p["search_seed"], train_seed=p["train_seed"],
                                     grace_frac=p["grace_frac"], reduction_factor=p["reduction_factor"],
-                                    budget_frac=p.get("budget_frac", 0.4))
+                                    budget_frac=p["budget_frac"])
         done.update(run_dir=sw.run_dir, cells=cells)
-        print(search.search_markdown(cells), flush=True)
+        print(search_report.search_markdown(cells), flush=True)
         return search.compare_sweep(sw, cells)
 
     rc = recipe.main("lr_warmup", PRESETS, argv, customize=two_phases, doc=__doc__)
     if rc == 0:
-        print(search.write_search_report(done["run_dir"], done["cells"]))
+        print(search_report.write_search_report(done["run_dir"], done["cells"]))
         print(f"  {done['run_dir'] / 'search.md'}\n  {done['run_dir'] / 'best.json'}")
     return rc
 

@@ -28,15 +28,14 @@ variant at oelm_freeze's (same dataset). The run is then named <name>-tuned unle
 
 import argparse
 import dataclasses
-import json
 import sys
-from pathlib import Path
 
 from oelm_ray.core import experiments as E
 from oelm_ray.tune import recipe
 from oelm_ray.core.config import ConfigError
 from oelm_ray.core.config import make_config
 from oelm_ray.core.experiments import Experiment
+from oelm_ray.search_report import load_cells
 
 UNFREEZE_FRACS = (0.25, 0.5, 0.75)
 QK_LR_MULTS = (0.1,)
@@ -90,9 +89,9 @@ for _p in PRESETS.values():
 def tuned(exps: list[Experiment], best_json: str, common: dict) -> list[Experiment]:
     """Each experiment at its method's searched lr and warmup (PU- variants and the freeze: oelm_freeze's)."""
     try:
-        cells = json.loads(Path(best_json).read_text())["cells"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"--best {best_json}: not a best.json written by sweeps/lr_warmup.py ({e})") from None
+        cells = load_cells(best_json)
+    except ConfigError as e:
+        raise ConfigError(f"--best {e}") from None
     out = []
     for e in exps:
         cfg = e.config(0, common)

@@ -141,3 +141,30 @@ def test_cli_doctor_on_this_cpu_machine_says_no_gpu_and_exits_2(tmp_path):
     assert "FAIL  GPUs torch sees: none" in r.stdout and "Ray cluster: cannot join" in r.stdout
     assert f"ok    storage {tmp_path / 'runs'}: writable" in r.stdout
     assert re.search(r"not ready for a --preset paper sweep: .*gpus.*cluster.* \(exit 2\)", r.stdout)
+
+
+def test_doctor_finds_a_wandb_key_exactly_where_the_sweep_does(tmp_path):
+    from oelm_ray.tune.wandb_logger import has_key
+
+    home = tmp_path / "home"
+    home.mkdir()
+    netrc = home / ".netrc"
+    s, d = tmp_path / "runs", tmp_path / "runs" / "data"
+
+    def agree(env) -> bool:
+        ok = dict(D.checks(_ready_gpu_node(), s, d, env))["wandb"][0]
+        assert ok is has_key(env), env
+        return ok
+
+    # "api.wandb.ai" in the file, but as part of another machine's name: the sweep has no key, so neither has doctor
+    netrc.write_text("machine api.wandb.ai.mirror.example login user password " + "k" * 40 + "\n")
+    assert agree({"HOME": str(home)}) is False
+    # a self-hosted W&B (WANDB_BASE_URL): its key sits under its own host
+    netrc.write_text("machine wandb.example.org login user password " + "k" * 40 + "\n")
+    assert agree({"HOME": str(home), "WANDB_BASE_URL": "https://wandb.example.org"}) is True
+    assert agree({"HOME": str(home)}) is False  # not a key for api.wandb.ai
+    # a netrc that $NETRC points to, and an identity token file instead of a key
+    netrc.rename(tmp_path / "elsewhere")
+    assert agree({"HOME": str(home), "NETRC": str(tmp_path / "elsewhere"),
+                  "WANDB_BASE_URL": "https://wandb.example.org"}) is True
+    assert agree({"HOME": str(home), "WANDB_IDENTITY_TOKEN_FILE": str(tmp_path / "token")}) is True

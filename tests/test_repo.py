@@ -39,7 +39,8 @@ def test_layers_import_what_the_readme_says():
                                       "trainer.py", "checkpoint.py", "io.py"}
     for p in core:
         assert not _imports(p) & {"ray", "wandb"}, f"{p.name} imports Ray or W&B: oelm_ray/core must run without them"
-    assert not _imports(ROOT / "oelm_ray" / "results.py") & {"ray", "wandb", "torch"}
+    for report in ("results.py", "search_report.py"):
+        assert not _imports(ROOT / "oelm_ray" / report) & {"ray", "wandb", "torch"}, report
     # the check itself sees an import hidden inside a function
     probe = ROOT / "tests" / "__layer_probe.py"
     try:
@@ -51,7 +52,8 @@ def test_layers_import_what_the_readme_says():
     import subprocess
     import sys
 
-    code = ("import sys; import oelm_ray.results, oelm_ray.cli, oelm_ray.core.config, oelm_ray.core.experiments; "
+    code = ("import sys; import oelm_ray.results, oelm_ray.search_report, oelm_ray.cli, oelm_ray.core.config, "
+            "oelm_ray.core.experiments; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'wandb'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[]"

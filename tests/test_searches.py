@@ -1,4 +1,5 @@
-"""The lr/warmup search and the partial-unfreeze recipe: seeded searcher, early stopping, smoke runs."""
+"""The lr/warmup search, its report and the partial-unfreeze recipe: seeded searcher, early stopping, smoke runs.
+The alternative searchers benchmarks/search_efficiency.py compares it with (benchmarks/searchers.py) too."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from oelm_ray import results
+from oelm_ray import results, search_report
 from oelm_ray.tune import search
 from oelm_ray.core.config import ConfigError, make_config
 from oelm_ray.core.experiments import Experiment
@@ -20,11 +21,18 @@ from oelm_ray.core.experiments import Experiment
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "sweeps" / f"{name}.py")
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_recipe(name: str):
+    return _load(ROOT / "sweeps" / f"{name}.py", f"recipe_{name}")
+
+
+S = _load(ROOT / "benchmarks" / "searchers.py", "bench_searchers")  # the benchmark's alternative searchers
 
 
 def run_recipe(name: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -45,7 +53,7 @@ def test_seeded_searcher_proposes_the_same_configurations_twice():
     space = search.Space(lrs=search.log_spaced(5.6e-4, 1e-2, 6), warmup_fracs=[0.02, 0.1, 0.3])
 
     def proposals(seed: int) -> list[dict]:
-        s = search.searcher(seed, n_startup=4)
+        s = S.tpe(seed, n_startup=4)
         assert s.set_search_properties(None, None, {"search": space.domains(1000)})
         return [s.suggest(f"t{i}") for i in range(8)]
 
@@ -55,7 +63,7 @@ def test_seeded_searcher_proposes_the_same_configurations_twice():
     assert proposals(1) != a  # the seed, not a constant, fixes them
 
 
-def test_asha_grid_starts_every_candidate_in_a_seeded_order():
+def test_every_candidate_starts_once_in_a_seeded_order():
     space = search.Space(lrs=search.log_spaced(2e-3, 3.2e-2, 5), warmup_fracs=[0.03, 0.1, 0.3, 0.6])
     a, b, c = (search.grid_order(space, 300, s) for s in (0, 0, 1))
     key = lambda cands: [(x["lr"], x["warmup_steps"]) for x in cands]
@@ -84,7 +92,7 @@ def test_sync_halving_waits_for_the_whole_field_then_keeps_the_best_quarter():
             t.status = "TERMINATED"
 
     trials, ctl = [T(i) for i in range(8)], Ctl()
-    sched = search.sync_halving(8, 300, 30, 0.2, 4)
+    sched = search.SyncHalving(8, search.halving_rungs(300, 30, 0.2, 4), 4)
     loss = [5.0, 1.0, 4.0, 2.0, 6.0, 3.0, 7.0, 8.0]  # at step 60: t1 and t3 are the best quarter
     for t in trials[:7]:
         assert sched.on_trial_result(ctl, t, {"step": 30, "val/loss": 0.0}) == "CONTINUE"  # before the rung
@@ -108,7 +116,7 @@ def test_sync_halving_waits_for_the_whole_field_then_keeps_the_best_quarter():
     # a field that can never fill (scheduler state is not restored on resume): once nobody runs, the
     # rung is decided among the trials that reached it instead of waiting forever
     trials, ctl = [T(i) for i in range(4)], Ctl()
-    sched = search.sync_halving(5, 300, 30, 0.2, 2)
+    sched = search.SyncHalving(5, search.halving_rungs(300, 30, 0.2, 2), 2)
     for t, v in zip(trials, (3.0, 1.0, 2.0, 4.0)):
         assert sched.on_trial_result(ctl, t, {"step": 60, "val/loss": v}) == "PAUSE"
         t.status = "PAUSED"
@@ -118,7 +126,7 @@ def test_sync_halving_waits_for_the_whole_field_then_keeps_the_best_quarter():
     # a rung decided while two trials' pauses are still in flight (Tune pauses after saving): the loser is
     # stopped and the winner resumed once they are paused, instead of both waiting forever
     trials, ctl = [T(i) for i in range(4)], Ctl()
-    sched = search.sync_halving(4, 300, 30, 0.2, 2)
+    sched = search.SyncHalving(4, search.halving_rungs(300, 30, 0.2, 2), 2)
     for t, v in zip(trials[:3], (1.0, 4.0, 3.0)):
         assert sched.on_trial_result(ctl, t, {"step": 60, "val/loss": v}) == "PAUSE"  # t0..t2 still RUNNING
     assert sched.on_trial_result(ctl, trials[3], {"step": 60, "val/loss": 2.0}) == "CONTINUE"  # t3 and t0 go on
@@ -142,12 +150,13 @@ def test_sha_phase_decides_only_before_annealing_and_keeps_what_the_budget_pays_
     # two rungs before annealing starts: the first keeps a quarter, the last what the budget leaves
     assert search.phase_plan(25, 1000, 50, 0.1, 4, 0.3, 600) == ([100, 400], [7, 4])  # (7,500 - 4,600) // 600
     assert search.phase_plan(25, 1000, 50, 0.1, 4, 0.4, 600) == ([100, 400], [7, 7])  # never more than reach it
-    # the default searcher builds exactly that scheduler
-    n, _, sched = search.plan("sha-phase", space, 300, 30)
+    # the searcher builds exactly that scheduler; the benchmark's sha-grid keeps every halving rung
+    n, _, sched = search.plan(space, 300, 30)
     assert n == 25 and (sched.rungs, sched.keeps) == ([60], [6])
-    assert search.plan("sha-grid", space, 300, 30)[2].rungs == [60, 240]
+    assert S.plan("sha-grid", space, 300, 30)[2].rungs == [60, 240]
+    assert S.plan("sha-phase", space, 300, 30)[2].keeps == [6]  # the benchmark's sha-phase is the product's
     with pytest.raises(ConfigError, match="budget_frac"):
-        search.plan("sha-phase", space, 300, 30, budget_frac=0)
+        search.plan(space, 300, 30, budget_frac=0)
 
     class T:
         def __init__(self, i):
@@ -179,7 +188,7 @@ def test_sha_phase_decides_only_before_annealing_and_keeps_what_the_budget_pays_
     # resumed (the scheduler's state is not restored): only 10 of the 25 can still reach the rung; once nobody
     # runs, it is decided among them, keeping its planned share: ceil(6 x 10 / 25) = 3, the best three
     trials = [T(i) for i in range(10)]
-    sched = search.plan("sha-phase", space, 300, 30)[2]
+    sched = search.plan(space, 300, 30)[2]
     for i, t in enumerate(trials):
         assert sched.on_trial_result(ctl, t, {"step": 60, "val/loss": float(9 - i)}) == "PAUSE"
         t.status = "PAUSED"
@@ -188,8 +197,8 @@ def test_sha_phase_decides_only_before_annealing_and_keeps_what_the_budget_pays_
 
 
 def test_every_experiment_gets_its_own_search(tmp_path):
-    """CPU-03 and its control CPU-04 are both oelm_random on stories: once they shared one search run, and
-    the second cell reported the first one's best as its own."""
+    """CPU-03 and its control CPU-04 are both oelm_random on stories: each has a search run of its own, so
+    neither cell can report the other's best as its own."""
     from oelm_ray.core import experiments as E
     from oelm_ray.core.io import write_json
     from oelm_ray.tune.sweep import Sweep
@@ -216,7 +225,7 @@ def test_space_grid_and_cost_bookkeeping():
     assert _describe(space.domains(1000)["lr"]) == _describe(space.domains(1000)["lr"])
     assert _describe(space.domains(1000)["lr"])["categories"] == [1e-3, 2e-3, 4e-3]
     assert search.log_spaced(1e-4, 1e-2, 3) == [1e-4, 1e-3, 1e-2]
-    sched = search.early_stopper(1000, 200)
+    sched = S.asha(1000, 200)
     assert sched._time_attr == "step" and sched._max_t == 1000
 
     def rec(name, lr, steps, ppl, status):
@@ -227,13 +236,12 @@ def test_space_grid_and_cost_bookkeeping():
 
     recs = [rec("a", 1e-3, 1000, 5.0, "completed"), rec("b", 2e-3, 200, 4.0, "stopped"),
             rec("c", 4e-3, 1000, 4.5, "completed")]
-    assert search.trial_steps(recs) == 2200
     exp = Experiment("CPU-01", "cpu", {"method": "baseline"})
-    cell = search.cell_summary(exp, recs, n_candidates=6, max_steps=1000, run_dir=Path("x"))
+    cell = search_report.cell_summary(exp, recs, n_candidates=6, max_steps=1000, run_dir=Path("x"))
     # the stopped trial's early PPL is not a finished configuration: the best finished one wins
     assert cell["best"]["lr"] == 4e-3 and cell["stopped_early"] == 1
     assert cell["trial_steps"] == 2200 and cell["grid_trial_steps"] == 6000
-    assert "37%" in search.search_markdown([cell])
+    assert "37%" in search_report.search_markdown([cell])
 
 
 def test_search_png_is_a_heatmap_whose_marks_follow_the_data(tmp_path):
@@ -250,7 +258,7 @@ def test_search_png_is_a_heatmap_whose_marks_follow_the_data(tmp_path):
                 "best": {"trial": "x", "lr": pick[0], "warmup_steps": pick[1], "best_val_ppl": 9.0, "final_val_ppl": 9.0}}
 
     cells = [cell("CPU-01", (8e-3, 90), {(4e-3, 30), (1.6e-2, 30)}), cell("CPU-04", (1.6e-2, 90), {(8e-3, 30)})]
-    fig = results.search_figure(cells)
+    fig = search_report.search_figure(cells)
     for ax, c in zip(fig.axes, cells):  # the panels first, then their colour bars
         marks = {p.get_gid(): (p.get_x(), p.get_y()) for p in ax.patches if isinstance(p, Rectangle) and p.get_gid()}
         stopped = {tuple(float(x) if "." in x else int(x) for x in g.split(" ")[1].split(",")) for g in marks if g.startswith("stopped")}
@@ -264,9 +272,10 @@ def test_search_png_is_a_heatmap_whose_marks_follow_the_data(tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    search.write_search_report(tmp_path, cells)
+    search_report.write_search_report(tmp_path, cells)
     assert (tmp_path / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "search.png" in (tmp_path / "search.md").read_text()
+    assert search_report.load_cells(tmp_path / "best.json") == cells  # what partial_unfreeze --best reads back
 
 
 def test_partial_unfreeze_variants_are_valid_and_named():
@@ -297,6 +306,9 @@ def test_partial_unfreeze_takes_each_arms_searched_lr(tmp_path):
     best.write_text(json.dumps({"cells": [cell("baseline", 1.6e-2, 30)]}))
     with pytest.raises(ConfigError, match="no finished oelm_freeze search"):
         pu.tuned(pu.PRESETS["embedded"]["experiments"], str(best), {})
+    best.write_text(json.dumps({"rows": []}))  # some other JSON: one error naming the option and the file
+    with pytest.raises(ConfigError, match=f"^--best {best}: not a best.json written by sweeps/lr_warmup.py"):
+        pu.tuned(pu.PRESETS["embedded"]["experiments"], str(best), {})
 
 
 def test_recipes_build_their_smoke_specs(tmp_path):
@@ -311,7 +323,7 @@ def test_recipes_build_their_smoke_specs(tmp_path):
     for preset in ("embedded", "paper"):
         p = lw.PRESETS[preset]
         for exp in p["experiments"]:
-            exp = search.Experiment.from_dict(recipe.E.REGISTRY[exp].to_dict())
+            exp = Experiment.from_dict(recipe.E.REGISTRY[exp].to_dict())
             steps = exp.config(0).train.max_steps
             for lr in p["space"].lrs:
                 for w in p["space"].warmups(steps):
@@ -339,8 +351,8 @@ def test_report_shows_params_saved_and_compute():
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sha-grid", "sha-phase"])
 def test_a_candidate_scores_the_same_in_a_plain_sweep_and_in_a_search(tmp_path, ray_local, kind):
-    # issue 15: lr 0.00316 / warmup 30 / seed 0 scored 10.945 in the grid and 11.156 in a search run with
-    # searcher seed 1, which also trained with seed 1. The searcher's seed must not be the trials' seed.
+    # the searcher's seed (1 here) is not the trials' seed: every candidate trains with train_seed 0, as in the grid.
+    # sha-grid (benchmarks/searchers.py) pauses and resumes trials at two rungs, sha-phase at one
     from oelm_ray.core import experiments as E
     from oelm_ray.tune.sweep import Sweep, run
 
@@ -355,8 +367,8 @@ def test_a_candidate_scores_the_same_in_a_plain_sweep_and_in_a_search(tmp_path, 
     # sha-grid, rungs at 10 and 20 steps keeping half: trials pause and resume from their checkpoints;
     # sha-phase: the rung at 20 comes after the 10% warmup's lr is down to half its peak (step 17), so one rung, at
     # 10, keeping what 60% of the grid pays for ((72 - 40) // 20 = 1)
-    cell = search.search_cells(base, space, seed=1, train_seed=0, searcher_kind=kind, grace_frac=0.34,
-                               reduction_factor=2, budget_frac=0.6)[0]
+    cell = search.search_cells(base, space, seed=1, train_seed=0, grace_frac=0.34, reduction_factor=2,
+                               budget_frac=0.6, planner=S.planner(kind))[0]
 
     def curves(run_dir):
         return {(r["config"]["train"]["lr"], r["config"]["train"]["warmup_steps"]): (r["seed"], r["config"]["train"]["num_threads"],
@@ -396,7 +408,7 @@ def test_lr_warmup_smoke_finds_best_and_compares_again(lr_warmup_smoke):
     assert [c["method"] for c in cells] == ["baseline", "oelm_freeze"]
     for c in cells:
         assert c["best"] and c["trial_steps"] < c["grid_trial_steps"] == 6 * 30
-        assert c["trials"] == 6  # sha-grid: every candidate started
+        assert c["trials"] == 6  # every candidate started
     for f in ("summary.md", "trials.parquet", "val_ppl.png", "search.md"):
         assert (final / f).exists(), f
     df = results.trials_frame(results.load_records(final))

@@ -15,7 +15,7 @@ import pytest
 from oelm_ray.core import experiments as E
 from oelm_ray.tune import recipe
 from oelm_ray import results
-from oelm_ray.tune import wandb_logger as W
+from oelm_ray.tune import wandb_logger as W, wandb_sync as WS
 from oelm_ray.core.config import ConfigError
 from oelm_ray.tune.sweep import Sweep, run
 from oelm_ray.tune.trial import TrialSpec
@@ -45,8 +45,8 @@ def no_key(monkeypatch, tmp_path):
 def steps_of(run_dir: Path, trial_id: str) -> list[int]:
     """Training steps with val/ppl across every offline segment of one trial, in start order."""
     out = []
-    for seg in W.offline_runs(run_dir):
-        if W.offline_run_id(seg) == trial_id:
+    for seg in WS.offline_runs(run_dir):
+        if WS.offline_run_id(seg) == trial_id:
             out += [h["_step"] for h in read_finished(seg)["history"] if "val/ppl" in h]
     return out
 
@@ -128,7 +128,7 @@ def test_callback_logs_at_the_training_step_and_a_restored_copy_adds_no_duplicat
     cb.on_trial_result(3, [t], t, _result(3, 20))
     cb.on_trial_error(0, [t], t)
     assert (tmp_path / "wandb" / W.STEPS_DIR / t.trial_id).read_text() == "20"
-    assert W._read_meta(tmp_path) == {"project": "p", "entity": None, "group": "g", "mode": "offline"}
+    assert W.read_meta(tmp_path) == {"project": "p", "entity": None, "group": "g", "mode": "offline"}
 
     # a new driver: Tune.restore unpickles the callback; setup() decides the mode again, as a fresh one
     restored = pickle.loads(state)
@@ -140,8 +140,8 @@ def test_callback_logs_at_the_training_step_and_a_restored_copy_adds_no_duplicat
         restored.on_trial_result(it, [t], t, _result(it, step))
     restored.on_trial_complete(0, [t], t)
 
-    segs = W.offline_runs(tmp_path)
-    assert len(segs) == 2 and all(W.offline_run_id(s) == "trial_00000" for s in segs)
+    segs = WS.offline_runs(tmp_path)
+    assert len(segs) == 2 and all(WS.offline_run_id(s) == "trial_00000" for s in segs)
     assert steps_of(tmp_path, "trial_00000") == [10, 20, 30]
     first, second = read_finished(segs[0]), read_finished(segs[1])
     assert [h["step"] for h in first["history"]] == [h["_step"] for h in first["history"]] == [10, 20]
@@ -158,7 +158,7 @@ def test_callback_logs_at_the_training_step_and_a_restored_copy_adds_no_duplicat
     off.setup()
     off.on_trial_start(0, [t], t)
     off.on_trial_result(1, [t], t, _result(1, 40))
-    assert off.mode == "disabled" and not off._open and len(W.offline_runs(tmp_path)) == 2
+    assert off.mode == "disabled" and not off._open and len(WS.offline_runs(tmp_path)) == 2
 
 
 def test_online_init_failure_falls_back_to_offline_once(tmp_path, no_key, monkeypatch, capsys):
@@ -183,8 +183,8 @@ def test_online_init_failure_falls_back_to_offline_once(tmp_path, no_key, monkey
         cb.on_trial_complete(0, [t], t)
     assert modes == ["online", "offline", "offline"]  # one failed attempt per sweep, not one wait per trial
     assert capsys.readouterr().out.count("online init failed") == 1
-    assert [W.offline_run_id(s) for s in W.offline_runs(tmp_path)] == ["trial_00000", "trial_00001"]
-    assert W._read_meta(tmp_path)["mode"] == "offline"  # so finish_sweep says to `oelm-ray sync`, which uploads them
+    assert [WS.offline_run_id(s) for s in WS.offline_runs(tmp_path)] == ["trial_00000", "trial_00001"]
+    assert W.read_meta(tmp_path)["mode"] == "offline"  # so finish_sweep says to `oelm-ray sync`, which uploads them
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,22 +208,30 @@ def test_sync_uploads_offline_runs_then_publishes_table_and_sweep(tmp_path, monk
     results.write_report(run_dir)
 
     with pytest.raises(ConfigError, match="wandb login"):
-        W.sync(run_dir)  # no key: a clear message, nothing uploaded
+        WS.sync(run_dir)  # no key: a clear message, nothing uploaded
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     calls, sweeps = [], []
-    monkeypatch.setattr(W.subprocess, "run", lambda cmd, env: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    real_run = subprocess.run
+
+    def fake_run(cmd, *a, **kw):  # `wandb sync` only: W&B's own subprocesses (git, its service) run for real
+        if cmd[1:4] != ["-m", "wandb", "sync"]:
+            return real_run(cmd, *a, **kw)
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(WS.subprocess, "run", fake_run)
     import wandb
 
     real_init = wandb.init
     monkeypatch.setattr(wandb, "init", lambda **kw: real_init(**{**kw, "mode": "offline"}))  # never online in tests
     monkeypatch.setattr(wandb, "sweep", lambda cfg, **kw: sweeps.append((cfg, kw)) or "swp123")
-    W.sync(run_dir)
+    WS.sync(run_dir)
     assert calls and calls[0][2:6] == ["wandb", "sync", "--project", "proj"] and len(calls[0]) == 8
     (cfg, kw), = sweeps
     assert kw["prior_runs"] == ["a_00000", "a_00001"] and kw["project"] == "proj"
     assert cfg["parameters"]["method"] == {"values": ["baseline", "oelm_freeze"]} and "d_model" not in cfg["parameters"]
-    assert W._read_meta(run_dir)["sweep_id"] == "swp123"
-    report = [s for s in W.offline_runs(run_dir) if "report-" in s.name]
+    assert W.read_meta(run_dir)["sweep_id"] == "swp123"
+    report = [s for s in WS.offline_runs(run_dir) if "report-" in s.name]
     assert len(report) == 1
     rows = read_finished(report[0])["history"]
     assert rows and rows[0]["trials/_type"] == "table-file" and rows[0]["trials/nrows"] == 2
@@ -238,17 +246,17 @@ def test_smoke_sweep_without_key_logs_one_offline_run_per_trial(tmp_path, ray_lo
     argv = ["--smoke-test", "--storage", str(tmp_path / "runs"), "--experiments", "CPU-01,CPU-02", "--seeds", "0"]
     sw = recipe.build("phase3", PRESETS, recipe.parser("phase3", PRESETS).parse_args(argv))
     run_dir = run(sw, report=True)
-    W.finish_sweep(run_dir)
+    WS.finish_sweep(run_dir)
     captured = capsys.readouterr()
     out = captured.out
     assert out.count("W&B: offline (no W&B API key") == 1 and f"oelm-ray sync {run_dir}" in out
     # W&B itself prints nothing into the sweep's console (no banner or run summary per trial)
     assert "wandb:" not in out + captured.err
     records = results.load_records(run_dir)
-    segs = W.offline_runs(run_dir)
+    segs = WS.offline_runs(run_dir)
     assert len(records) == len(segs) == 2
     for rec in records:
-        (seg,) = [s for s in segs if W.offline_run_id(s) == rec["trial_id"]]
+        (seg,) = [s for s in segs if WS.offline_run_id(s) == rec["trial_id"]]
         r = read_finished(seg)
         method = rec["method"]
         assert (r["id"], r["name"], r["group"], r["job_type"]) == (rec["trial_id"], rec["name"], "phase3-smoke", method)
@@ -280,7 +288,7 @@ def test_retried_and_restored_trials_continue_their_run(tmp_path, ray_local, mon
     retried = run(sweep("retried", fault=True), report=False)
     (rec,) = results.load_records(retried)
     assert rec["status"] == "completed" and (tmp_path / "retried.crashed").exists()
-    assert len(W.offline_runs(retried)) == 1
+    assert len(WS.offline_runs(retried)) == 1
     assert steps_of(retried, rec["trial_id"]) == [10, 20, 30]
 
     # crash with no retries left, then the same command again: Tuner.restore continues the same W&B run
@@ -290,6 +298,6 @@ def test_retried_and_restored_trials_continue_their_run(tmp_path, ray_local, mon
     run(sweep("restored", fault=True, max_failures=0), report=False)  # same param_space; the fault fired already
     (rec2,) = results.load_records(restored)
     assert rec2["status"] == "completed" and rec2["trial_id"] == rec["trial_id"]
-    segs = W.offline_runs(restored)
-    assert len(segs) == 2 and all(W.offline_run_id(s) == rec["trial_id"] for s in segs)  # two segments, one run id
+    segs = WS.offline_runs(restored)
+    assert len(segs) == 2 and all(WS.offline_run_id(s) == rec["trial_id"] for s in segs)  # two segments, one run id
     assert steps_of(restored, rec["trial_id"]) == [10, 20, 30]  # `wandb sync` replays them in order: no duplicates

@@ -259,6 +259,8 @@ def _bounded(fn: Callable[[], None], timeout: float) -> str | None:
 
 
 def checks(f: Facts, storage: Path, data_dir: Path, env: dict | None = None) -> list[tuple[str, Result]]:
+    from ..tune.wandb_logger import has_key
+
     env = os.environ if env is None else env
     home = Path(env.get("HOME", str(Path.home())))
     token_file = Path(env.get("RAY_AUTH_TOKEN_PATH") or home / ".ray" / "auth_token")
@@ -275,16 +277,8 @@ def checks(f: Facts, storage: Path, data_dir: Path, env: dict | None = None) -> 
         ("storage_shared", check_shared("storage", storage, f.storage_seen)),
         ("data_shared", check_shared("data-dir", data_dir, f.data_seen)),
         ("gpt2", check_gpt2(f.gpt2_error)),
-        ("wandb", check_wandb(bool(env.get("WANDB_API_KEY")) or _netrc_has_wandb(home), env.get("WANDB_MODE"))),
+        ("wandb", check_wandb(has_key(env), env.get("WANDB_MODE"))),  # the sweep's own key check
     ]
-
-
-def _netrc_has_wandb(home: Path) -> bool:
-    """`wandb login` stores the key in ~/.netrc under api.wandb.ai (or the WANDB_BASE_URL host)."""
-    try:
-        return "api.wandb.ai" in (home / ".netrc").read_text()
-    except OSError:
-        return False
 
 
 def render(results: list[tuple[str, Result]]) -> tuple[str, int]:

@@ -185,7 +185,7 @@ def main(name: str, presets: Presets, argv: list[str] | None = None,
             sw = customize(sw, args) or sw
         run_dir = S.run(sw)
         if not args.no_wandb:  # after the report: the W&B sweep view and results table (online), or how to sync
-            from .wandb_logger import finish_sweep
+            from .wandb_sync import finish_sweep
 
             finish_sweep(run_dir, project=args.wandb_project)
     except Exception as e:  # user errors become one line; anything else is a bug and keeps its traceback

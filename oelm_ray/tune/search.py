@@ -1,5 +1,4 @@
-"""Hyper-parameter search on top of `sweep.run`: synchronous successive halving over every candidate, and the
-bookkeeping that says what a search found and what it cost.
+"""Hyper-parameter search on top of `sweep.run`: synchronous successive halving over every candidate.
 
     space = Space(lrs=[...], warmup_fracs=[...])        # discrete, log-spaced candidates
     best = search_cells(base, space)                     # one Tune run per method x dataset cell
@@ -8,34 +7,30 @@ bookkeeping that says what a search found and what it cost.
 Why one run per cell: Ray 2.60 refuses `grid_search` together with a searcher, so experiments are
 not a grid axis here; each cell is a `Sweep` of one experiment.
 
-The searcher ("sha-phase", the default): every candidate starts, in an order the search seed
-shuffles (Tune's variant generator fed them as points to evaluate), and synchronous successive
-halving (SyncHalving, a Tune scheduler) pauses each trial at a rung until every live trial has
-reached it, then keeps the best (`val/loss`). Its rungs (phase_plan) are the halving rungs (20%, x4,
-... of the run) that come before any candidate's learning rate has annealed to half its peak
-(annealing_starts, from the trainer's own lr_at): a raw val loss is comparable only between
-candidates in the same phase of their schedules, and a rung after some have annealed cuts those
-still near their peak lr by construction (that cut the scale-matched control's best). The last rung
-keeps as many trials as `budget_frac` (40%) of the full grid's trial-steps pays for; they train to
-the end, where every schedule has annealed. Chosen by benchmarks/search_efficiency.py on four arms x
-two training seeds (README, "search_efficiency"). "sha-grid" (every halving rung, a quarter kept at
-each: the previous default), "asha-grid" (ASHA over the grid: asynchronous, so early arrivals pass
-a rung before the field is known and its cost depends on the seed) and "tpe" (Optuna's TPE, seeded,
-+ ASHA) are still there to compare. Being synchronous, sha-phase's survivors and cost do not depend
-on the searcher's seed.
+The searcher ("sha-phase", `plan`): every candidate starts, in an order the search seed shuffles
+(Tune's variant generator fed them as points to evaluate), and synchronous successive halving
+(SyncHalving, a Tune scheduler) pauses each trial at a rung until every live trial has reached it,
+then keeps the best (`val/loss`). Its rungs (phase_plan) are the halving rungs (20%, x4, ... of the
+run) that come before any candidate's learning rate has annealed to half its peak (annealing_starts,
+from the trainer's own lr_at): a raw val loss is comparable only between candidates in the same phase
+of their schedules, and a rung after some have annealed cuts those still near their peak lr by
+construction. The last rung keeps as many trials as `budget_frac` (40%) of the full grid's trial-steps
+pays for; they train to the end, where every schedule has annealed. Being synchronous, its survivors
+and cost do not depend on the searcher's seed. benchmarks/search_efficiency.py measures it against the
+full grid and against the alternatives in benchmarks/searchers.py (which it runs through
+`search_cells(..., planner=...)`).
 Every trial trains with the cell's `train_seed`, never the searcher's seed: a candidate scores
 bit-for-bit what it scores in a plain sweep (tests/test_searches.py).
 
 The candidates are discrete (learning rates evenly spaced in log, warmups as fractions of the
 run), so the full grid over the same candidates is well defined and "the search spent X
 trial-steps where the grid costs Y" is a fair comparison. A trial-step is one optimizer step of
-one trial: the cost of a trial is the last step it trained.
+one trial: the cost of a trial is the last step it trained. What a cell found and what it cost
+(cell_summary, search.md, search.png, best.json) is written by oelm_ray.search_report.
 
 Resume: the same command again resumes every cell (Tuner.restore; the searcher's state is
-restored, the scheduler's is not -- ray#30838 --: with asha-grid trials unfinished at an interrupt run
-to the end; with sha-phase / sha-grid a rung that can no longer fill is decided among the trials that
-reached it, sha-phase keeping its planned share of them)
-and skips cells that are done.
+restored, the scheduler's is not, ray#30838: a rung that can no longer fill is decided among the
+trials that reached it, keeping its planned share of them) and skips cells that are done.
 """
 
 from __future__ import annotations
@@ -44,8 +39,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ray import tune
 from ray.tune.experiment import Trial
@@ -53,8 +47,8 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from .. import results
 from ..core.config import ConfigError
-from ..core.io import write_json, write_text
 from ..core.experiments import Experiment
+from ..search_report import cell_summary
 from .sweep import METRIC, MODE, Sweep, check_run_dir, point, run
 
 TERMINAL = ("completed", "stopped", "diverged")
@@ -90,17 +84,8 @@ class Space:
         return {"lr": tune.grid_search(list(self.lrs)), "warmup_steps": tune.grid_search(self.warmups(max_steps))}
 
 
-def searcher(seed: int, n_startup: int = 4):
-    """Optuna's TPE through Tune, seeded: the same seed proposes the same configurations."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup)
-    return OptunaSearch(metric=METRIC, mode=MODE, sampler=sampler)
-
-
 def grid_order(space: Space, max_steps: int, seed: int) -> list[dict[str, Any]]:
-    """Every candidate once, in an order shuffled by `seed` (asynchronous rungs favour early arrivals)."""
+    """Every candidate once, in an order shuffled by `seed` (the order their trials start in)."""
     import random
 
     cands = [{"lr": lr, "warmup_steps": w} for lr in space.lrs for w in space.warmups(max_steps)]
@@ -115,15 +100,6 @@ def every_candidate(space: Space, max_steps: int, seed: int):
     return BasicVariantGenerator(points_to_evaluate=[point(c) for c in grid_order(space, max_steps, seed)])
 
 
-def early_stopper(max_steps: int, eval_interval: int, grace_frac: float = 0.1, reduction_factor: int = 3):
-    """ASHA on val/loss at evaluation points; rungs at grace, grace*rf, ... (grace >= one eval)."""
-    from ray.tune.schedulers import ASHAScheduler
-
-    grace = max(eval_interval, int(round(grace_frac * max_steps / eval_interval)) * eval_interval)
-    return ASHAScheduler(time_attr="step", metric=METRIC, mode=MODE, max_t=max_steps,
-                         grace_period=grace, reduction_factor=reduction_factor)
-
-
 def halving_rungs(max_steps: int, eval_interval: int, first_frac: float, reduction_factor: float) -> list[int]:
     """Rung steps first, first*rf, ... below max_steps, each on an evaluation point (at least one eval in)."""
     first = max(eval_interval, int(round(first_frac * max_steps / eval_interval)) * eval_interval)
@@ -134,13 +110,6 @@ def halving_rungs(max_steps: int, eval_interval: int, first_frac: float, reducti
             rungs.append(step)
         r *= reduction_factor
     return rungs
-
-
-def sync_halving(n_trials: int, max_steps: int, eval_interval: int, first_frac: float = 0.2,
-                 reduction_factor: float = 4, keeps: list[int] | None = None, rungs: list[int] | None = None):
-    """Synchronous successive halving over a fixed set of trials (rungs: halving_rungs, unless given)."""
-    rungs = halving_rungs(max_steps, eval_interval, first_frac, reduction_factor) if rungs is None else rungs
-    return SyncHalving(n_trials, rungs, reduction_factor, keeps=keeps)
 
 
 def annealing_starts(space: Space, max_steps: int, min_lr_frac: float = 0.0) -> int:
@@ -289,11 +258,6 @@ class SyncHalving(FIFOScheduler):
         return f"Synchronous successive halving: rungs {self.rungs}, {kept}, {self.n} trials."
 
 
-def trial_steps(records: list[dict]) -> int:
-    """Steps actually trained, summed over trials (the last step each one reported)."""
-    return sum((r.get("history") or [{}])[-1].get("step", 0) for r in records)
-
-
 def budget(sw: Sweep, exp: Experiment) -> tuple[int, int]:
     """(max_steps, the step grid of its rungs) of an experiment under the sweep's common overrides.
 
@@ -319,55 +283,36 @@ def cell_name(base: Sweep, exp: Experiment) -> str:
     return f"{base.name}-search-{exp.id}-{exp.dataset}-{exp.method}"
 
 
-SEARCHERS = ("sha-phase", "sha-grid", "asha-grid", "tpe")
-
-
-def plan(searcher_kind: str, space: Space, max_steps: int, eval_interval: int, seed: int = 0,
-         num_samples: int | None = None, n_startup: int = 4, grace_frac: float = 0.2, reduction_factor: float = 4,
-         budget_frac: float = 0.4, min_lr_frac: float = 0.0):
-    """(trials, Tune searcher, Tune scheduler) of one search: what search_cells runs and the benchmark replays."""
-    if searcher_kind not in SEARCHERS:
-        raise ConfigError(f"searcher={searcher_kind!r} is unknown: choose one of {', '.join(SEARCHERS)}")
-    if searcher_kind == "tpe":
-        if not num_samples:
-            raise ConfigError("searcher tpe needs num_samples >= 1")
-        return num_samples, searcher(seed, n_startup), early_stopper(max_steps, eval_interval, grace_frac, reduction_factor)
-    n, alg = space.size(max_steps), every_candidate(space, max_steps, seed)
-    if searcher_kind == "asha-grid":
-        return n, alg, early_stopper(max_steps, eval_interval, grace_frac, reduction_factor)
-    if searcher_kind == "sha-grid":
-        return n, alg, sync_halving(n, max_steps, eval_interval, grace_frac, reduction_factor)
+def plan(space: Space, max_steps: int, eval_interval: int, seed: int = 0, grace_frac: float = 0.2,
+         reduction_factor: float = 4, budget_frac: float = 0.4, min_lr_frac: float = 0.0):
+    """(trials, Tune searcher, Tune scheduler) of one sha-phase search: every candidate in grid_order(seed),
+    SyncHalving at the rungs phase_plan gives; what search_cells runs and the benchmark replays."""
     if not 0 < budget_frac <= 1:
         raise ConfigError(f"budget_frac={budget_frac} must be in (0, 1]: the share of the full grid's trial-steps")
+    n = space.size(max_steps)
     rungs, keeps = phase_plan(n, max_steps, eval_interval, grace_frac, reduction_factor, budget_frac,
                               annealing_starts(space, max_steps, min_lr_frac))
-    return n, alg, sync_halving(n, max_steps, eval_interval, grace_frac, reduction_factor, keeps=keeps, rungs=rungs)
+    return n, every_candidate(space, max_steps, seed), SyncHalving(n, rungs, reduction_factor, keeps=keeps)
 
 
-def search_cells(base: Sweep, space: Space, num_samples: int | None = None, seed: int = 0, train_seed: int = 0,
-                 searcher_kind: str = "sha-phase", n_startup: int = 4, grace_frac: float = 0.2,
-                 reduction_factor: float = 4, budget_frac: float = 0.4) -> list[dict]:
-    """Search every experiment of `base` (its own run each); return the best of each cell.
+def search_cells(base: Sweep, space: Space, seed: int = 0, train_seed: int = 0, grace_frac: float = 0.2,
+                 reduction_factor: float = 4, budget_frac: float = 0.4, planner: Callable = plan) -> list[dict]:
+    """Search every experiment of `base` (its own run each); return each cell's summary (search_report.cell_summary).
 
-    searcher_kind "sha-phase" (the default): every candidate starts, in an order shuffled by `seed`, and
-    synchronous successive halving (SyncHalving) decides only at rungs (grace_frac, x reduction_factor, ... of
-    the run) that come before any candidate's learning rate has annealed to half its peak; the last of them
-    keeps as many trials as `budget_frac` of the full grid's trial-steps pays for, and those train to the end
-    (phase_plan). "sha-grid": the same, every rung kept, the best 1/reduction_factor at each (a rung late in the
-    run compares annealed candidates with ones still at their peak). "asha-grid": the same candidates, but ASHA (asynchronous)
-    stops the poor ones at its rungs (num_samples is the grid's size). "tpe": `num_samples` trials
-    that seeded TPE proposes, stopped by the same ASHA. Either way every trial trains with
-    `train_seed` (init and data order), whatever the searcher's `seed`: a candidate scores exactly
-    what it scores in a plain sweep with that seed.
+    Every candidate starts, in an order shuffled by `seed`, and synchronous successive halving (SyncHalving)
+    decides only at rungs (grace_frac, x reduction_factor, ... of the run) that come before any candidate's
+    learning rate has annealed to half its peak; the last of them keeps as many trials as `budget_frac` of the
+    full grid's trial-steps pays for, and those train to the end (plan, phase_plan). Every trial trains with
+    `train_seed` (init and data order), whatever the searcher's `seed`: a candidate scores exactly what it scores
+    in a plain sweep with that seed. `planner`: another function with plan's signature and result runs another
+    searcher (benchmarks/searchers.py).
     """
-    if searcher_kind not in SEARCHERS:
-        raise ConfigError(f"searcher={searcher_kind!r} is unknown: choose one of {', '.join(SEARCHERS)}")
     out = []
     for exp in base.experiments:
         max_steps, eval_interval = budget(base, exp)
         domains = space.domains(max_steps)
-        n, alg, scheduler = plan(searcher_kind, space, max_steps, eval_interval, seed, num_samples, n_startup,
-                                 grace_frac, reduction_factor, budget_frac, _one_config(base, exp).train.min_lr_frac)
+        n, alg, scheduler = planner(space, max_steps, eval_interval, seed, grace_frac, reduction_factor, budget_frac,
+                                    _one_config(base, exp).train.min_lr_frac)
         cell = dataclasses.replace(
             base, name=cell_name(base, exp), experiments=[exp], seeds=[train_seed], common=_without(base.common, domains),
             search=domains, num_samples=n, search_alg=alg, scheduler=scheduler,
@@ -376,37 +321,13 @@ def search_cells(base: Sweep, space: Space, num_samples: int | None = None, seed
         if check_run_dir(cell) and sum(r["status"] in TERMINAL for r in recs) >= n:  # the same search, finished
             print(f"search {cell.name}: done ({len(recs)} trials), kept", flush=True)
         else:
-            print(f"search {cell.name} ({searcher_kind}, seed {seed}): {n} trials of {space.size(max_steps)} candidates", flush=True)
+            print(f"search {cell.name} ({type(scheduler).__name__}, seed {seed}): {n} trials of "
+                  f"{space.size(max_steps)} candidates", flush=True)
             run(cell, report=False)
             results.write_report(cell.run_dir)
             recs = results.load_records(cell.run_dir)
         out.append(cell_summary(exp, recs, space.size(max_steps), max_steps, cell.run_dir))
     return out
-
-
-def cell_summary(exp: Experiment, recs: list[dict], n_candidates: int, max_steps: int, run_dir: Path) -> dict:
-    """The best configuration of a searched cell and what the search spent beside the full grid."""
-    df = results.trials_frame(recs)
-    done = df[(df.steps >= max_steps) & df.best_val_ppl.notna()] if not df.empty else df
-    pick = done if not done.empty else df[df.best_val_ppl.notna()] if not df.empty else df
-    best = pick.loc[pick.best_val_ppl.idxmin()] if not pick.empty else None
-    spent = trial_steps(recs)
-    grid = n_candidates * max_steps
-    return {
-        "experiment_id": exp.id, "dataset": exp.dataset, "method": exp.method, "run": str(run_dir),
-        "best": None if best is None else {
-            "trial": best["name"], "lr": float(best.lr), "warmup_steps": int(best.warmup_steps),
-            "best_val_ppl": float(best.best_val_ppl), "final_val_ppl": float(best.final_val_ppl),
-        },
-        "trials": len(recs), "stopped_early": sum(r["status"] == "stopped" for r in recs),
-        "candidates": n_candidates, "max_steps": max_steps,
-        "trial_steps": spent, "grid_trial_steps": grid, "fraction_of_grid": spent / grid if grid else math.nan,
-        "tried": [] if df.empty else [
-            {"trial": r.name, "lr": float(r.lr), "warmup_steps": int(r.warmup_steps), "steps": int(r.steps),
-             "best_val_ppl": float(r.best_val_ppl), "last_val_ppl": float(r.final_val_ppl), "status": r.status}
-            for r in df.sort_values(["lr", "warmup_steps"]).itertuples()
-        ],
-    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,47 +351,3 @@ def compare_sweep(base: Sweep, cells: list[dict]) -> Sweep:
 def _without(common: dict, keys) -> dict:
     # searched (or tuned) fields must not also come from the common overrides: those win over both
     return {k: v for k, v in common.items() if k not in keys}
-
-
-def search_markdown(cells: list[dict]) -> str:
-    lines = [
-        "# Learning-rate / warmup search", "",
-        "Best configuration per method (lowest val PPL among the trials trained to max_steps), and the compute",
-        "the search spent in trial-steps (steps actually trained, summed over trials) beside a full grid over",
-        "the same candidates (every candidate trained to max_steps).", "",
-        "| dataset | experiment | method | best lr | best warmup | val PPL | trials | stopped early | trial-steps | full grid | share of grid |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for c in cells:
-        b = c["best"] or {}
-        lines.append(
-            f"| {c['dataset']} | {c['experiment_id']} | {c['method']} | {b.get('lr', '-'):} | {b.get('warmup_steps', '-')} "
-            f"| {b['best_val_ppl']:.3f} | {c['trials']} | {c['stopped_early']} | {c['trial_steps']:,} "
-            f"| {c['grid_trial_steps']:,} ({c['candidates']} x {c['max_steps']:,}) | {100 * c['fraction_of_grid']:.0f}% |"
-            if b else f"| {c['dataset']} | {c['experiment_id']} | {c['method']} | - | - | - | {c['trials']} | - | - | - | - |"
-        )
-    spent, grid = sum(c["trial_steps"] for c in cells), sum(c["grid_trial_steps"] for c in cells)
-    if grid:
-        lines += ["", f"All cells: {spent:,} trial-steps searched vs {grid:,} for the full grids ({100 * spent / grid:.0f}%)."]
-    for c in cells:
-        if c.get("tried"):
-            lines += ["", f"{c['experiment_id']} ({c['method']}, {c['dataset']}): the trials of the search", "",
-                      "| trial | lr | warmup | steps | val PPL | status |", "|---|---|---|---|---|---|"]
-            lines += [f"| {t['trial']} | {t['lr']:g} | {t['warmup_steps']} | {t['steps']} | {t['best_val_ppl']:.3f} | {t['status']} |"
-                      for t in c["tried"]]
-    lines += ["", "The searches as heatmaps (lr x warmup, val PPL; stopped candidates hatched, the pick framed): search.png.",
-              "The methods compared again at their own best settings, over fresh seeds: summary.md.", ""]
-    return "\n".join(lines)
-
-
-def write_search_report(run_dir: Path, cells: list[dict]) -> str:
-    """best.json, search.md and search.png (results.plot_search) next to the comparison's summary.md; returns the markdown."""
-    text = search_markdown(cells)
-    write_json(Path(run_dir) / "best.json", {"cells": cells})
-    write_text(Path(run_dir) / "search.md", text)
-    results.plot_search(cells, Path(run_dir) / "search.png")
-    return text
-
-
-def load_cells(run_dir: Path) -> list[dict]:
-    return json.loads((Path(run_dir) / "best.json").read_text())["cells"]

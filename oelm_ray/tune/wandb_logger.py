@@ -7,16 +7,17 @@ reinit="create_new")`, several live runs at once), so workers need neither netwo
 
 - each row is logged at the training `step` (`run.log(..., step=step)`), so W&B's step axis is
   the training step and the rows of every attempt of a trial share one axis;
-- a retried trial keeps its open run; a restored one (a new driver) continues it (resume="allow");
+- a retried trial keeps its open run; a restored one (a new driver) continues it (online: resume="allow");
   either way only steps above the last one logged (`<run>/wandb/last-step/<trial id>`) are
   logged, so a trial that re-reports the steps after its checkpoint adds no duplicate rows.
   Offline, each driver's attempt is one more `offline-run-*-<id>` folder; `wandb sync` uploads
   the folders of one run in start order, so the history comes out in one piece.
 
 Mode: WANDB_MODE=disabled/offline from the user wins; otherwise no API key (env or the netrc
-entry `wandb login` writes, checked without any network call) or an unreachable host means
-offline, said once. W&B files live under `<run>/wandb/`; `oelm-ray sync RUN` uploads them and
-then adds what needs the server: a W&B sweep seeded from the trials' runs and the results table.
+entry `wandb login` writes, checked without any network call: has_key, which `oelm-ray doctor`
+uses too) or an unreachable host means offline, said once. W&B files live under `<run>/wandb/`,
+with the sweep's settings in META (read_meta); after the sweep, oelm_ray.tune.wandb_sync uploads
+offline runs (`oelm-ray sync RUN`) and adds the W&B sweep view and the results table.
 """
 
 from __future__ import annotations
@@ -24,13 +25,10 @@ from __future__ import annotations
 import json
 import netrc
 import os
-import subprocess
-import sys
 import urllib.error
-import zlib
 from numbers import Number
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 import wandb
@@ -41,23 +39,26 @@ from ..core.io import url_reachable, write_json, write_text
 from .trial import trial_of
 
 DEFAULT_HOST = "https://api.wandb.ai"
-META = "oelm-ray.json"  # under <run>/wandb/: project, entity, group, mode (read by sync and finish_sweep)
+META = "oelm-ray.json"  # under <run>/wandb/: project, entity, group, mode (read by wandb_sync)
 STEPS_DIR = "last-step"  # under <run>/wandb/: the last training step logged per trial id
 
 # ------------------------------------------------------------------------------------------------
 # mode: online, offline or disabled, decided on the driver when the sweep starts
 
 
-def has_key() -> bool:
+def has_key(env: Mapping[str, str] | None = None) -> bool:
     """True when an API key is configured: WANDB_API_KEY (or an identity token file), or the netrc
-    entry `wandb login` writes ($NETRC, else ~/.netrc or ~/_netrc) for the W&B host; no network."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+    entry `wandb login` writes ($NETRC, else ~/.netrc or ~/_netrc) for the W&B host; no network.
+
+    env: the environment to read (default os.environ; its HOME is the home folder)."""
+    env = os.environ if env is None else env
+    if env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlsplit(os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST).netloc
-    home = Path.home()
-    path = os.environ.get("NETRC") or next((p for p in (home / ".netrc", home / "_netrc") if p.exists()), home / ".netrc")
+    host = urlsplit(env.get("WANDB_BASE_URL") or DEFAULT_HOST).netloc
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    path = env.get("NETRC") or next((p for p in (home / ".netrc", home / "_netrc") if p.exists()), home / ".netrc")
     try:
-        creds = netrc.netrc(os.path.expanduser(path)).authenticators(host)
+        creds = netrc.netrc(str(Path(path).expanduser())).authenticators(host)
     except (OSError, netrc.NetrcParseError):
         return False
     return bool(creds and creds[2])
@@ -140,7 +141,10 @@ class Callback(LoggerCallback):
             return  # a retried trial keeps its open run
         run_dir = self.run_dir or _run_dir_of(trial)
         kwargs = dict(**trial_init(trial.config, trial.trial_id, str(trial)), project=self.project, group=self.group,
-                      dir=str(run_dir), resume="allow", reinit="create_new", allow_val_change=True,
+                      dir=str(run_dir), reinit="create_new", allow_val_change=True,
+                      # online, a restored trial continues its run on the server; offline has nothing to resume
+                      # (each attempt is one more folder) and W&B would warn on the console that it ignores it
+                      resume="allow" if self.mode == "online" else None,
                       # the driver's console is the sweep's: no trial output there, and no W&B banner or summary per run
                       # (this logger says the mode once; `oelm-ray sync` and the report say the rest)
                       settings=wandb.Settings(console="off", silent=True))
@@ -148,7 +152,7 @@ class Callback(LoggerCallback):
         run = self._init(kwargs, str(trial))
         meta = {"project": self.project, "entity": self.init_kwargs.get("entity") or os.environ.get("WANDB_ENTITY"),
                 "group": self.group, "mode": self.mode}  # the mode after a fallback: offline, `sync` uploads
-        if _read_meta(run_dir) != meta:
+        if read_meta(run_dir) != meta:
             write_json(run_dir / "wandb" / META, meta)
         live = self._open[trial.trial_id] = _Open(run, run_dir / "wandb" / STEPS_DIR / trial.trial_id)
         if run.resumed and isinstance(run.summary.get("step"), (int, float)):  # online: the server knows
@@ -163,7 +167,7 @@ class Callback(LoggerCallback):
             print(f"W&B: {name}: online init failed ({e}); logging offline from now on, `oelm-ray sync` uploads it",
                   flush=True)
             self.mode = "offline"  # one wait for a timeout per sweep, not one per trial
-            return wandb.init(**kwargs, mode="offline")
+            return wandb.init(**{**kwargs, "resume": None}, mode="offline")
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         if trial.trial_id not in self._open:
@@ -242,114 +246,9 @@ def callback(project: str, group: str, run_dir: str | os.PathLike | None = None,
     return Callback(project=project, group=group, mode=mode, why=why, run_dir=run_dir, **kwargs)
 
 
-# ------------------------------------------------------------------------------------------------
-# after the sweep: the W&B sweep view and the results table; `oelm-ray sync`
-
-
-def _read_meta(run_dir: Path) -> dict | None:
+def read_meta(run_dir: Path) -> dict | None:
+    """The sweep's W&B settings the callback wrote (<run>/wandb/oelm-ray.json), or None before any trial logged."""
     try:
         return json.loads((Path(run_dir) / "wandb" / META).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def offline_runs(run_dir: str | os.PathLike) -> list[Path]:
-    """The offline run folders of a sweep, oldest first (one per trial attempt)."""
-    return sorted(p for p in (Path(run_dir) / "wandb").glob("offline-run-*") if any(p.glob("*.wandb")))
-
-
-def offline_run_id(folder: Path) -> str:
-    """The W&B run id (= the trial id) of one offline run folder, from its `run-<id>.wandb` file.
-
-    Not from the folder's name: two attempts started in the same second get `...-<id>` and `...-<id>-1`.
-    """
-    return next(folder.glob("run-*.wandb")).stem[len("run-"):]
-
-
-def finish_sweep(run_dir: str | os.PathLike, project: str | None = None) -> None:
-    """Call after the sweep's report: online, add the sweep view and table now; offline, say how to."""
-    run_dir = Path(run_dir)
-    meta = _read_meta(run_dir)
-    if meta is None:  # no trial logged to W&B
-        return
-    if meta["mode"] != "online":
-        n = len({offline_run_id(p) for p in offline_runs(run_dir)})
-        print(f"W&B: {n} offline run(s) in {run_dir / 'wandb'}; `oelm-ray sync {run_dir}` uploads them "
-              "and adds the sweep view and results table", flush=True)
-        return
-    if offline_runs(run_dir):  # an actor fell back to offline mid-sweep
-        print(f"W&B: some runs were kept offline; `oelm-ray sync {run_dir}` uploads them", flush=True)
-    try:
-        publish(run_dir, project=project or meta["project"], entity=meta.get("entity"), group=meta["group"])
-    except Exception as e:  # the sweep itself is done and reported: never fail it here
-        print(f"W&B: could not add the sweep view / results table ({e}); `oelm-ray sync {run_dir}` retries", flush=True)
-
-
-def sync(run_dir: str | os.PathLike, project: str | None = None) -> None:
-    """Upload a sweep's offline runs (`wandb sync`), then add its W&B sweep view and results table."""
-    run_dir = Path(run_dir)
-    meta = _read_meta(run_dir) or {}
-    project = project or meta.get("project")
-    if not project:
-        raise ConfigError(f"{run_dir} has no W&B runs (was it run with --no-wandb?); pass --project to publish its table anyway")
-    if not has_key():
-        raise ConfigError("no W&B API key: run `wandb login` (or set WANDB_API_KEY), then `oelm-ray sync` again")
-    runs = offline_runs(run_dir)
-    if runs:
-        cmd = [sys.executable, "-m", "wandb", "sync", "--project", project, *map(str, runs)]
-        if meta.get("entity"):
-            cmd[4:4] = ["--entity", meta["entity"]]
-        env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
-        print(f"W&B: uploading {len(runs)} offline run folder(s) to {project!r}", flush=True)
-        if subprocess.run(cmd, env=env).returncode != 0:
-            raise ConfigError(f"`wandb sync` failed for {run_dir / 'wandb'}: see its messages above; run `oelm-ray sync` again")
-    publish(run_dir, project=project, entity=meta.get("entity"), group=meta.get("group") or run_dir.name)
-
-
-def publish(run_dir: Path, project: str, entity: str | None, group: str, mode: str = "online") -> None:
-    """Log trials.parquet as a W&B Table (a `report` run of the group); online, also create the sweep view."""
-    import pandas as pd
-
-    from .. import results
-
-    run_dir = Path(run_dir)
-    parquet = run_dir / "trials.parquet"
-    df = pd.read_parquet(parquet) if parquet.exists() else results.trials_frame(results.load_records(run_dir))
-    records = results.load_records(run_dir)
-    ids = [r["trial_id"] for r in records if r.get("trial_id")]
-    meta = _read_meta(run_dir) or {}
-    report = wandb.init(project=project, entity=entity, group=group, job_type="report", name=f"{group}-report",
-                        id=_report_id(group), resume="allow", dir=str(run_dir), mode=mode, reinit="create_new",
-                        config={"run_dir": str(run_dir), "trials": len(ids)})
-    table = {"trials": wandb.Table(dataframe=df.astype({c: "float64" for c in df.columns if str(df[c].dtype) == "boolean"}))}
-    if (run_dir / "val_ppl.png").exists():
-        table["val_ppl"] = wandb.Image(str(run_dir / "val_ppl.png"))
-    report.log(table)
-    report.finish()
-    if mode == "online" and ids and not meta.get("sweep_id"):
-        sweep_id = wandb.sweep(sweep_config(records, group), project=project, entity=entity, prior_runs=ids)
-        write_json(run_dir / "wandb" / META, {**meta, "sweep_id": sweep_id})
-        print(f"W&B: sweep view {sweep_id} with {len(ids)} run(s); results table in run {group}-report", flush=True)
-
-
-def sweep_config(records: list[dict], group: str) -> dict:
-    """A grid sweep over the factors that vary between the trials (the view, not an agent's plan)."""
-    from .sweep import METRIC, MODE
-
-    flat = []
-    for r in records:
-        row = {"experiment_id": r.get("experiment_id"), "seed": r.get("seed")}
-        for section in (r.get("config") or {}).values():
-            row.update(section)
-        flat.append(row)
-    keys = sorted({k for row in flat for k in row})
-    params = {}
-    for k in keys:
-        vals = sorted({json.dumps(row.get(k), default=str) for row in flat})
-        if len(vals) > 1 or k in ("experiment_id", "method", "dataset", "seed"):
-            params[k] = {"values": [json.loads(v) for v in vals]}
-    return {"name": group, "method": "grid", "metric": {"name": METRIC, "goal": MODE + "imize"}, "parameters": params}
-
-
-def _report_id(group: str) -> str:
-    return f"report-{zlib.crc32(group.encode()):08x}"
