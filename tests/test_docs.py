@@ -26,7 +26,7 @@ def _fenced(text: str) -> list[str]:
 
 def _inline(text: str) -> list[str]:
     """Inline `...` spans that are whole commands of ours (no `...` or `a / b` shorthand in them),
-    outside the bad-input table, whose examples are wrong on purpose (tests/test_reliability.py
+    outside the bad-input table, whose examples are wrong on purpose (tests/test_bad_input.py
     checks each fails)."""
     kept, header = [], ""
     for line in text.splitlines():

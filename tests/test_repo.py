@@ -1,4 +1,4 @@
-"""The repository itself: README commands match CI, the options table is current (secrets: test_reliability)."""
+"""The repository itself: README commands match CI, the options table is current (secrets: test_security)."""
 
 import re
 from pathlib import Path

@@ -90,7 +90,7 @@ def test_crashed_trial_resumes_from_checkpoint_with_identical_metrics(tmp_path, 
 
 def test_gpu_runs_never_fall_back_to_cpu_silently(tmp_path, ray_local):
     """--preset paper (require_gpus) on a GPU-less Ray is refused unless 0 GPUs were asked for explicitly.
-    (The full command, one line / exit 2 / nothing prepared, is a case in test_reliability's BAD_INPUT.)"""
+    (The full command, one line / exit 2 / nothing prepared, is a case in test_bad_input's BAD_INPUT.)"""
     assert ray_local.cluster_resources().get("GPU", 0) == 0
     with pytest.raises(ConfigError, match="--preset paper .* has none: .*--gpus-per-trial 0"):
         resources(smoke_sweep(tmp_path, "paper", require_gpus=True))
@@ -206,7 +206,7 @@ def test_bad_trial_config_is_caught_before_ray(tmp_path):
 
 def test_a_set_over_per_arm_values_is_said_in_the_sweeps_first_lines(tmp_path, monkeypatch, capsys):
     """--set lr / --max-steps on the paper rows: a warning per field, naming the arms and the values it replaces."""
-    from test_reliability import _phase3_presets
+    from helpers import phase3_presets as _phase3_presets
     from oelm_ray.tune import sweep as S
 
     def stop(address):
@@ -340,7 +340,7 @@ def test_paper_recipe_smoke_on_cpu_through_gpt2_tokens(tmp_path, ray_local, gpt2
     """`sweeps/phase3.py --preset paper --smoke-test --gpus-per-trial 0 --set dataset=stories`, in-process on
     the shared local Ray. The dataset override turns every paper experiment into a stories one (GPT-04..07
     too); `--experiments` keeps the TinyStories three, GPT-01..03, each with the paper's method and lr."""
-    from test_reliability import _phase3_presets
+    from helpers import phase3_presets as _phase3_presets
 
     argv = ["--preset", "paper", "--smoke-test", "--gpus-per-trial", "0", "--set", "dataset=stories",
             "--set", f"gpt2_ranks={gpt2_ranks}", "--experiments", "GPT-01,GPT-02,GPT-03", "--no-wandb",

@@ -1,0 +1,73 @@
+"""What the end-to-end and bad-input tests share: the tiny run, its world, the phase-3 recipe."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from oelm_ray.core import data
+from oelm_ray.core import experiments as E
+from oelm_ray.core.config import make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASE3 = ROOT / "sweeps" / "phase3.py"
+LOSS_KEYS = ("step", "tokens", "train/loss", "val/loss", "val/ppl", "lr")
+
+# a tiny `oelm-ray train` run, as config overrides and as the same command line
+TINY = dict(stories_mb=0.3, d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, max_steps=10,
+            warmup_steps=2, eval_interval=10, eval_batches=1, log_interval=10, num_threads=1)
+
+
+def phase3_presets() -> dict:
+    spec = importlib.util.spec_from_file_location("phase3_recipe", PHASE3)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # the recipe's `main` is guarded by __name__
+    return mod.PRESETS
+
+
+def smoke(tmp: Path, **kw) -> dict:
+    return {**E.SMOKE, "data_dir": str(tmp / "data"), **kw}
+
+
+def final_log(run_dir: Path, trial: str) -> str:
+    """The trial's train.log, kept with its state in the run folder."""
+    return (run_dir / trial / "state" / "train.log").read_text()
+
+
+def losses(history: list[dict]) -> list[tuple]:
+    return [tuple(h.get(k) for k in LOSS_KEYS) for h in history]
+
+
+def quiet(_):
+    pass
+
+
+def train_argv(**fields) -> list[str]:
+    """`oelm-ray train --preset cpu --set ...` of the tiny run, with `fields` changed or added."""
+    return ["train", "--preset", "cpu", "--set", *[f"{k}={v}" for k, v in {**TINY, **fields}.items()]]
+
+
+@dataclass
+class World:
+    """What the bad-input cases start from: a prepared corpus and a finished tiny run (never modified)."""
+
+    root: Path
+    data: Path
+    ckpt: Path
+
+
+def make_world(root: Path) -> World:
+    """A prepared tiny corpus and a finished tiny run under `root`."""
+    from oelm_ray.core.trainer import train
+
+    cfg = make_config("cpu", **TINY, data_dir=str(root / "data"))
+    data.prepare(cfg.data, progress=False)
+    threads = torch.get_num_threads()
+    try:
+        train(cfg, root / "ckpt", log=quiet)
+    finally:
+        torch.set_num_threads(threads)
+    return World(root, root / "data", root / "ckpt")
