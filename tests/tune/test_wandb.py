@@ -22,7 +22,7 @@ from oelm_ray.tune.trial import TrialSpec
 import faults  # tests/faults.py: a trainable that crashes once, at a given step
 from wandb_files import read_finished  # tests/wandb_files.py: .wandb files read back
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRESETS = runpy.run_path(str(ROOT / "sweeps" / "phase3.py"))["PRESETS"]
 
 

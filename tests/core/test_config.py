@@ -6,7 +6,7 @@ import pytest
 
 from oelm_ray.core import config as C
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", sorted(C.PRESETS))

@@ -32,7 +32,7 @@ import yaml
 
 from oelm_ray.cluster.launcher import placeholders
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOLS = {"sshd": "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client", "rsync": "rsync",
          "unshare": "util-linux", "nsenter": "util-linux", "ip": "iproute2"}
 

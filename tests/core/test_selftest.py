@@ -15,7 +15,7 @@ from oelm_ray.core import selftest
 from oelm_ray.core.batches import Batches
 from oelm_ray.core.train_step import TrainStep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

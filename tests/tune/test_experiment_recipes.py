@@ -11,7 +11,7 @@ import pytest
 
 from oelm_ray import results
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _recipe(name):

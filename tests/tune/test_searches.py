@@ -18,7 +18,7 @@ from oelm_ray.tune import search
 from oelm_ray.core.config import ConfigError, make_config
 from oelm_ray.core.experiments import Experiment
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(path: Path, name: str):
