@@ -30,7 +30,7 @@ from helpers import ROOT, PHASE3, World, make_world, phase3_presets, train_argv
 @dataclass
 class Bad:
     case: str
-    """What is wrong (the README's first column)."""
+    """What is wrong (the docs table's first column)."""
     entry: str
     """oelm-ray (cli.main in-process), phase3 (recipe.main in-process) or subprocess (phase3.py)."""
     argv: Callable[[Path, World], list[str]]
@@ -44,9 +44,9 @@ class Bad:
     usage: bool = False
     """argparse's own error: its usage lines, then the one message."""
     example: str = ""
-    """The bad input, in words (README)."""
+    """The bad input, in words (docs/reliability.md)."""
     says: str = ""
-    """What the message tells the user (README)."""
+    """What the message tells the user (docs/reliability.md)."""
 
 
 def _train(d: Path, w: World, *extra: str, data_dir: Path | None = None, **fields) -> list[str]:
@@ -260,7 +260,7 @@ BAD_INPUT = [
 
 
 def bad_input_markdown() -> str:
-    """The README's "Bad input" table, from BAD_INPUT."""
+    """docs/reliability.md's bad-input table, from BAD_INPUT."""
     entry = {"oelm-ray": "`oelm-ray`", "phase3": "`sweeps/*.py`", "subprocess": "`sweeps/*.py`"}
     rows = ["| bad input | example | command | the one-line message |", "|---|---|---|---|"]
     rows += [f"| {b.case} | {b.example} | {entry[b.entry]} | {b.says} |" for b in BAD_INPUT]

@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 
-# tag -> (CUDA version, minimum Linux driver); README "The torch build" shows the same table
+# tag -> (CUDA version, minimum Linux driver); docs/cluster.md, "The torch build", shows the same table
 BUILDS: dict[str, tuple[str, str]] = {
     "cu118": ("11.8", "520.61.05"),
     "cu121": ("12.1", "530.30.02"),

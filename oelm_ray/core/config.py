@@ -2,7 +2,7 @@
 
 Imports neither torch nor Ray, so the CLI, the sweep recipes and the tests can build and check a
 config cheaply. Every field carries a docstring (the string literal under it); `field_docs()`
-reads them back for `--help` and the README's table of options.
+reads them back for `--help` and the table of options in docs/options.md.
 
 A config round-trips through plain dicts (`to_dict` / `from_dict`), which is how Ray hands it to a
 trial. Field names are unique across the three sections, so a flat override such as
@@ -316,9 +316,9 @@ VOCAB_SIZES = {"bytes": 257, "gpt2": 50257}
 
 def _cpu_preset() -> Config:
     # two single-thread trials side by side on a 2-core laptop, ~55 ms/step each; two blocks are the
-    # least that can form induction heads, which the stories corpus rewards (README, "Embedded default").
+    # least that can form induction heads, which the stories corpus rewards (README, "The embedded default").
     # lr 1e-2 is the best of a scan (2e-3 ... 2.5e-2, warmup 100, seed 0) for baseline and oelm_freeze
-    # alike; 2.5e-2 blows up (README, "Choosing the learning rate"). 500 steps keep the embedded
+    # alike; 2.5e-2 blows up (docs/searches.md). 500 steps keep the embedded
     # default's eight trials (four arms x two seeds) within 5 minutes on 2 cores
     return Config(
         ModelConfig(vocab_size=257, n_layer=2, n_head=4, d_model=64, d_ff=256, block_size=128),
@@ -328,10 +328,10 @@ def _cpu_preset() -> Config:
 
 
 def _medium_512_preset() -> Config:
-    # the research's "Medium-512" (RESEARCH.md); lr is the baseline's, recipes set it per method.
+    # the research's "Medium-512"; lr is the baseline's, recipes set it per method.
     # eval_batches=0: every evaluation scores the whole validation split, as the research did, so
-    # best_val_ppl / final_val_ppl are the research's "final perplexity" (README, "Validation").
-    # At the trainer's GPU speed the protocol decides the wall time (README, "Speed on a GPU"): the
+    # best_val_ppl / final_val_ppl are the research's "final perplexity" (docs/protocol.md, "Validation").
+    # At the trainer's GPU speed the protocol decides the wall time (docs/speed.md): the
     # whole split is scored 32 sequences per forward (4x fewer launches than at the training batch
     # of 8), and latest.pt (539 MB with AdamW state) is written every 5 evaluations, ~30 s of GPU
     # time at the target speed: a crash redoes at most that, a disk needs ~20 MB/s per trial
@@ -573,7 +573,7 @@ def section_classes() -> dict[str, type]:
 
 
 def options_markdown() -> str:
-    """The README's table of config fields, from the field docstrings (`python -m oelm_ray.core.config`)."""
+    """docs/options.md's table of config fields, from the field docstrings (`python -m oelm_ray.core.config`)."""
     rows = ["| field | section | cpu | medium-512 | meaning |", "|---|---|---|---|---|"]
     cpu, med = preset("cpu").to_dict(), preset("medium-512").to_dict()
     for sec, cls in section_classes().items():

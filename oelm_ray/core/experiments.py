@@ -58,7 +58,7 @@ def trial_name(experiment_id: str, method: str, seed: int) -> str:
     return f"{experiment_id}-{method}-s{seed}"
 
 
-# the research's phase 3 (RESEARCH.md): Medium-512, baseline at 3e-4, the frozen variants at 1e-3
+# the research's phase 3: Medium-512, baseline at 3e-4, the frozen variants at 1e-3
 _PAPER_ROWS = [
     ("GPT-01", "tinystories", "baseline", 3e-4, 100_000),
     ("GPT-02", "tinystories", "oelm_freeze", 1e-3, 100_000),

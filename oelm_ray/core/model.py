@@ -7,7 +7,7 @@ projections are initialised and whether they train (`ModelConfig.method`):
 - oelm_freeze: head-wise orthogonal (each head's slice from its own QR of a Gaussian), frozen.
 - oelm_random: N(0, qk_std^2), frozen (qk_random_std, or 1/sqrt(d_model) where that is 0).
 
-Everything else is the research's model (RESEARCH.md): pre-LayerNorm blocks, Q/K/V/output
+Everything else is the research's model: pre-LayerNorm blocks, Q/K/V/output
 projections without bias, a GELU MLP whose Linears have biases, learned positions, dropout after
 the embeddings, the attention output, the GELU and the MLP output, all weights N(0, 0.02), and the
 token embedding tied to the LM head. At Medium-512 that is 44,896,768 parameters, of which the

@@ -156,7 +156,7 @@ def test_ray_up_exec_job_submit_status_down_over_real_ssh():
         assert code == 0, out[-4000:] + (d / "sshd.log").read_text()[-2000:]
         assert "OELM_VENV=" in out and "using that environment as it is" in out
 
-        # issue 14, 1: the `ray` tool on the head runs in token mode
+        # the `ray` tool on the head runs in token mode
         code, out = ray("exec", str(cfg), "ray status")
         assert code == 0 and "AuthenticationError" not in out, out[-4000:]
         assert re.search(r"(Active|Idle):\s*\n\s*1 local\.cluster\.node", out) and re.search(r"/\d+\.0 CPU", out), out[-3000:]
