@@ -268,10 +268,25 @@ def _local_docs(path: Path, val_fraction: float) -> Iterator[tuple[str, str]]:
         yield ("val" if i >= n - n_val else "train"), text
 
 
-def _read_local(path: Path) -> Iterator[str]:
-    """Documents of a local file: .txt paragraphs (blank-line separated), .jsonl or .parquet "text"."""
+def check_readable(cfg: DataConfig) -> None:
+    """Raise DataError now, with what to fix, where reading cfg's corpus would fail at once: a missing local
+    file, a hub_dir without the corpus's parquet files, an unreachable hub."""
+    if cfg.is_local_file:
+        _local_file(Path(cfg.dataset).expanduser().resolve())
+    elif cfg.dataset in HUB and cfg.hub_dir:
+        _hub_dir_files(cfg.hub_dir, HUB[cfg.dataset])
+    elif cfg.dataset in HUB:
+        _check_hub_reachable(cfg)
+
+
+def _local_file(path: Path) -> None:
     if not path.is_file():
         raise DataError(f"dataset file {path} does not exist: fix the dataset path")
+
+
+def _read_local(path: Path) -> Iterator[str]:
+    """Documents of a local file: .txt paragraphs (blank-line separated), .jsonl or .parquet "text"."""
+    _local_file(path)
     if path.suffix == ".txt":
         # one document per blank-line-separated block: a file of stories or articles splits
         # naturally, and a held-out tail of blocks is a fair validation set

@@ -19,6 +19,7 @@ a truncated or corrupted copy fails loudly.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -37,11 +38,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import tiktoken
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from .config import VOCAB_SIZES, DataConfig
-from .corpora import DataError, corpus
+from .corpora import DataError, check_readable, corpus
 from .io import fsync_dir, write_json
 
 FORMAT_VERSION = 1
@@ -160,7 +161,7 @@ def prepare(cfg: DataConfig, progress: bool = True, force: bool = False, workers
     if not force and out.exists():
         return _verify_existing(cfg, out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
+    with _locked(out, log):
         if out.exists() and not force:  # another process built it while we waited
             return _verify_existing(cfg, out)
         tmp_prefix = f".{out.name}.tmp-"
@@ -187,6 +188,30 @@ def prepare(cfg: DataConfig, progress: bool = True, force: bool = False, workers
         fsync_dir(out.parent)
         record.unlink(missing_ok=True)
     return meta
+
+
+@contextlib.contextmanager
+def _locked(out: Path, log: Callable[[str], None] | None) -> Iterator[None]:
+    """Hold out's build lock; `log` hears when another process holds it (and this one waits for it)."""
+    lock = FileLock(str(out) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if log:
+            log(f"prepare {out.name}: another process is preparing it (lock {lock.lock_file}): waiting for it")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Raise DataError now, with what to fix, where preparing cfg would fail before reading a document: its
+    tokenizer, a missing local file or hub_dir, an unreachable hub. A sweep checks every corpus it has to
+    prepare with this before any trial starts."""
+    get_tokenizer(cfg)
+    check_readable(cfg)
 
 
 def _verify_existing(cfg: DataConfig, out: Path) -> dict:
@@ -337,7 +362,7 @@ def _retryable(e: BaseException | None) -> bool:
     return False
 
 
-def _fmt_secs(s: float) -> str:
+def fmt_secs(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
@@ -618,8 +643,8 @@ class _Progress:
                 est = self.new_tokens / new_frac
                 tok += f" (~{est / 1e6:,.0f}M in all, estimated)"
                 left = dt * (1 - frac) / new_frac
-                return f"{head} ({100 * frac:.0f}%), {tok}, {rate / 1e6:.2f}M tokens/s, ETA {_fmt_secs(left)}"
-        return f"{head}, {tok}, {rate / 1e6:.2f}M tokens/s" + (f", done in {_fmt_secs(dt)}" if done else "")
+                return f"{head} ({100 * frac:.0f}%), {tok}, {rate / 1e6:.2f}M tokens/s, ETA {fmt_secs(left)}"
+        return f"{head}, {tok}, {rate / 1e6:.2f}M tokens/s" + (f", done in {fmt_secs(dt)}" if done else "")
 
     def close(self, ok: bool) -> None:
         self.bar.close()

@@ -1,10 +1,11 @@
 """A sweep: experiments x seeds (x a search space), run or resumed with Ray Tune.
 
     build every trial's config once, validated (TrialSpec) -> check the run folder -> connect to Ray
-    -> check resources -> prepare each dataset once -> Tuner(...).fit() or Tuner.restore(...).fit()
-    -> report
+    -> check resources -> check each corpus, start preparing those not prepared (a Ray task each)
+    -> Tuner(...).fit() or Tuner.restore(...).fit(), each trial starting once its corpus is ready -> report
 
-Everything that can fail on bad input fails before Ray starts or any data is tokenized. Tune's
+Everything that can fail on bad input fails before Ray starts or any data is tokenized (a corpus that
+fails while it is being prepared ends its own trials in error, not the sweep: tune/preparing.py). Tune's
 param space carries each trial's whole config as plain data (`trial.TrialSpec.to_dict()`; a
 search's domains sit in it at their fields), so the trial, the Recorder, the W&B logger and the
 report all read one copy, and two invocations whose trials have equal configs are the same sweep.
@@ -27,6 +28,7 @@ from .. import results
 from ..core.config import Config, ConfigError, field_sections
 from ..core.experiments import Experiment, per_arm
 from ..core.io import write_json
+from .preparing import Corpora, WaitForData
 from .recorder import Recorder
 from .resources import check_shared_storage, connect, is_uri, resources
 from .trial import TrialSpec, trainable
@@ -215,17 +217,10 @@ def _trial_diffs(old: list[dict], new: list[dict]) -> list[str]:
     return out[:4] + ([f"{len(out) - 4} more trials"] if len(out) > 4 else [])
 
 
-def prepare_datasets(trials: list[TrialSpec]) -> None:
-    """Tokenize each distinct corpus once, before its trials start (trials then only verify it)."""
-    from ..core.data import prepare
-
-    seen = set()
-    for t in trials:
-        key = json.dumps(t.config.to_dict()["data"], sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            meta = prepare(t.config.data, log=lambda line: print(f"data: {line}", flush=True))
-            print(f"data: {t.config.data.dataset} ({t.config.data.tokenizer}) ready: {meta['train_tokens']:,} train tokens", flush=True)
+def prepare_datasets(trials: list[TrialSpec]) -> Corpora:
+    """Each distinct corpus once: verified now where it is prepared, else prepared by a Ray task started now,
+    while the trials whose corpus is ready train (the Tuner's WaitForData holds the others back)."""
+    return Corpora([t.config.data for t in trials])
 
 
 def _name(trial) -> str:
@@ -248,7 +243,7 @@ def run(sweep: Sweep, report: bool = True) -> Path:
     run_dir = sweep.run_dir
     if len(ray.nodes()) > 1 and not is_uri(sweep.storage):
         check_shared_storage(run_dir.parent)
-    prepare_datasets(trials)
+    corpora = prepare_datasets(trials)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:
         write_json(run_dir / "sweep.json", sweep.identity(trials))
@@ -267,7 +262,7 @@ def run(sweep: Sweep, report: bool = True) -> Path:
                 metric=METRIC if sweep.scheduler is None else None,
                 mode=MODE if sweep.scheduler is None else None,
                 search_alg=sweep.search_alg,
-                scheduler=sweep.scheduler,
+                scheduler=WaitForData(sweep.scheduler),  # restored with the run: it keeps no state of its own
                 num_samples=sweep.num_samples,
                 max_concurrent_trials=sweep.max_concurrent,
                 reuse_actors=True,  # a trial's actor keeps torch imported for the next: seconds per trial
@@ -287,7 +282,10 @@ def run(sweep: Sweep, report: bool = True) -> Path:
         )
     n = len(trials) * sweep.num_samples
     print(f"sweep {sweep.name}: {n} trial(s), each {res['cpu']:g} CPU / {res['gpu']:g} GPU -> {run_dir}", flush=True)
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        corpora.close()
     if grid.errors:
         print(f"{len(grid.errors)} trial(s) ended in error; see `oelm-ray status {run_dir}`", flush=True)
     if report:

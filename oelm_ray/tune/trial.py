@@ -73,8 +73,10 @@ def trial_of(config: dict) -> TrialSpec:
 
 def trainable(config: dict) -> None:
     """Ray Tune function trainable around `trainer.train` (runs inside the trial's actor)."""
+    from ..core.corpora import DataError
     from ..core.data import load_prepared, prepare
     from ..core.trainer import train
+    from .preparing import corpus_failure
 
     cfg = trial_of(config).config
     if cfg.train.num_threads == 0:  # a CPU slot is a core: threads beyond it only fight each other
@@ -84,7 +86,12 @@ def trainable(config: dict) -> None:
     out, in_storage = _state_dir()
     out.mkdir(parents=True, exist_ok=True)
     resume, known_step = _restore_into(out, in_storage)
-    prepare(cfg.data, progress=False)  # idempotent: verifies the copy the driver prepared
+    failed = corpus_failure(cfg.data)
+    if failed:  # the sweep's prepare task for this corpus failed: end with its error, the sweep goes on
+        with open(out / "train.log", "a") as logf:
+            logf.write(f"{time.strftime('%H:%M:%S')} {failed}\n")
+        raise DataError(failed)
+    prepare(cfg.data, progress=False)  # idempotent: verifies the copy the sweep prepared
     data = load_prepared(cfg.data)
     node, gpu = ray.util.get_node_ip_address(), os.environ.get("CUDA_VISIBLE_DEVICES", "-") or "-"
     node_id = ray.get_runtime_context().get_node_id()[:12]  # tells apart nodes that share an address
