@@ -1,4 +1,4 @@
-"""Corpora prepared on the cluster while trials train: a Ray task per corpus, each trial held back until its own is ready.
+"""Corpora prepared on the cluster while trials train: a Ray task per corpus, each trial waiting for its own.
 
     corpora = Corpora(trials)     # driver: prepared corpora verified now, a Ray task started for each other one
     WaitForData(scheduler)        # Tune scheduler: a trial whose corpus is being prepared waits PAUSED, holding nothing
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import queue
@@ -41,6 +42,7 @@ from ..core.io import UserError, write_json
 READY, FAILED, PREPARING = "ready", "failed", "preparing"
 QUIET_S = 600.0  # a prepare task silent this long gets a "still preparing" line on the driver
 RECHECK_S = 1.0  # how often WaitForData looks for a corpus it holds trials back for
+TUNE_STUCK_LOGGER = "ray.tune.execution.insufficient_resources_manager"
 ENV_PREFIXES = ("OELM_", "TIKTOKEN_", "HF_", "HUGGINGFACE_")  # what preparing reads from the environment
 
 
@@ -113,7 +115,8 @@ class Corpora:
         self.tasks: list[tuple[DataConfig, ray.ObjectRefGenerator, threading.Thread]] = []
         for cfg in todo:
             failure_path(cfg).unlink(missing_ok=True)  # a failure of an earlier run: this one tries again
-            gen = _prepare_task.options(name=f"prepare {prepared_dir(cfg).name}", **_like_the_driver()).remote(_absolute(cfg))
+            task = _prepare_task.options(name=f"prepare {prepared_dir(cfg).name}", **_like_the_driver())
+            gen = task.remote(_absolute(cfg))
             watch = threading.Thread(target=self._watch, args=(cfg, gen), name=f"watch {prepared_dir(cfg).name}",
                                      daemon=True)
             watch.start()
@@ -144,9 +147,13 @@ class Corpora:
         if error is None and meta is None:
             error = "its prepare task ended without a result"
         if error is None:
-            self.log(_ready(cfg, meta) + f" (prepared in {fmt_secs(time.monotonic() - t0)})")
+            dt = time.monotonic() - t0
+            self.log(_ready(cfg, meta) + f" (prepared in {fmt_secs(dt) if dt >= 60 else f'{dt:.1f} s'})")
             return
-        write_json(failure_path(cfg), {"corpus": name, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        try:
+            write_json(failure_path(cfg), {"corpus": name, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        except OSError as e:  # its trials then wait on: say why
+            self.log(f"{name} failed and {failure_path(cfg)} cannot be written ({e}): stop the sweep (Ctrl-C)")
         self.log(f"{name} failed: {error}. Its trials end with this error; the rest of the sweep goes on")
 
     def close(self, timeout: float = 10.0) -> None:
@@ -216,9 +223,23 @@ class WaitForData(TrialScheduler):
         self.inner = scheduler or FIFOScheduler()
         self.held: dict[Trial, DataConfig] = {}
         self.looked: dict[Path, tuple[float, str]] = {}  # prepared folder -> (when looked at, state)
+        self.quiet: _InsteadOfTunesStuckWarning | None = None
 
     def __getstate__(self) -> dict:  # what Tune pickles into tuner.pkl: the wrapped scheduler, no trials
-        return {**self.__dict__, "held": {}, "looked": {}}
+        return {**self.__dict__, "held": {}, "looked": {}, "quiet": None}
+
+    def _hold(self, trial, cfg: DataConfig) -> None:
+        trial.set_status(Trial.PAUSED)  # before Tune files it under its status: never staged
+        self.held[trial] = cfg
+        if self.quiet is None:
+            self.quiet = _InsteadOfTunesStuckWarning(self)
+            logging.getLogger(TUNE_STUCK_LOGGER).addFilter(self.quiet)
+
+    def _release(self, trial) -> None:
+        del self.held[trial]
+        if not self.held and self.quiet is not None:
+            logging.getLogger(TUNE_STUCK_LOGGER).removeFilter(self.quiet)
+            self.quiet = None
 
     def state(self, cfg: DataConfig) -> str:
         out = prepared_dir(cfg)
@@ -235,15 +256,14 @@ class WaitForData(TrialScheduler):
 
             cfg = trial_of(trial.config).config.data
             if self.state(cfg) == PREPARING:
-                trial.set_status(Trial.PAUSED)  # before Tune files it under its status: never staged
-                self.held[trial] = cfg
+                self._hold(trial, cfg)
 
     def choose_trial_to_run(self, tune_controller):
         for trial, cfg in list(self.held.items()):
             if trial.status != Trial.PAUSED:  # stopped meanwhile (the sweep is ending)
-                del self.held[trial]
+                self._release(trial)
             elif self.state(cfg) != PREPARING:
-                del self.held[trial]
+                self._release(trial)
                 return trial
         return self.inner.choose_trial_to_run(_Without(tune_controller, self.held))
 
@@ -270,7 +290,8 @@ class WaitForData(TrialScheduler):
         self.inner.on_trial_error(tune_controller, trial)
 
     def on_trial_remove(self, tune_controller, trial):
-        self.held.pop(trial, None)
+        if trial in self.held:
+            self._release(trial)
         self.inner.on_trial_remove(tune_controller, trial)
 
     def debug_string(self) -> str:
@@ -281,6 +302,22 @@ class WaitForData(TrialScheduler):
 
     def restore(self, checkpoint_path: str):
         return self.inner.restore(checkpoint_path)
+
+
+class _InsteadOfTunesStuckWarning(logging.Filter):
+    """While trials wait for their corpus and none runs, Tune warns every minute that the cluster lacks the
+    resources the trials ask for; this says what they wait for instead."""
+
+    def __init__(self, gate: WaitForData):
+        super().__init__()
+        self.gate = gate
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.gate.held or "No trial is running" not in record.getMessage():
+            return True
+        names = sorted({prepared_dir(cfg).name for cfg in self.gate.held.values()})
+        say(f"no trial is running: {len(self.gate.held)} trial(s) wait for {', '.join(names)} to be prepared")
+        return False
 
 
 class _Without:
