@@ -151,7 +151,7 @@ class Corpora:
             self.log(_ready(cfg, meta) + f" (prepared in {fmt_secs(dt) if dt >= 60 else f'{dt:.1f} s'})")
             return
         try:
-            write_json(failure_path(cfg), {"corpus": name, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            write_json(failure_path(cfg), {"corpus": name, "error": error, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         except OSError as e:  # its trials then wait on: say why
             self.log(f"{name} failed and {failure_path(cfg)} cannot be written ({e}): stop the sweep (Ctrl-C)")
         self.log(f"{name} failed: {error}. Its trials end with this error; the rest of the sweep goes on")
