@@ -27,7 +27,7 @@ from oelm_ray.tune.trial import trial_device
 import faults  # tests/faults.py: a trainable that crashes once, at a given step
 from trial_files import state_files
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = [
     "experiment_id", "dataset", "method", "seed", "lr", "warmup_steps", "max_steps", "best_val_ppl",
     "final_val_ppl", "gap_vs_baseline_pct", "meets_criterion", "trainable_params", "total_params",

@@ -487,7 +487,7 @@ def test_killed_prepare_resumes_to_identical_files(tmp_path, source):
     cfg = DataConfig(dataset=dataset, hub_dir=hub_dir, data_dir=str(tmp_path / "killed"), val_fraction=0.1)
     out = data.prepared_dir(cfg)
     record = out.parent / f".{out.name}.partial.json"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done_at = []
     for fraction in (0.25, 0.6):
         proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, src, cfg.data_dir, hub_dir], env=env)
@@ -612,7 +612,7 @@ def test_progress_has_a_total_and_an_eta(tmp_path, monkeypatch):
 def test_prepare_speed_smoke(tmp_path, gpt2_ranks):
     """benchmarks/prepare_speed.py --smoke: both ways run on ~20 MB, agree on the tokens, and it
     prints tokens/s, peak RSS and the ratio; its work folder is deleted."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     work = tmp_path / "work"
     p = subprocess.run([sys.executable, "benchmarks/prepare_speed.py", "--smoke", "--gpt2-ranks", str(gpt2_ranks),
                         "--work", str(work)], cwd=root, capture_output=True, text=True, timeout=600,
