@@ -117,3 +117,21 @@ def pytest_sessionfinish(session, exitstatus):
             ray.shutdown()
     except ImportError:
         pass
+
+
+@pytest.fixture
+def no_key(monkeypatch, tmp_path):
+    """No WANDB_* settings, HOME without a netrc, and any attempt to reach the network fails the test."""
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+
+    def no_network(*a, **k):
+        raise AssertionError(f"W&B mode check touched the network: {a}")
+
+    from oelm_ray.tune import wandb_logger
+
+    monkeypatch.setattr(wandb_logger, "url_reachable", no_network)
+    return home

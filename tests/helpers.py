@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from wandb_files import read_finished  # tests/wandb_files.py: .wandb files read back
 
 from oelm_ray.core import data
 from oelm_ray.core import experiments as E
 from oelm_ray.core.config import make_config
+from oelm_ray.tune import wandb_sync as WS
+from oelm_ray.tune.sweep import Sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASE3 = ROOT / "sweeps" / "phase3.py"
@@ -71,3 +74,28 @@ def make_world(root: Path) -> World:
     finally:
         torch.set_num_threads(threads)
     return World(root, root / "data", root / "ckpt")
+
+
+def smoke_sweep(tmp: Path, name: str, **kw) -> Sweep:
+    common = {**E.SMOKE, "data_dir": str(tmp / "data"), **kw.pop("common", {})}
+    return Sweep(name=name, experiments=list(E.EMBEDDED.values()), seeds=[0, 1], storage=str(tmp / "runs"),
+                 common=common, **kw)
+
+
+def load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+BENCH_SEARCHERS = load_module(ROOT / "benchmarks" / "searchers.py", "bench_searchers")  # the alternatives
+
+
+def steps_of(run_dir: Path, trial_id: str) -> list[int]:
+    """Training steps with val/ppl across every offline segment of one trial, in start order."""
+    out = []
+    for seg in WS.offline_runs(run_dir):
+        if WS.offline_run_id(seg) == trial_id:
+            out += [h["_step"] for h in read_finished(seg)["history"] if "val/ppl" in h]
+    return out

@@ -16,16 +16,16 @@ import threading
 import time
 from pathlib import Path
 
+import faults  # tests/faults.py: a trainable that crashes once, at a given step
 import pandas as pd
 import pytest
+from helpers import PHASE3, final_log, losses, smoke
+from trial_files import state_files
 
 from oelm_ray import results
 from oelm_ray.core import experiments as E
 from oelm_ray.core.experiments import Experiment
-from trial_files import state_files
 from oelm_ray.tune.sweep import Sweep, run
-import faults  # tests/faults.py: a trainable that crashes once, at a given step
-from helpers import PHASE3, smoke, final_log, losses
 
 
 @pytest.mark.slow

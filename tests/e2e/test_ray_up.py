@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_jobs import until_job_agent
 import yaml
+from ray_jobs import until_job_agent
 
 from oelm_ray.cluster.launcher import placeholders
 

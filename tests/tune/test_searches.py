@@ -3,46 +3,23 @@ The alternative searchers benchmarks/search_efficiency.py compares it with (benc
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import BENCH_SEARCHERS as S
+from helpers import load_module
 
 from oelm_ray import results, search_report
-from oelm_ray.tune import search
 from oelm_ray.core.config import ConfigError, make_config
 from oelm_ray.core.experiments import Experiment
+from oelm_ray.tune import search
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def load_recipe(name: str):
-    return _load(ROOT / "sweeps" / f"{name}.py", f"recipe_{name}")
-
-
-S = _load(ROOT / "benchmarks" / "searchers.py", "bench_searchers")  # the benchmark's alternative searchers
-
-
-def run_recipe(name: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
-    # RAY_ADDRESS=local: a Ray of its own, never a cluster some other process left running on this machine
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "RAY_ADDRESS": "local"}
-    cmd = [sys.executable, str(ROOT / "sweeps" / f"{name}.py"), "--smoke-test", "--no-wandb",
-           "--storage", str(tmp / "runs"), *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return load_module(ROOT / "sweeps" / f"{name}.py", f"recipe_{name}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,99 +325,3 @@ def test_report_shows_params_saved_and_compute():
 # slow: real sweeps on local Ray
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sha-grid", "sha-phase"])
-def test_a_candidate_scores_the_same_in_a_plain_sweep_and_in_a_search(tmp_path, ray_local, kind):
-    # the searcher's seed (1 here) is not the trials' seed: every candidate trains with train_seed 0, as in the grid.
-    # sha-grid (benchmarks/searchers.py) pauses and resumes trials at two rungs, sha-phase at one
-    from oelm_ray.core import experiments as E
-    from oelm_ray.tune.sweep import Sweep, run
-
-    exp = E.get(["CPU-02"])[0]
-    common = {**{k: v for k, v in E.SMOKE.items() if k != "warmup_steps"}, "data_dir": str(tmp_path / "data")}
-    space = search.Space(lrs=[3e-3, 1e-2], warmup_fracs=[0.1, 0.3])  # 4 candidates x 30 steps
-    # both sides: one CPU per trial, so num_threads 1 (the trainable derives it from the trial's CPUs)
-    plain = Sweep(name="plain", experiments=[exp], seeds=[0], storage=str(tmp_path / "runs"), common=common,
-                  search=space.grid(30))
-    run(plain, report=False)
-    base = Sweep(name="searched", experiments=[exp], seeds=[7], storage=str(tmp_path / "runs"), common=common)
-    # sha-grid, rungs at 10 and 20 steps keeping half: trials pause and resume from their checkpoints;
-    # sha-phase: the rung at 20 comes after the 10% warmup's lr is down to half its peak (step 17), so one rung, at
-    # 10, keeping what 60% of the grid pays for ((72 - 40) // 20 = 1)
-    cell = search.search_cells(base, space, seed=1, train_seed=0, grace_frac=0.34, reduction_factor=2,
-                               budget_frac=0.6, planner=S.planner(kind))[0]
-
-    def curves(run_dir):
-        return {(r["config"]["train"]["lr"], r["config"]["train"]["warmup_steps"]): (r["seed"], r["config"]["train"]["num_threads"],
-                [(h["step"], h["val/loss"]) for h in r["history"]]) for r in results.load_records(run_dir)}
-
-    grid, searched = curves(plain.run_dir), curves(cell["run"])
-    assert len(grid) == len(searched) == 4
-    for cand, (seed, threads, hist) in searched.items():
-        g_seed, g_threads, g_hist = grid[cand]
-        assert (seed, threads) == (g_seed, g_threads) == (0, 0)
-        # bit-identical val loss at every evaluation, across pauses (a stopped trial: a prefix of the grid's curve)
-        assert hist and hist == g_hist[: len(hist)], cand
-    pick = cell["best"]
-    assert pick["final_val_ppl"] == math.exp(grid[(pick["lr"], pick["warmup_steps"])][2][-1][1])
-    # synchronous halving: the best two at step 10 (on the grid's curves) reached step 20, the better of
-    # those at step 20 finished; the other two stopped at 10
-    at = lambda cand, step: dict(grid[cand][2])[step]
-    top2 = sorted(grid, key=lambda c: at(c, 10))[:2]
-    winner = min(top2, key=lambda c: at(c, 20)) if kind == "sha-grid" else top2[0]
-    assert {c: h[-1][0] for c, (_, _, h) in searched.items()} == {
-        c: 30 if c == winner else 20 if c in top2 and kind == "sha-grid" else 10 for c in grid}
-    assert (pick["lr"], pick["warmup_steps"]) == winner
-
-
-@pytest.fixture(scope="module")
-def lr_warmup_smoke(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lw")
-    proc = run_recipe("lr_warmup", tmp, "--experiments", "CPU-01,CPU-02")
-    return tmp / "runs", proc
-
-
-@pytest.mark.slow
-def test_lr_warmup_smoke_finds_best_and_compares_again(lr_warmup_smoke):
-    runs, proc = lr_warmup_smoke
-    final = runs / "lr_warmup-smoke"
-    cells = json.loads((final / "best.json").read_text())["cells"]
-    assert [c["method"] for c in cells] == ["baseline", "oelm_freeze"]
-    for c in cells:
-        assert c["best"] and c["trial_steps"] < c["grid_trial_steps"] == 6 * 30
-        assert c["trials"] == 6  # every candidate started
-    for f in ("summary.md", "trials.parquet", "val_ppl.png", "search.md"):
-        assert (final / f).exists(), f
-    df = results.trials_frame(results.load_records(final))
-    assert sorted(df.experiment_id) == ["CPU-01-best", "CPU-02-best"]  # phase 2: each at its own best
-    assert {(r.lr, r.warmup_steps) for r in df.itertuples()} == {(c["best"]["lr"], c["best"]["warmup_steps"]) for c in cells}
-    assert "Learning-rate / warmup search" in proc.stdout and "share of grid" in proc.stdout
-
-
-@pytest.mark.slow
-def test_early_stopping_really_stops_trials(lr_warmup_smoke):
-    runs, _ = lr_warmup_smoke
-    recs = [r for cell in runs.glob("lr_warmup-smoke-search-*") for r in results.load_records(cell)]
-    assert len(recs) == 12
-    assert all(r["seed"] == 0 for r in recs)  # the search's training seed, not the comparison's seed 1
-    stopped = [r for r in recs if r["status"] == "stopped"]
-    assert stopped, [(r["name"], r["status"], r["history"][-1]["step"]) for r in recs]
-    for r in stopped:
-        assert r["history"][-1]["step"] < r["config"]["train"]["max_steps"]
-    assert any(r["status"] == "completed" and r["history"][-1]["step"] == 30 for r in recs)
-
-
-@pytest.mark.slow
-def test_partial_unfreeze_smoke(tmp_path):
-    proc = run_recipe("partial_unfreeze", tmp_path, "--seeds", "0")
-    run_dir = tmp_path / "runs" / "partial_unfreeze-smoke"
-    df = results.trials_frame(results.load_records(run_dir))
-    assert sorted(df.experiment_id) == sorted(["CPU-01", "CPU-02", "PU-k1", "PU-unf0.25", "PU-unf0.50", "PU-unf0.75", "PU-mult0.1",
-                                               "PU-every10", "PU-lrd0.5", "PU-rand-unf0.25", "PU-rand-mult0.1",
-                                               "PU-orth-train", "PU-rand-train"])
-    assert set(df.status) == {"completed"} and df[df.method != "baseline"].meets_criterion.notna().all()
-    assert set(df.qk_check) == {"ok"}  # every arm's Q/K followed its own rule (periodic ones included)
-    md = (run_dir / "summary.md").read_text()
-    assert "Trainable parameters vs baseline" in md
-    assert "| PU-rand-train | oelm_random |" in md and "isolates the Q/K init scale" in md  # a control row says what it isolates
-    assert "saved vs baseline" in proc.stdout

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-
-
 from oelm_ray.core.checkpoint import load_checkpoint, save_checkpoint
 
 
