@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -117,3 +118,69 @@ def pytest_sessionfinish(session, exitstatus):
             ray.shutdown()
     except ImportError:
         pass
+
+
+# ------------------------------------------------------------------------------------------------
+# the Ray cluster a driver (`oelm-ray doctor`, a sweep) can find: every state it must answer within its timeout
+
+CLUSTER_STATES = {  # state: (what the one line says is wrong, regex; what to do, a fragment of it)
+    "none": (r"no Ray cluster is running on this node", "ray up cluster.yaml"),
+    "dead-address-file": (r"the Ray address file \S+/ray/ray_current_cluster names 127\.0\.0\.1:\d+, but nothing listens "
+                          r"there \(Connection refused\): the cluster `ray start` left on this node is gone", "start it again"),
+    "dead-ray-address": (r"cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(Connection refused\)", "is the head up"),
+    "unreachable-free-port": (r"cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(Connection refused\)", "is the head up"),
+    "unreachable-no-route": (r"cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(no answer to a TCP connect within 5s\)",
+                             "is the head up"),
+    "refusing-the-token": (r"the Ray cluster at 127\.0\.0\.1:\d+ refuses this process's token \(InvalidAuthToken; here "
+                           r"RAY_AUTH_MODE is token\)", "RAY_AUTH_MODE=token and the head's token"),
+    "listening-not-answering": (r"the Ray cluster at 127\.0\.0\.1:\d+ does not answer \(it accepts connections but sends "
+                                r"nothing back within 5s\)", "not a Ray head's GCS port"),
+}
+
+
+@pytest.fixture(scope="session")
+def dead_head():
+    """A token-auth Ray head on 127.0.0.1, SIGKILLed: its address file names a GCS that is gone."""
+    import ray_states
+
+    with ray_states.head(kill=True) as h:
+        yield h
+
+
+@pytest.fixture(scope="session")
+def token_head():
+    """A running token-auth Ray head on 127.0.0.1 (its own token), shared by the tests that are refused by it."""
+    import ray_states
+
+    with ray_states.head() as h:
+        yield h
+
+
+@pytest.fixture
+def found_cluster(request, tmp_path):
+    """(address, environment, expected what regex, expected fix fragment) for the state named by the param."""
+    import ray_states
+
+    state = request.param
+    env = ray_states.env(RAY_TMPDIR=str(tmp_path / "raytmp"), OELM_GPT2_RANKS=str(tmp_path / "no-gpt2"))
+    (tmp_path / "raytmp").mkdir()
+    what, fix = CLUSTER_STATES[state]
+    with contextlib.ExitStack() as stack:
+        if state == "none":
+            address = "auto"
+        elif state == "dead-address-file":
+            address, env["RAY_TMPDIR"] = "auto", str(request.getfixturevalue("dead_head")["tmpdir"])
+        elif state == "dead-ray-address":
+            address = request.getfixturevalue("dead_head")["address"]
+        elif state == "unreachable-free-port":
+            address = f"127.0.0.1:{ray_states.free_port()}"
+        elif state == "unreachable-no-route":
+            address = stack.enter_context(ray_states.connect_times_out())
+        elif state == "refusing-the-token":
+            head = request.getfixturevalue("token_head")
+            wrong = tmp_path / "wrong_token"
+            wrong.write_text("0" * 32)
+            address, env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN_PATH"] = head["address"], "token", str(wrong)
+        else:
+            address = stack.enter_context(ray_states.silent_server())
+        yield {"address": address, "env": env, "what": what, "fix": fix}

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray_states
+from conftest import CLUSTER_STATES
 
 from oelm_ray.cluster import doctor as D, torch_build as T
 
@@ -141,3 +143,28 @@ def test_cli_doctor_on_this_cpu_machine_says_no_gpu_and_exits_2(tmp_path):
     assert "FAIL  GPUs torch sees: none" in r.stdout and "Ray cluster: cannot join" in r.stdout
     assert f"ok    storage {tmp_path / 'runs'}: writable" in r.stdout
     assert re.search(r"not ready for a --preset paper sweep: .*gpus.*cluster.* \(exit 2\)", r.stdout)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("found_cluster", list(CLUSTER_STATES), indirect=True)
+def test_doctor_answers_within_its_connect_timeout_whatever_state_the_cluster_is_in(found_cluster, tmp_path):
+    c = found_cluster
+    where = [] if c["address"] == "auto" else ["--address", c["address"]]  # none given: RAY_ADDRESS, else auto
+    r, wall = ray_states.joining("oelm_ray", "doctor", "--storage", str(tmp_path / "runs"), *where, "--connect-timeout",
+                                 "20", env=c["env"], timeout=100)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    at = [i for i, line in enumerate(lines) if "Ray cluster" in line]
+    assert len(at) == 1 and re.match("FAIL  Ray cluster: cannot join: " + c["what"], lines[at[0]]), r.stdout
+    assert lines[at[0] + 1].startswith("        fix: ") and c["fix"] in lines[at[0] + 1], r.stdout
+    assert re.search(r"not ready for a --preset paper sweep: .*cluster.* \(exit 2\)", lines[-1])
+    assert wall < 20, f"{wall:.1f}s"  # the whole command, interpreter start and every other check included
+
+
+@pytest.mark.timeout(120)
+def test_doctor_joins_a_running_head_with_its_token(token_head, tmp_path):
+    env = {**token_head["env"], "OELM_GPT2_RANKS": str(tmp_path / "no-gpt2")}
+    r, wall = ray_states.joining("oelm_ray", "doctor", "--storage", str(tmp_path / "runs"), "--address",
+                                 token_head["address"], "--connect-timeout", "20", env=env, timeout=100)
+    assert "FAIL  Ray cluster: 1 node(s), 2 CPUs, 0 GPUs" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert r.returncode == 2 and wall < 20, f"{wall:.1f}s"  # no GPUs here: not ready, but it joined in time
