@@ -268,9 +268,9 @@ def test_driver_joins_a_running_head_by_ray_address_and_by_job_submit(tmp_path, 
 @pytest.mark.parametrize("found_cluster", list(CLUSTER_STATES), indirect=True)
 def test_sweep_joining_a_cluster_answers_within_its_connect_timeout_whatever_state_it_is_in(found_cluster, tmp_path):
     c = found_cluster
-    r, wall = ray_states.joining(str(ROOT / "sweeps" / "phase3.py"), "--smoke-test", "--storage", str(tmp_path / "runs"),
-                                 "--no-wandb", "--address", c["address"], "--connect-timeout", "20", env=c["env"],
-                                 timeout=100)
+    r, wall = ray_states.joining(str(ROOT / "sweeps" / "phase3.py"), "--smoke-test", "--storage",
+                                 str(tmp_path / "runs"), "--no-wandb", "--address", c["address"],
+                                 "--connect-timeout", "20", env=c["env"], timeout=100)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
     assert re.match("phase3: error: " + c["what"], r.stderr) and c["fix"] in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -184,7 +184,8 @@ class Facts:
 
 def gather(storage: Path, data_dir: Path, address: str | None, timeout: float = 60,
            connect_timeout: float | None = None) -> Facts:
-    """The facts; `timeout` bounds the GPT-2 download, `connect_timeout` joining the Ray cluster (tune.resources.join)."""
+    """The facts; `timeout` bounds the GPT-2 download, `connect_timeout` joining the Ray cluster
+    (tune.resources.join)."""
     f = Facts(driver=torch_build.driver_version())
     try:
         import torch

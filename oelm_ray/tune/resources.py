@@ -110,7 +110,8 @@ def join(address: str, timeout: float = CONNECT_TIMEOUT_S, quiet: bool = False) 
 
 
 _TOKEN_FIX = ("with token auth on the cluster, run with RAY_AUTH_MODE=token and the head's token here "
-              "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN; `ray up cluster.yaml` copies it to every node)")
+              "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN; "
+              "`ray up cluster.yaml` copies it to every node)")
 
 
 def _resolve(address: str) -> tuple[str, str | None]:
