@@ -55,7 +55,8 @@ def head(kill: bool = False):
     e = env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_TMPDIR=str(tmp))
     cmd = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
            "--disable-usage-stats", f"--temp-dir={tmp / 'ray'}", "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--dashboard-agent-listen-port={free_port()}"]  # not its fixed default: other heads run on this machine
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     try:

@@ -299,5 +299,6 @@ def test_join_gives_up_on_a_ray_init_that_blocks_past_the_timeout(monkeypatch):
     finally:
         release.set()
     for bad in (0, -1, float("nan")):
-        with pytest.raises(ConfigError, match="--connect-timeout .* must be a number of seconds > 0"):
-            R.join("127.0.0.1:1", timeout=bad)
+        for connect in (lambda: R.join("127.0.0.1:1", timeout=bad), lambda: R.connect(None, timeout=bad)):
+            with pytest.raises(ConfigError, match="--connect-timeout .* must be a number of seconds > 0"):
+                connect()

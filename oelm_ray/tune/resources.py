@@ -43,6 +43,7 @@ class ClusterUnreachable(ConfigError):
 
 def connect(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """Join a running cluster (address or RAY_ADDRESS) or start a local Ray that listens on 127.0.0.1 only."""
+    _check_timeout(timeout)
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -71,8 +72,7 @@ def join(address: str, timeout: float = CONNECT_TIMEOUT_S, quiet: bool = False) 
     refused token fails there in under a second, where ray.init retries it for 20 s); then ray.init
     itself, in a thread, with the rest of the deadline. `quiet`: Ray logs errors only.
     """
-    if not (isinstance(timeout, (int, float)) and timeout > 0):
-        raise ConfigError(f"--connect-timeout {timeout!r} must be a number of seconds > 0")
+    _check_timeout(timeout)
     deadline = time.monotonic() + timeout
 
     def left() -> float:
@@ -107,6 +107,11 @@ def join(address: str, timeout: float = CONNECT_TIMEOUT_S, quiet: bool = False) 
     except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
         raise ClusterUnreachable(f"could not join the Ray cluster at {target} ({_one_line(e)})",
                                  f"{_CHECK_HEAD}? {_TOKEN_FIX}") from None
+
+
+def _check_timeout(timeout: float) -> None:
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ConfigError(f"--connect-timeout {timeout!r} must be a number of seconds > 0")
 
 
 _TOKEN_FIX = ("with token auth on the cluster, run with RAY_AUTH_MODE=token and the head's token here "
