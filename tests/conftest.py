@@ -122,22 +122,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 # ------------------------------------------------------------------------------------------------
 # the Ray cluster a driver (`oelm-ray doctor`, a sweep) can find: every state it must answer within its timeout
-
-CLUSTER_STATES = {  # state: (what the one line says is wrong, regex; what to do, a fragment of it)
-    "none": (r"no Ray cluster is running on this node", "ray up cluster.yaml"),
-    "dead-address-file": (r"the Ray address file \S+/ray/ray_current_cluster names 127\.0\.0\.1:\d+, but nothing "
-                          r"listens there \(Connection refused\): the cluster `ray start` left on this node is gone",
-                          "start it again"),
-    "dead-ray-address": (r"cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(Connection refused\)", "is the head up"),
-    "unreachable-free-port": (r"cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(Connection refused\)",
-                              "is the head up"),
-    "unreachable-no-route": (r"cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(no answer to a TCP connect "
-                             r"within 5s\)", "is the head up"),
-    "refusing-the-token": (r"the Ray cluster at 127\.0\.0\.1:\d+ refuses this process's token \(InvalidAuthToken; "
-                           r"here RAY_AUTH_MODE is token\)", "RAY_AUTH_MODE=token and the head's token"),
-    "listening-not-answering": (r"the Ray cluster at 127\.0\.0\.1:\d+ does not answer \(it accepts connections but "
-                                r"sends nothing back within 5s\)", "not a Ray head's GCS port"),
-}
+# (ray_states.CLUSTER_STATES)
 
 
 @pytest.fixture(scope="session")
@@ -166,7 +151,7 @@ def found_cluster(request, tmp_path):
     state = request.param
     env = ray_states.env(RAY_TMPDIR=str(tmp_path / "raytmp"), OELM_GPT2_RANKS=str(tmp_path / "no-gpt2"))
     (tmp_path / "raytmp").mkdir()
-    what, fix = CLUSTER_STATES[state]
+    what, fix = ray_states.CLUSTER_STATES[state]
     with contextlib.ExitStack() as stack:
         if state == "none":
             address = "auto"

@@ -2,9 +2,10 @@
 
 A token-auth head (`head`, stopped by killing exactly its own processes: `ray stop` would end every
 Ray session on this machine), a dead one (`head(kill=True)`: its address file stays behind), a port
-nothing listens on, a socket that accepts and never answers, and one whose TCP connect times out.
-`joining(...)` runs a command with Ray's scan of this machine's processes emptied: for "auto", Ray
-also adopts any Ray process it sees in `ps`, and the machine is shared with other test runs.
+nothing listens on, a socket that accepts and never answers, and one whose TCP connect times out;
+CLUSTER_STATES: what a driver's one line must say in each. `joining(...)` runs a command with Ray's
+scan of this machine's processes emptied: for "auto", Ray also adopts any Ray process it sees in
+`ps`, and the machine is shared with other test runs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+CLUSTER_STATES = {  # state: (what the one line says is wrong, regex; what to do, a fragment of it)
+    "none": (r"no Ray cluster is running on this node", "ray up cluster.yaml"),
+    "dead-address-file": (r"the Ray address file \S+/ray/ray_current_cluster names 127\.0\.0\.1:\d+, but nothing "
+                          r"listens there \(Connection refused\): the cluster `ray start` left on this node is gone",
+                          "start it again"),
+    "dead-ray-address": (r"cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(Connection refused\)", "is the head up"),
+    "unreachable-free-port": (r"cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(Connection refused\)",
+                              "is the head up"),
+    "unreachable-no-route": (r"cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(no answer to a TCP connect "
+                             r"within 5s\)", "is the head up"),
+    "refusing-the-token": (r"the Ray cluster at 127\.0\.0\.1:\d+ refuses this process's token \(InvalidAuthToken; "
+                           r"here RAY_AUTH_MODE is token\)", "RAY_AUTH_MODE=token and the head's token"),
+    "listening-not-answering": (r"the Ray cluster at 127\.0\.0\.1:\d+ does not answer \(it accepts connections but "
+                                r"sends nothing back within 5s\)", "not a Ray head's GCS port"),
+}
 
 
 def free_port() -> int:
@@ -106,7 +124,7 @@ def silent_server():
 
     threading.Thread(target=accept, daemon=True).start()
     try:
-        yield "127.0.0.1:%d" % srv.getsockname()[1]
+        yield f"127.0.0.1:{srv.getsockname()[1]}"
     finally:
         srv.close()
         for c in held:
@@ -122,7 +140,7 @@ def connect_times_out():
     srv.listen(0)
     filler = socket.create_connection(srv.getsockname(), timeout=5)
     try:
-        yield "127.0.0.1:%d" % srv.getsockname()[1]
+        yield f"127.0.0.1:{srv.getsockname()[1]}"
     finally:
         filler.close()
         srv.close()

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-import ray_states
-from conftest import CLUSTER_STATES
-from ray_jobs import until_job_agent
 import yaml
 
 from oelm_ray.cluster.launcher import check_cluster, placeholders
 from oelm_ray.core.config import ConfigError
+
+import ray_states
+from ray_jobs import until_job_agent
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "cluster.yaml"
@@ -165,8 +165,9 @@ def test_trials_spread_over_nodes_one_gpu_each(tmp_path, ray_local):
     from ray.cluster_utils import Cluster
 
     from oelm_ray.core import experiments as E
-    from oelm_ray.tune import resources as R, sweep as S
     from oelm_ray.results import load_records
+    from oelm_ray.tune import resources as R
+    from oelm_ray.tune import sweep as S
 
     class Times(tune.Callback):
         def __init__(self):
@@ -265,7 +266,7 @@ def test_driver_joins_a_running_head_by_ray_address_and_by_job_submit(tmp_path, 
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("found_cluster", list(CLUSTER_STATES), indirect=True)
+@pytest.mark.parametrize("found_cluster", list(ray_states.CLUSTER_STATES), indirect=True)
 def test_sweep_joining_a_cluster_answers_within_its_connect_timeout_whatever_state_it_is_in(found_cluster, tmp_path):
     c = found_cluster
     r, wall = ray_states.joining(str(ROOT / "sweeps" / "phase3.py"), "--smoke-test", "--storage",
@@ -299,6 +300,6 @@ def test_join_gives_up_on_a_ray_init_that_blocks_past_the_timeout(monkeypatch):
     finally:
         release.set()
     for bad in (0, -1, float("nan")):
-        for connect in (lambda: R.join("127.0.0.1:1", timeout=bad), lambda: R.connect(None, timeout=bad)):
+        for connect, address in ((R.join, "127.0.0.1:1"), (R.connect, None)):
             with pytest.raises(ConfigError, match="--connect-timeout .* must be a number of seconds > 0"):
-                connect()
+                connect(address, timeout=bad)

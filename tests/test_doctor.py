@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray_states
-from conftest import CLUSTER_STATES
 
-from oelm_ray.cluster import doctor as D, torch_build as T
+from oelm_ray.cluster import doctor as D
+from oelm_ray.cluster import torch_build as T
+
+import ray_states
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,7 +147,7 @@ def test_cli_doctor_on_this_cpu_machine_says_no_gpu_and_exits_2(tmp_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("found_cluster", list(CLUSTER_STATES), indirect=True)
+@pytest.mark.parametrize("found_cluster", list(ray_states.CLUSTER_STATES), indirect=True)
 def test_doctor_answers_within_its_connect_timeout_whatever_state_the_cluster_is_in(found_cluster, tmp_path):
     c = found_cluster
     where = [] if c["address"] == "auto" else ["--address", c["address"]]  # none given: RAY_ADDRESS, else auto
