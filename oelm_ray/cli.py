@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default="runs", help="the sweep's --storage (checked writable and seen by every node)")
     p.add_argument("--data-dir", default=None, help="the sweep's --data-dir (default: <storage>/data)")
     p.add_argument("--address", default=None, help="the Ray cluster (default: RAY_ADDRESS, else the one running here)")
+    p.add_argument("--connect-timeout", type=float, default=None, metavar="S",
+                   help="seconds joining the Ray cluster may take, whatever state it is in (none, dead, unreachable, "
+                        "refusing the token, not answering): then one line says what is wrong (default 30)")
     return ap
 
 
@@ -131,7 +134,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "doctor":
         from .cluster import doctor
 
-        return doctor.main(args.storage, args.data_dir, args.address)
+        return doctor.main(args.storage, args.data_dir, args.address, args.connect_timeout)
     raise AssertionError(args.cmd)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -135,3 +136,56 @@ def no_key(monkeypatch, tmp_path):
 
     monkeypatch.setattr(wandb_logger, "url_reachable", no_network)
     return home
+
+
+# ------------------------------------------------------------------------------------------------
+# the Ray cluster a driver (`oelm-ray doctor`, a sweep) can find: every state it must answer within its timeout
+# (ray_states.CLUSTER_STATES)
+
+
+@pytest.fixture(scope="session")
+def dead_head():
+    """A token-auth Ray head on 127.0.0.1, SIGKILLed: its address file names a GCS that is gone."""
+    import ray_states
+
+    with ray_states.head(kill=True) as h:
+        yield h
+
+
+@pytest.fixture(scope="session")
+def token_head():
+    """A running token-auth Ray head on 127.0.0.1 (its own token), shared by the tests that are refused by it."""
+    import ray_states
+
+    with ray_states.head() as h:
+        yield h
+
+
+@pytest.fixture
+def found_cluster(request, tmp_path):
+    """(address, environment, expected what regex, expected fix fragment) for the state named by the param."""
+    import ray_states
+
+    state = request.param
+    env = ray_states.env(RAY_TMPDIR=str(tmp_path / "raytmp"), OELM_GPT2_RANKS=str(tmp_path / "no-gpt2"))
+    (tmp_path / "raytmp").mkdir()
+    what, fix = ray_states.CLUSTER_STATES[state]
+    with contextlib.ExitStack() as stack:
+        if state == "none":
+            address = "auto"
+        elif state == "dead-address-file":
+            address, env["RAY_TMPDIR"] = "auto", str(request.getfixturevalue("dead_head")["tmpdir"])
+        elif state == "dead-ray-address":
+            address = request.getfixturevalue("dead_head")["address"]
+        elif state == "unreachable-free-port":
+            address = f"127.0.0.1:{ray_states.free_port()}"
+        elif state == "unreachable-no-route":
+            address = stack.enter_context(ray_states.connect_times_out())
+        elif state == "refusing-the-token":
+            head = request.getfixturevalue("token_head")
+            wrong = tmp_path / "wrong_token"
+            wrong.write_text("0" * 32)
+            address, env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN_PATH"] = head["address"], "token", str(wrong)
+        else:
+            address = stack.enter_context(ray_states.silent_server())
+        yield {"address": address, "env": env, "what": what, "fix": fix}

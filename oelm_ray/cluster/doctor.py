@@ -10,13 +10,12 @@ Exit code 2 when a check a paper sweep needs (`PAPER_NEEDS`) fails, else 0.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..core.io import tcp_error
+from ..core.io import DeadlineExceeded, call_within
 from . import torch_build
 
 Result = tuple  # (ok: bool | None, line: str, fix: str)
@@ -86,10 +85,10 @@ def check_ray(version: str | None) -> Result:
     return True, f"Ray {version}", ""
 
 
-def check_cluster(resources: dict | None, nodes: int, error: str | None) -> Result:
+def check_cluster(resources: dict | None, nodes: int, error: str | None, fix: str | None = None) -> Result:
     """A running Ray cluster this node can join, and its GPUs."""
     if resources is None:
-        return False, f"Ray cluster: cannot join ({error})", (
+        return False, f"Ray cluster: cannot join: {error}", fix or (
             "start it with `ray up cluster.yaml` (on the head: `ray status`); set RAY_ADDRESS if it is elsewhere")
     gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
     line = f"Ray cluster: {nodes} node(s), {cpus:g} CPUs, {gpus:g} GPUs"
@@ -177,12 +176,16 @@ class Facts:
     resources: dict | None = None
     nodes: int = 0
     cluster_error: str | None = None
+    cluster_fix: str | None = None
     storage_seen: list | None = None
     data_seen: list | None = None
     gpt2_error: str | None = None
 
 
-def gather(storage: Path, data_dir: Path, address: str | None, timeout: float = 60) -> Facts:
+def gather(storage: Path, data_dir: Path, address: str | None, timeout: float = 60,
+           connect_timeout: float | None = None) -> Facts:
+    """The facts; `timeout` bounds the GPT-2 download, `connect_timeout` joining the Ray cluster
+    (tune.resources.join)."""
     f = Facts(driver=torch_build.driver_version())
     try:
         import torch
@@ -203,16 +206,13 @@ def gather(storage: Path, data_dir: Path, address: str | None, timeout: float = 
         f.ray_version = ray.__version__
     except ImportError:
         return f
+    from ..tune.resources import CONNECT_TIMEOUT_S, ClusterUnreachable, join
+
     address = address or os.environ.get("RAY_ADDRESS") or "auto"  # auto: the cluster `ray start` left running here
-    host, _, port = address.rpartition(":")
     try:
-        if "://" not in address and host and port.isdigit():
-            why = tcp_error(host, int(port), timeout=5)  # fail fast where nothing listens
-            if why:
-                raise ConnectionError(f"nothing answers at {address}: {why}")
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-    except Exception as e:  # no cluster, refused token, unreachable: all one line
-        f.cluster_error = " ".join(str(e).split())[:200] or type(e).__name__
+        join(address, connect_timeout or CONNECT_TIMEOUT_S, quiet=True)
+    except ClusterUnreachable as e:  # none, dead, unreachable, silent, refusing the token: what and what to do
+        f.cluster_error, f.cluster_fix = e.what, e.fix
         return f
     try:
         f.resources = dict(ray.cluster_resources())
@@ -243,19 +243,13 @@ def _load_gpt2() -> None:
 
 def _bounded(fn: Callable[[], None], timeout: float) -> str | None:
     """fn's error as one short line (None if it worked); a hung download is an error after `timeout`."""
-    out: list = ["timed out after %gs" % timeout]
-
-    def go():
-        try:
-            fn()
-            out[0] = None
-        except Exception as e:
-            out[0] = " ".join(str(e).split())[:160] or type(e).__name__
-
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    t.join(timeout)
-    return out[0]
+    try:
+        call_within(fn, timeout)
+    except DeadlineExceeded:
+        return f"timed out after {timeout:g}s"
+    except Exception as e:
+        return " ".join(str(e).split())[:160] or type(e).__name__
+    return None
 
 
 def checks(f: Facts, storage: Path, data_dir: Path, env: dict | None = None) -> list[tuple[str, Result]]:
@@ -270,7 +264,7 @@ def checks(f: Facts, storage: Path, data_dir: Path, env: dict | None = None) -> 
         ("gpus", check_gpus(f.cuda_available, f.gpu_names)),
         ("bf16", check_bf16(f.cuda_available, f.bf16)),
         ("ray", check_ray(f.ray_version)),
-        ("cluster", check_cluster(f.resources, f.nodes, f.cluster_error)),
+        ("cluster", check_cluster(f.resources, f.nodes, f.cluster_error, f.cluster_fix)),
         ("token", check_token(env.get("RAY_AUTH_MODE"), token_file, bool(env.get("RAY_AUTH_TOKEN")))),
         ("storage", check_writable("storage", storage)),
         ("data", check_writable("data-dir", data_dir)),
@@ -301,9 +295,9 @@ def render(results: list[tuple[str, Result]]) -> tuple[str, int]:
     return "\n".join(lines), 2 if missing else 0
 
 
-def main(storage: str, data_dir: str | None, address: str | None) -> int:
+def main(storage: str, data_dir: str | None, address: str | None, connect_timeout: float | None = None) -> int:
     s = Path(storage).expanduser()
     d = Path(data_dir).expanduser() if data_dir else s / "data"
-    text, code = render(checks(gather(s, d, address), s, d))
+    text, code = render(checks(gather(s, d, address, connect_timeout=connect_timeout), s, d))
     print(text)
     return code

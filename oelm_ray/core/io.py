@@ -1,5 +1,6 @@
 """The small I/O helpers everything shares: the user-error base class, atomic writes, a run's metrics
-file, a TCP probe. No torch: the Ray side and the reports read metrics files without it.
+file, a TCP probe, a call with a deadline. No torch: the Ray side and the reports read metrics files
+without it.
 
 One of each, so that a fix (fsync the directory, keep the old file on a full disk) lands everywhere.
 """
@@ -11,6 +12,7 @@ import json
 import os
 import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -127,13 +129,61 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> None:
 # reachability
 
 
-def tcp_error(host: str, port: int, timeout: float = 3.0) -> str | None:
-    """Why nothing answers a TCP connect to host:port within `timeout`, or None when something does."""
+def tcp_error(host: str, port: int, timeout: float = 3.0, hello: bytes | None = None) -> str | None:
+    """Why nothing answers a TCP connect to host:port within `timeout`, or None when something does.
+
+    With `hello`, the probe also sends those bytes and waits `timeout` for the first byte back (or the
+    server closing the connection): a server that accepts and then stays silent is an error too.
+    """
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-        return None
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except TimeoutError:
+        return f"no answer to a TCP connect within {timeout:g}s"
     except (OSError, ValueError) as e:
-        return getattr(e, "strerror", None) or str(e) or type(e).__name__
+        return _reason(e)
+    with sock:
+        if hello is None:
+            return None
+        try:
+            sock.sendall(hello)
+        except OSError as e:
+            return _reason(e)
+        try:
+            sock.recv(1)
+        except TimeoutError:
+            return f"it accepts connections but sends nothing back within {timeout:g}s"
+        except OSError:
+            pass  # a reset is an answer too: something there read the bytes
+    return None
+
+
+def _reason(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
+class DeadlineExceeded(TimeoutError):
+    """`call_within`'s function did not return in time."""
+
+
+def call_within(fn: Callable[[], Any], timeout: float) -> Any:
+    """fn()'s result, or the exception it raised, from a daemon thread; DeadlineExceeded after `timeout`
+    seconds (the thread is left to finish, or to end with the process)."""
+    out: dict[str, Any] = {}
+
+    def go():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            out["error"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise DeadlineExceeded(f"timed out after {timeout:g}s")
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
 
 
 def url_reachable(url: str, timeout: float = 3.0) -> bool:

@@ -33,6 +33,10 @@ def parser(name: str, presets: Presets, doc: str | None = None) -> argparse.Argu
     ap.add_argument("--storage", default="runs", help="folder (shared on a cluster) or URI for the run and its results")
     ap.add_argument("--name", default=None, help=f"run name (default: {name}-<preset>); the same name resumes")
     ap.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    ap.add_argument("--connect-timeout", type=float, default=None, metavar="S",
+                    help="seconds joining a running Ray cluster may take, whatever state it is in (none, dead, "
+                         "unreachable, refusing the token, not answering): then one line says what is wrong, exit 2 "
+                         "(default 30)")
     ap.add_argument("--gpus-per-trial", type=float, default=None,
                     help="0, a share of one GPU (e.g. 0.5) or whole GPUs (2: data-parallel); default: 1 where the "
                          "cluster has GPUs, else 0 (--preset paper: an error)")
@@ -159,6 +163,7 @@ def build(name: str, presets: Presets, args: argparse.Namespace, **extra: Any):
         sets={k: v for k, v in sets.items() if k != "data_dir"},
         search=dict(p.get("search", {})),
         address=args.address,
+        **({"connect_timeout": args.connect_timeout} if args.connect_timeout is not None else {}),
         gpus_per_trial=gpus,
         require_gpus=args.preset.startswith("paper"),  # no silent fallback to days on one CPU core
         cpus_per_trial=cpus,

@@ -30,7 +30,7 @@ from ..core.experiments import Experiment, per_arm
 from ..core.io import write_json
 from .preparing import Corpora, WaitForData
 from .recorder import Recorder
-from .resources import check_shared_storage, connect, is_uri, resources
+from .resources import CONNECT_TIMEOUT_S, check_shared_storage, connect, is_uri, resources
 from .trial import TrialSpec, trainable
 
 METRIC, MODE = "val/loss", "min"
@@ -68,6 +68,8 @@ class Sweep:
     max_failures: int = 2
     address: str | None = None
     """Ray cluster address; None uses RAY_ADDRESS or starts a local Ray on 127.0.0.1."""
+    connect_timeout: float = CONNECT_TIMEOUT_S
+    """Seconds joining a running cluster may take before it is one error line (resources.join)."""
     callbacks: list[Any] = field(default_factory=list)
     extra_config: dict[str, Any] = field(default_factory=dict)
     """Additional entries in every trial's Tune config, beside "trial" (a wrapped trainable's own settings)."""
@@ -236,7 +238,7 @@ def run(sweep: Sweep, report: bool = True) -> Path:
     # checkpoints every eval with num_to_keep=2 trip this warning on tiny runs; it is not actionable here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     resuming = check_run_dir(sweep, trials)
-    connect(sweep.address)
+    connect(sweep.address, sweep.connect_timeout)
     res = resources(sweep)
     if "ddp" in res:  # the trial's config tells the trainable to train data-parallel
         sweep.extra_config = {**sweep.extra_config, "ddp": res.pop("ddp")}

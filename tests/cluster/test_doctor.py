@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from oelm_ray.cluster import doctor as D, torch_build as T
+from oelm_ray.cluster import doctor as D
+from oelm_ray.cluster import torch_build as T
 
-ROOT = Path(__file__).resolve().parents[1]
+import ray_states
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_torch_build_pick_follows_the_driver_table():
@@ -168,3 +171,28 @@ def test_doctor_finds_a_wandb_key_exactly_where_the_sweep_does(tmp_path):
     assert agree({"HOME": str(home), "NETRC": str(tmp_path / "elsewhere"),
                   "WANDB_BASE_URL": "https://wandb.example.org"}) is True
     assert agree({"HOME": str(home), "WANDB_IDENTITY_TOKEN_FILE": str(tmp_path / "token")}) is True
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("found_cluster", list(ray_states.CLUSTER_STATES), indirect=True)
+def test_doctor_answers_within_its_connect_timeout_whatever_state_the_cluster_is_in(found_cluster, tmp_path):
+    c = found_cluster
+    where = [] if c["address"] == "auto" else ["--address", c["address"]]  # none given: RAY_ADDRESS, else auto
+    r, wall = ray_states.joining("oelm_ray", "doctor", "--storage", str(tmp_path / "runs"), *where, "--connect-timeout",
+                                 "20", env=c["env"], timeout=100)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    at = [i for i, line in enumerate(lines) if "Ray cluster" in line]
+    assert len(at) == 1 and re.match("FAIL  Ray cluster: cannot join: " + c["what"], lines[at[0]]), r.stdout
+    assert lines[at[0] + 1].startswith("        fix: ") and c["fix"] in lines[at[0] + 1], r.stdout
+    assert re.search(r"not ready for a --preset paper sweep: .*cluster.* \(exit 2\)", lines[-1])
+    assert wall < 20, f"{wall:.1f}s"  # the whole command, interpreter start and every other check included
+
+
+@pytest.mark.timeout(120)
+def test_doctor_joins_a_running_head_with_its_token(token_head, tmp_path):
+    env = {**token_head["env"], "OELM_GPT2_RANKS": str(tmp_path / "no-gpt2")}
+    r, wall = ray_states.joining("oelm_ray", "doctor", "--storage", str(tmp_path / "runs"), "--address",
+                                 token_head["address"], "--connect-timeout", "20", env=env, timeout=100)
+    assert "FAIL  Ray cluster: 1 node(s), 2 CPUs, 0 GPUs" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert r.returncode == 2 and wall < 20, f"{wall:.1f}s"  # no GPUs here: not ready, but it joined in time
