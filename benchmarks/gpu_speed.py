@@ -46,15 +46,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 
 from oelm_ray.core.checkpoint import host_copy, save_checkpoint  # noqa: E402
 from oelm_ray.core.config import make_config, parse_sets  # noqa: E402
-from oelm_ray.core.selftest import synthetic_data  # noqa: E402
-from oelm_ray.core.model import GPT  # noqa: E402
 from oelm_ray.core.io import read_metrics  # noqa: E402
+from oelm_ray.core.model import GPT  # noqa: E402
 from oelm_ray.core.optim import build_optimizer  # noqa: E402
+from oelm_ray.core.selftest import synthetic_data  # noqa: E402
 from oelm_ray.core.train_step import resolve_device  # noqa: E402
 from oelm_ray.core.trainer import train  # noqa: E402
 
-SMOKE = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, vocab_size=257, dropout=0.1,
-             tokenizer="bytes")
+SMOKE = dict(
+    d_model=32,
+    n_layer=2,
+    n_head=2,
+    d_ff=64,
+    block_size=32,
+    batch_size=4,
+    vocab_size=257,
+    dropout=0.1,
+    tokenizer="bytes",
+)
 
 
 def flops_per_token(model: GPT) -> float:
@@ -124,12 +133,14 @@ def checkpoint_costs(cfg, folder: Path) -> dict[str, tuple[float, float, float]]
     model = GPT(cfg.model).to(device)
     opt = build_optimizer(model, cfg, device)
     x = torch.randint(cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.block_size), device=device)
-    with (torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()):
+    with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
         model(x, x)[1].backward()
     opt.step()
     out = {}
-    for name, payload in (("latest.pt", {"model": model.state_dict(), "optimizer": opt.state_dict()}),
-                          ("best.pt", {"model": model.state_dict()})):
+    for name, payload in (
+        ("latest.pt", {"model": model.state_dict(), "optimizer": opt.state_dict()}),
+        ("best.pt", {"model": model.state_dict()}),
+    ):
         sync(device)
         t0 = time.perf_counter()
         host = host_copy(payload)
@@ -151,17 +162,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, eager, few steps (CI)")
     ap.add_argument("--preset", default="medium-512")
     ap.add_argument("--methods", default="baseline,oelm_freeze")
-    ap.add_argument("--modes", default=None, help="ceiling modes, comma-separated (default eager,default,reduce-overhead; smoke: eager)")
+    ap.add_argument(
+        "--modes",
+        default=None,
+        help="ceiling modes, comma-separated (default eager,default,reduce-overhead; smoke: eager)",
+    )
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="timed steps of each ceiling (default 300; smoke 5)")
-    ap.add_argument("--interval", type=int, default=None,
-                    help="the trainer's eval interval; it runs two and the second is timed, with the first one's "
-                         "checkpoint being written meanwhile, as in a real run (default: the preset's; smoke 5)")
-    ap.add_argument("--trainer-compile", default="auto", help="the trainer's compile field (auto: reduce-overhead on CUDA)")
-    ap.add_argument("--val-tokens", type=int, default=None,
-                    help="size of the synthetic validation split the trainer scores whole (default 4.6M, TinyStories'; smoke: ~45 windows)")
-    ap.add_argument("--paper-eval-interval", type=int, default=1000, help="the paper's steps between evaluations, for the shares")
-    ap.add_argument("--paper-val-tokens", type=int, default=4_600_000, help="the paper's validation tokens per evaluation, for the shares")
+    ap.add_argument(
+        "--interval",
+        type=int,
+        default=None,
+        help="the trainer's eval interval; it runs two and the second is timed, with the first one's "
+        "checkpoint being written meanwhile, as in a real run (default: the preset's; smoke 5)",
+    )
+    ap.add_argument(
+        "--trainer-compile", default="auto", help="the trainer's compile field (auto: reduce-overhead on CUDA)"
+    )
+    ap.add_argument(
+        "--val-tokens",
+        type=int,
+        default=None,
+        help="size of the synthetic validation split the trainer scores whole (default 4.6M, TinyStories'; smoke: ~45 windows)",
+    )
+    ap.add_argument(
+        "--paper-eval-interval", type=int, default=1000, help="the paper's steps between evaluations, for the shares"
+    )
+    ap.add_argument(
+        "--paper-val-tokens",
+        type=int,
+        default=4_600_000,
+        help="the paper's validation tokens per evaluation, for the shares",
+    )
     ap.add_argument("--ckpt-dir", default=None, help="where to time the checkpoint writes (default: a temp folder)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any other config field")
     args = ap.parse_args(argv)
@@ -180,15 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     if base.train.num_threads:  # the ceilings too, not only the trainer
         torch.set_num_threads(base.train.num_threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"device {device} ({name}), torch {torch.__version__}, {amp or 'fp32'}, preset {args.preset} "
-          f"(d_model {base.model.d_model}, {base.model.n_layer} layers, context {base.model.block_size}), "
-          f"batch {base.train.batch_size}, {steps} timed steps; command: {' '.join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}",
-          flush=True)
+    print(
+        f"device {device} ({name}), torch {torch.__version__}, {amp or 'fp32'}, preset {args.preset} "
+        f"(d_model {base.model.d_model}, {base.model.n_layer} layers, context {base.model.block_size}), "
+        f"batch {base.train.batch_size}, {steps} timed steps; command: {' '.join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}",
+        flush=True,
+    )
     B, T = base.train.batch_size, base.model.block_size
     n_val = args.val_tokens or ((45 * T + T // 2 + 1) if args.smoke else 4_600_000)
     background = device.type == "cuda"  # train's background=None rule for one process
     with tempfile.TemporaryDirectory() as d:
-        data = synthetic_data(Path(d), base.model.vocab_size, n_train=64 * B * (T + 1) if args.smoke else 8 << 20, n_val=n_val)
+        data = synthetic_data(
+            Path(d), base.model.vocab_size, n_train=64 * B * (T + 1) if args.smoke else 8 << 20, n_val=n_val
+        )
         print(f"{'method':<12} {'what':<34} {'tok/s':>10} {'TFLOP/s':>8} {'vs ceiling':>10}")
         worst = None
         for method in methods:
@@ -198,48 +234,80 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:
                 t0 = time.perf_counter()
                 tps = ceiling(cfg, mode, steps, warmup)
-                print(f"{method:<12} {'ceiling ' + mode:<34} {tps:>10,.0f} {tps * fpt / 1e12:>8.2f} {'':>10}  ({time.perf_counter() - t0:.0f} s incl. compiling)", flush=True)
+                print(
+                    f"{method:<12} {'ceiling ' + mode:<34} {tps:>10,.0f} {tps * fpt / 1e12:>8.2f} {'':>10}  ({time.perf_counter() - t0:.0f} s incl. compiling)",
+                    flush=True,
+                )
                 if tps > best:
                     best, best_mode = tps, mode
             clipped = ceiling(cfg, best_mode, steps, warmup, clip=True)
-            print(f"{method:<12} {'ceiling + clip ' + best_mode:<34} {clipped:>10,.0f} {clipped * fpt / 1e12:>8.2f} "
-                  f"{clipped / best:>10.3f}  (what clipping costs the fastest step)", flush=True)
+            print(
+                f"{method:<12} {'ceiling + clip ' + best_mode:<34} {clipped:>10,.0f} {clipped * fpt / 1e12:>8.2f} "
+                f"{clipped / best:>10.3f}  (what clipping costs the fastest step)",
+                flush=True,
+            )
             # two eval intervals, each ending in a whole-split evaluation and a checkpoint; the speed
             # is the steady-state one (the warm-up steps left out), the second evaluation is timed
             iv = args.interval or (5 if args.smoke else base.train.eval_interval)
-            tcfg = make_config(args.preset, **{**over, "method": method, "compile": args.trainer_compile,
-                                               "max_steps": 2 * iv, "warmup_steps": min(iv, base.train.warmup_steps),
-                                               "eval_interval": iv, "log_interval": iv, "eval_batches": 0, "checkpoint_interval": 0})
+            tcfg = make_config(
+                args.preset,
+                **{
+                    **over,
+                    "method": method,
+                    "compile": args.trainer_compile,
+                    "max_steps": 2 * iv,
+                    "warmup_steps": min(iv, base.train.warmup_steps),
+                    "eval_interval": iv,
+                    "log_interval": iv,
+                    "eval_batches": 0,
+                    "checkpoint_interval": 0,
+                },
+            )
             t0 = time.perf_counter()
             summary, rows, how = trainer_run(tcfg, data)
             tps = summary["tokens_per_s"]
             ratio = tps / best
             worst = ratio if worst is None else min(worst, ratio)
-            print(f"{method:<12} {'trainer':<34} {tps:>10,.0f} {tps * fpt / 1e12:>8.2f} {ratio:>10.3f}"
-                  f"  (steady state; vs ceiling + clip {tps / clipped:.3f}; best ceiling: {best_mode}; "
-                  f"warm-up {summary['warmup_s']:.1f} s; {time.perf_counter() - t0:.0f} s in all)", flush=True)
+            print(
+                f"{method:<12} {'trainer':<34} {tps:>10,.0f} {tps * fpt / 1e12:>8.2f} {ratio:>10.3f}"
+                f"  (steady state; vs ceiling + clip {tps / clipped:.3f}; best ceiling: {best_mode}; "
+                f"warm-up {summary['warmup_s']:.1f} s; {time.perf_counter() - t0:.0f} s in all)",
+                flush=True,
+            )
             print(f"{'':<12} trainer step: {how}", flush=True)
             eval_s = rows[-1]["eval_time_s"]
-            print(f"{method:<12} {'evaluation (whole split)':<34} {rows[-1]['val/tokens'] / eval_s:>10,.0f} {'':>8} {'':>10}"
-                  f"  ({eval_s:.3f} s per evaluation of {rows[-1]['val/tokens']:,} tokens, eval batch {tcfg.train.eval_batch}; "
-                  f"the first, compiling: {rows[0]['eval_time_s']:.3f} s)", flush=True)
-            with (contextlib.nullcontext(args.ckpt_dir) if args.ckpt_dir else tempfile.TemporaryDirectory()) as cd:
+            print(
+                f"{method:<12} {'evaluation (whole split)':<34} {rows[-1]['val/tokens'] / eval_s:>10,.0f} {'':>8} {'':>10}"
+                f"  ({eval_s:.3f} s per evaluation of {rows[-1]['val/tokens']:,} tokens, eval batch {tcfg.train.eval_batch}; "
+                f"the first, compiling: {rows[0]['eval_time_s']:.3f} s)",
+                flush=True,
+            )
+            with contextlib.nullcontext(args.ckpt_dir) if args.ckpt_dir else tempfile.TemporaryDirectory() as cd:
                 costs = checkpoint_costs(cfg, Path(cd))
             stall = {n: (copy_s if background else write_s) for n, (_, copy_s, write_s) in costs.items()}
             for n, (mb, copy_s, write_s) in costs.items():
-                print(f"{method:<12} {'checkpoint ' + n:<34} {'':>10} {'':>8} {'':>10}  ({mb:,.1f} MB: host copy {copy_s:.3f} s, "
-                      f"write + fsync {write_s:.3f} s = {mb / write_s:,.0f} MB/s; on the critical path: "
-                      f"{stall[n]:.3f} s, {'the copy (background write)' if background else 'the write (inline)'})", flush=True)
+                print(
+                    f"{method:<12} {'checkpoint ' + n:<34} {'':>10} {'':>8} {'':>10}  ({mb:,.1f} MB: host copy {copy_s:.3f} s, "
+                    f"write + fsync {write_s:.3f} s = {mb / write_s:,.0f} MB/s; on the critical path: "
+                    f"{stall[n]:.3f} s, {'the copy (background write)' if background else 'the write (inline)'})",
+                    flush=True,
+                )
             # the paper's protocol: per eval interval, its training, one evaluation of the paper's
             # split, best.pt (upper bound: at every evaluation) and latest.pt every checkpoint_every steps
             pe = args.paper_eval_interval
-            parts = {"training": pe * B * T / tps,
-                     "evaluation": eval_s * args.paper_val_tokens / rows[-1]["val/tokens"],
-                     "checkpoints": stall["best.pt"] + stall["latest.pt"] * pe / max(pe, cfg.train.checkpoint_every)}
+            parts = {
+                "training": pe * B * T / tps,
+                "evaluation": eval_s * args.paper_val_tokens / rows[-1]["val/tokens"],
+                "checkpoints": stall["best.pt"] + stall["latest.pt"] * pe / max(pe, cfg.train.checkpoint_every),
+            }
             wall = sum(parts.values())
-            print(f"{method:<12} protocol at the paper's settings: " + ", ".join(f"{k} {v:.3f} s = {100 * v / wall:.1f}%" for k, v in parts.items())
-                  + f" of each {pe}-step interval's wall time (eval on {args.paper_val_tokens:,} tokens, "
-                  f"latest.pt every {max(pe, cfg.train.checkpoint_every)} steps, best.pt every evaluation)", flush=True)
+            print(
+                f"{method:<12} protocol at the paper's settings: "
+                + ", ".join(f"{k} {v:.3f} s = {100 * v / wall:.1f}%" for k, v in parts.items())
+                + f" of each {pe}-step interval's wall time (eval on {args.paper_val_tokens:,} tokens, "
+                f"latest.pt every {max(pe, cfg.train.checkpoint_every)} steps, best.pt every evaluation)",
+                flush=True,
+            )
     print(f"worst trainer / ceiling: {worst:.3f} (goal on an H100/H200 at batch 8: >= 0.9)")
     return 0
 

@@ -64,7 +64,10 @@ def generate(root: Path, total_bytes: int, procs: int) -> list[Path]:
         t0 = time.perf_counter()
         with Pool(procs) as pool:
             pool.map(_write_shard, jobs)
-        print(f"generated {len(jobs)} shard(s) of {total_bytes // n / 1e6:.0f} MB in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"generated {len(jobs)} shard(s) of {total_bytes // n / 1e6:.0f} MB in {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
     return paths
 
 
@@ -76,8 +79,14 @@ def child_ours(corpus: Path, out: Path, workers: int, ranks: str) -> int:
     from oelm_ray.core.config import DataConfig
     from oelm_ray.core.data import prepare
 
-    cfg = DataConfig(dataset="openwebtext", hub_dir=str(corpus), tokenizer="gpt2", gpt2_ranks=ranks,
-                     data_dir=str(out), val_fraction=0.0005)
+    cfg = DataConfig(
+        dataset="openwebtext",
+        hub_dir=str(corpus),
+        tokenizer="gpt2",
+        gpt2_ranks=ranks,
+        data_dir=str(out),
+        val_fraction=0.0005,
+    )
     meta = prepare(cfg, progress=False, workers=workers, log=lambda line: print(line, file=sys.stderr, flush=True))
     return meta["train_tokens"] + meta["val_tokens"]
 
@@ -112,7 +121,7 @@ def child_nanogpt(corpus: Path, out: Path, workers: int, ranks: str) -> int:
         for batch_idx in range(total_batches):
             batch = dset.shard(num_shards=total_batches, index=batch_idx, contiguous=True).with_format("numpy")
             arr_batch = np.concatenate(batch["ids"])
-            arr[idx: idx + len(arr_batch)] = arr_batch
+            arr[idx : idx + len(arr_batch)] = arr_batch
             idx += len(arr_batch)
         arr.flush()
         total += int(arr_len)
@@ -121,10 +130,27 @@ def child_nanogpt(corpus: Path, out: Path, workers: int, ranks: str) -> int:
 
 def measure(method: str, corpus: Path, out: Path, workers: int, ranks: str, cache: Path, timeout: float) -> dict:
     """Run one way in a child process; wall time and peak RSS (process tree, polled)."""
-    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, __file__, "--child", method, "--corpus", str(corpus), "--out", str(out),
-           "--workers", str(workers), "--gpt2-ranks", ranks]
+    env = {
+        **os.environ,
+        "HF_DATASETS_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "--gpt2-ranks",
+        ranks,
+    ]
     # the child's output goes to files: a pipe nobody reads until the end fills up and stops it
     out.parent.mkdir(parents=True, exist_ok=True)
     out_log, err_log = out.parent / f"{method}.stdout", out.parent / f"{method}.stderr"
@@ -144,8 +170,14 @@ def measure(method: str, corpus: Path, out: Path, workers: int, ranks: str, cach
     if proc.returncode != 0:
         raise SystemExit(f"{method} failed (exit {proc.returncode}):\n{stderr[-3000:]}")
     tokens = json.loads(stdout.strip().splitlines()[-1])["tokens"]
-    return {"method": method, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
-            "peak_rss_mb": peak_sum / 1e6, "peak_rss_one_mb": peak_one / 1e6}
+    return {
+        "method": method,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tok_s": tokens / seconds,
+        "peak_rss_mb": peak_sum / 1e6,
+        "peak_rss_one_mb": peak_one / 1e6,
+    }
 
 
 def _watch(proc: subprocess.Popen, method: str, t0: float, timeout: float) -> tuple[int, int]:
@@ -175,9 +207,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=1.0, help="GB of text to generate (default 1)")
     ap.add_argument("--smoke", action="store_true", help="about 20 MB: checks that everything runs")
-    ap.add_argument("--workers", type=int, default=0, help="N: worker processes of each way (default: the usable cores)")
-    ap.add_argument("--gpt2-ranks", default=os.environ.get("OELM_GPT2_RANKS", ""),
-                    help="local gpt2.tiktoken (default OELM_GPT2_RANKS; else tiktoken's download)")
+    ap.add_argument(
+        "--workers", type=int, default=0, help="N: worker processes of each way (default: the usable cores)"
+    )
+    ap.add_argument(
+        "--gpt2-ranks",
+        default=os.environ.get("OELM_GPT2_RANKS", ""),
+        help="local gpt2.tiktoken (default OELM_GPT2_RANKS; else tiktoken's download)",
+    )
     ap.add_argument("--work", default="", help="folder for the corpus and outputs (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the generated corpus and the outputs")
     ap.add_argument("--repeats", type=int, default=1, help="run both ways this many times, alternating")
@@ -205,19 +242,25 @@ def main() -> None:
     try:
         generate(corpus, int(gb * 1e9), workers)
         text = sum(p.stat().st_size for p in (corpus / "data").glob("*.parquet"))
-        print(f"corpus: {gb:g} GB of text ({text / 1e6:.0f} MB of parquet) in {corpus}; N = {workers} workers; "
-              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
+        print(
+            f"corpus: {gb:g} GB of text ({text / 1e6:.0f} MB of parquet) in {corpus}; N = {workers} workers; "
+            f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
         rows = []
         methods = [args.only] if args.only else ["ours", "nanogpt"]
         for r in range(args.repeats):
-            for m in (methods if r % 2 == 0 else methods[::-1]):
+            for m in methods if r % 2 == 0 else methods[::-1]:
                 out, cache = work / f"out-{m}", work / f"hf-cache-{m}"
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(cache, ignore_errors=True)
                 row = measure(m, corpus, out, workers, args.gpt2_ranks, cache, args.timeout)
                 rows.append(row)
-                print(f"{m:8s} {row['tokens']:>13,} tokens {row['seconds']:8.1f} s {row['tok_s'] / 1e6:7.2f} M tokens/s "
-                      f"peak RSS {row['peak_rss_mb']:7.0f} MB (largest process {row['peak_rss_one_mb']:.0f} MB)", flush=True)
+                print(
+                    f"{m:8s} {row['tokens']:>13,} tokens {row['seconds']:8.1f} s {row['tok_s'] / 1e6:7.2f} M tokens/s "
+                    f"peak RSS {row['peak_rss_mb']:7.0f} MB (largest process {row['peak_rss_one_mb']:.0f} MB)",
+                    flush=True,
+                )
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
                     shutil.rmtree(cache, ignore_errors=True)
@@ -228,8 +271,11 @@ def main() -> None:
 
             med = {m: statistics.median(r["tok_s"] for r in rows if r["method"] == m) for m in methods}
             rss = {m: max(r["peak_rss_mb"] for r in rows if r["method"] == m) for m in methods}
-            print(f"ratio ours/nanogpt (median tokens/s): {med['ours'] / med['nanogpt']:.2f}   "
-                  f"peak RSS: ours {rss['ours']:.0f} MB, nanogpt {rss['nanogpt']:.0f} MB", flush=True)
+            print(
+                f"ratio ours/nanogpt (median tokens/s): {med['ours'] / med['nanogpt']:.2f}   "
+                f"peak RSS: ours {rss['ours']:.0f} MB, nanogpt {rss['nanogpt']:.0f} MB",
+                flush=True,
+            )
     finally:
         if not args.keep:  # what this run made (a given --work folder only if that leaves it empty)
             for part in ["corpus", *(f"{k}-{m}" for k in ("out", "hf-cache") for m in ("ours", "nanogpt"))]:

@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import searchers as S  # noqa: E402
-from oelm_ray.core import experiments as E  # noqa: E402
 from oelm_ray import results  # noqa: E402
+from oelm_ray.core import experiments as E  # noqa: E402
 from oelm_ray.search_report import cell_summary  # noqa: E402
 from oelm_ray.tune import search  # noqa: E402
 from oelm_ray.tune.sweep import METRIC, MODE, Sweep, run  # noqa: E402
@@ -72,8 +72,14 @@ def grid_name(exp, train_seed: int) -> str:
 
 def grid_frame(exp, storage: str, common: dict, train_seed: int = TRAIN_SEED):
     """The full grid of `exp` with `train_seed`, trained once and kept under <storage>/<grid_name> (re-runs reuse it)."""
-    grid = Sweep(name=grid_name(exp, train_seed), experiments=[exp], seeds=[train_seed], storage=storage,
-                 common=common, search=SPACE.grid(SHRINK["max_steps"]))
+    grid = Sweep(
+        name=grid_name(exp, train_seed),
+        experiments=[exp],
+        seeds=[train_seed],
+        storage=storage,
+        common=common,
+        search=SPACE.grid(SHRINK["max_steps"]),
+    )
     recs = results.load_records(grid.run_dir)
     if len([r for r in recs if r["status"] in search.TERMINAL]) < SPACE.size(SHRINK["max_steps"]):
         run(grid, report=False)
@@ -103,19 +109,48 @@ def grid_curves(exp, storage: str, common: dict, train_seed: int) -> dict:
     return out
 
 
-def one_search(exp, storage: str, common: dict, seed: int, searcher: str, samples: int | None, grace_frac: float,
-               reduction_factor: float = REDUCTION_FACTOR, train_seed: int = TRAIN_SEED) -> dict:
+def one_search(
+    exp,
+    storage: str,
+    common: dict,
+    seed: int,
+    searcher: str,
+    samples: int | None,
+    grace_frac: float,
+    reduction_factor: float = REDUCTION_FACTOR,
+    train_seed: int = TRAIN_SEED,
+) -> dict:
     tag = f"-{searcher}" + (f"{samples}" if searcher == "tpe" else "") + f"-g{grace_frac:g}-rf{reduction_factor:g}"
-    base = Sweep(name=f"search_efficiency{tag}-t{train_seed}-s{seed}", experiments=[exp], seeds=[train_seed],
-                 storage=storage, common=common)
-    return search.search_cells(base, SPACE, seed=seed, train_seed=train_seed, grace_frac=grace_frac,
-                               reduction_factor=reduction_factor, budget_frac=STEPS_MAX,
-                               planner=S.planner(searcher, samples))[0]
+    base = Sweep(
+        name=f"search_efficiency{tag}-t{train_seed}-s{seed}",
+        experiments=[exp],
+        seeds=[train_seed],
+        storage=storage,
+        common=common,
+    )
+    return search.search_cells(
+        base,
+        SPACE,
+        seed=seed,
+        train_seed=train_seed,
+        grace_frac=grace_frac,
+        reduction_factor=reduction_factor,
+        budget_frac=STEPS_MAX,
+        planner=S.planner(searcher, samples),
+    )[0]
 
 
-def replay(exp, seed: int, grid: dict, grace_frac: float = GRACE_FRAC, workers: int = 2,
-           reduction_factor: float = REDUCTION_FACTOR, searcher: str = "sha-phase", samples: int | None = None,
-           train_seed: int = TRAIN_SEED) -> dict:
+def replay(
+    exp,
+    seed: int,
+    grid: dict,
+    grace_frac: float = GRACE_FRAC,
+    workers: int = 2,
+    reduction_factor: float = REDUCTION_FACTOR,
+    searcher: str = "sha-phase",
+    samples: int | None = None,
+    train_seed: int = TRAIN_SEED,
+) -> dict:
     """The search of `seed` replayed on the grid's recorded curves (grid_curves), without training.
 
     Exact up to timing: a search trial's val losses are bit-identical to the grid trial's (tested), and
@@ -129,8 +164,9 @@ def replay(exp, seed: int, grid: dict, grace_frac: float = GRACE_FRAC, workers: 
     max_steps, every = SHRINK["max_steps"], SHRINK["eval_interval"]
     configs = {(c["train"]["lr"], c["train"]["warmup_steps"]): c for c in grid["configs"].values()}
     curves = {cand: [tuple(h) for h in grid["curves"][f"{cand[0]:g},{cand[1]}"]] for cand in configs}
-    n, alg, sched = S.plan(searcher, SPACE, max_steps, every, seed, grace_frac, reduction_factor, STEPS_MAX,
-                           samples=samples)
+    n, alg, sched = S.plan(
+        searcher, SPACE, max_steps, every, seed, grace_frac, reduction_factor, STEPS_MAX, samples=samples
+    )
     if searcher == "tpe":
         alg.set_search_properties(METRIC, MODE, SPACE.domains(max_steps))
 
@@ -208,11 +244,21 @@ def replay(exp, seed: int, grid: dict, grace_frac: float = GRACE_FRAC, workers: 
         start_free()
     left = [t.cand for t in trials if t.status != "TERMINATED"]
     assert not left, f"replay ended with trials neither run nor stopped: {left}"
-    recs = [{"name": f"{t.cand}", "status": "completed" if curves[t.cand][t.trained - 1][0] >= max_steps else "stopped",
-             "seed": train_seed, "experiment_id": exp.id, "dataset": "stories", "method": exp.method,
-             "config": {"train": {"lr": t.cand[0], "warmup_steps": t.cand[1], "max_steps": max_steps}, "model": {}},
-             "history": [{"step": st, "val/loss": lo, "val/ppl": math.exp(lo)} for st, lo in curves[t.cand][: t.trained]]}
-            for t in trials]
+    recs = [
+        {
+            "name": f"{t.cand}",
+            "status": "completed" if curves[t.cand][t.trained - 1][0] >= max_steps else "stopped",
+            "seed": train_seed,
+            "experiment_id": exp.id,
+            "dataset": "stories",
+            "method": exp.method,
+            "config": {"train": {"lr": t.cand[0], "warmup_steps": t.cand[1], "max_steps": max_steps}, "model": {}},
+            "history": [
+                {"step": st, "val/loss": lo, "val/ppl": math.exp(lo)} for st, lo in curves[t.cand][: t.trained]
+            ],
+        }
+        for t in trials
+    ]
     return cell_summary(exp, recs, SPACE.size(max_steps), max_steps, Path(f"replay of {grid_name(exp, train_seed)}"))
 
 
@@ -221,8 +267,14 @@ def grid_table(grid: dict) -> list[dict]:
     out = []
     for key, cfg in grid["configs"].items():
         hist = grid["curves"][key]
-        out.append({"lr": cfg["train"]["lr"], "warmup_steps": cfg["train"]["warmup_steps"], "steps": hist[-1][0],
-                    "final_val_ppl": math.exp(hist[-1][1])})
+        out.append(
+            {
+                "lr": cfg["train"]["lr"],
+                "warmup_steps": cfg["train"]["warmup_steps"],
+                "steps": hist[-1][0],
+                "final_val_ppl": math.exp(hist[-1][1]),
+            }
+        )
     return out
 
 
@@ -241,21 +293,35 @@ def row(exp, train_seed: int, seed: int, cell: dict, grid: list[dict]) -> dict:
     ratio = pick["final_val_ppl"] / g_best["final_val_ppl"]
     share = cell["trial_steps"] / grid_steps
     return {
-        "experiment": exp.id, "method": exp.method, "train_seed": train_seed, "seed": seed,
-        "grid_best_lr": g_best["lr"], "grid_best_warmup": g_best["warmup_steps"],
-        "grid_best_ppl": g_best["final_val_ppl"], "grid_trial_steps": grid_steps,
-        "pick_lr": pick["lr"], "pick_warmup": pick["warmup_steps"], "pick_ppl": pick["final_val_ppl"],
+        "experiment": exp.id,
+        "method": exp.method,
+        "train_seed": train_seed,
+        "seed": seed,
+        "grid_best_lr": g_best["lr"],
+        "grid_best_warmup": g_best["warmup_steps"],
+        "grid_best_ppl": g_best["final_val_ppl"],
+        "grid_trial_steps": grid_steps,
+        "pick_lr": pick["lr"],
+        "pick_warmup": pick["warmup_steps"],
+        "pick_ppl": pick["final_val_ppl"],
         "grid_ppl_same_candidate": same[0]["final_val_ppl"] if same else None,
-        "trials": cell["trials"], "stopped_early": cell["stopped_early"], "trial_steps": cell["trial_steps"],
-        "ppl_ratio": ratio, "steps_share": share, "passed": ratio <= PPL_TOL and share <= STEPS_MAX,
+        "trials": cell["trials"],
+        "stopped_early": cell["stopped_early"],
+        "trial_steps": cell["trial_steps"],
+        "ppl_ratio": ratio,
+        "steps_share": share,
+        "passed": ratio <= PPL_TOL and share <= STEPS_MAX,
     }
 
 
 def table(rows: list[dict]) -> str:
     """One searcher's rows: every (arm, training seed, searcher seed), then a line per (arm, training seed) and the count."""
-    lines = ["| experiment | method | train seed | searcher seed | how | pick lr | pick warmup | pick PPL "
-             "| grid best (lr, warmup): PPL | its rank at the first rung | PPL / grid best | trials (stopped) | trial-steps "
-             "| share of grid | pass |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| experiment | method | train seed | searcher seed | how | pick lr | pick warmup | pick PPL "
+        "| grid best (lr, warmup): PPL | its rank at the first rung | PPL / grid best | trials (stopped) | trial-steps "
+        "| share of grid | pass |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['experiment']} | {r['method']} | {r['train_seed']} | {r['seed']} | {'replay' if r['replayed'] else 'trained'} "
@@ -263,7 +329,8 @@ def table(rows: list[dict]) -> str:
             f"| ({r['grid_best_lr']:g}, {r['grid_best_warmup']}): {r['grid_best_ppl']:.3f} | {r['best_rank_first_rung']} "
             f"| {r['ppl_ratio']:.4f} "
             f"| {r['trials']} ({r['stopped_early']}) | {r['trial_steps']:,} / {r['grid_trial_steps']:,} "
-            f"| {100 * r['steps_share']:.1f}% | {'PASS' if r['passed'] else 'FAIL'} |")
+            f"| {100 * r['steps_share']:.1f}% | {'PASS' if r['passed'] else 'FAIL'} |"
+        )
     lines.append("")
     for key in dict.fromkeys((r["experiment"], r["train_seed"]) for r in rows):
         rs = [r for r in rows if (r["experiment"], r["train_seed"]) == key]
@@ -271,33 +338,55 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"{key[0]} train seed {key[1]}: {sum(r['passed'] for r in rs)}/{len(rs)} pass; PPL / grid best min {min(ratios):.4f} "
             f"median {statistics.median(ratios):.4f} max {max(ratios):.4f} (<= {PPL_TOL}); share of grid min {min(shares):.1f}% "
-            f"median {statistics.median(shares):.1f}% max {max(shares):.1f}% (<= {100 * STEPS_MAX:.0f}%)")
+            f"median {statistics.median(shares):.1f}% max {max(shares):.1f}% (<= {100 * STEPS_MAX:.0f}%)"
+        )
     arms = {(r["experiment"], r["train_seed"]) for r in rows}
     good = {a for a in arms if all(r["passed"] for r in rows if (r["experiment"], r["train_seed"]) == a)}
-    lines.append(f"\n{sum(r['passed'] for r in rows)}/{len(rows)} searches pass; {len(good)}/{len(arms)} (arm, training seed) "
-                 "pass for every searcher seed")
+    lines.append(
+        f"\n{sum(r['passed'] for r in rows)}/{len(rows)} searches pass; {len(good)}/{len(arms)} (arm, training seed) "
+        "pass for every searcher seed"
+    )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--storage", default="runs")
-    ap.add_argument("--experiments", "--experiment", default="CPU-01,CPU-02,CPU-03,CPU-04",
-                    help="embedded experiments to tune (default: all four embedded arms)")
+    ap.add_argument(
+        "--experiments",
+        "--experiment",
+        default="CPU-01,CPU-02,CPU-03,CPU-04",
+        help="embedded experiments to tune (default: all four embedded arms)",
+    )
     ap.add_argument("--train-seeds", default="0", help="training seeds of grid and search: 0,1 or 0-1 (default 0)")
     one = ap.add_mutually_exclusive_group()
     one.add_argument("--seed", type=int, help="one searcher seed (default 0)")
     one.add_argument("--seeds", help="several searcher seeds against one grid: 0-4 or 0,2,5")
-    ap.add_argument("--searcher", default=S.SEARCHERS[0],
-                    help=f"one or several of {', '.join(S.SEARCHERS)}, comma-separated: one table each "
-                         "(default %(default)s)")
-    ap.add_argument("--samples", type=int, default=10, help="trials per search (tpe only; the others start every candidate)")
-    ap.add_argument("--grace-frac", type=float, default=GRACE_FRAC,
-                    help="the first rung as a fraction of the run (rungs then x --reduction-factor); default %(default)s")
-    ap.add_argument("--reduction-factor", type=float, default=REDUCTION_FACTOR,
-                    help="keep the best 1/rf at each rung (rungs rf apart); default %(default)s")
-    ap.add_argument("--replay", action="store_true",
-                    help="replay each seed's search on the grid's recorded curves instead of training it (tpe: approximate)")
+    ap.add_argument(
+        "--searcher",
+        default=S.SEARCHERS[0],
+        help=f"one or several of {', '.join(S.SEARCHERS)}, comma-separated: one table each (default %(default)s)",
+    )
+    ap.add_argument(
+        "--samples", type=int, default=10, help="trials per search (tpe only; the others start every candidate)"
+    )
+    ap.add_argument(
+        "--grace-frac",
+        type=float,
+        default=GRACE_FRAC,
+        help="the first rung as a fraction of the run (rungs then x --reduction-factor); default %(default)s",
+    )
+    ap.add_argument(
+        "--reduction-factor",
+        type=float,
+        default=REDUCTION_FACTOR,
+        help="keep the best 1/rf at each rung (rungs rf apart); default %(default)s",
+    )
+    ap.add_argument(
+        "--replay",
+        action="store_true",
+        help="replay each seed's search on the grid's recorded curves instead of training it (tpe: approximate)",
+    )
     args = ap.parse_args(argv)
     seeds = parse_seed_list(args.seeds) if args.seeds else [args.seed or 0]
     train_seeds = parse_seed_list(args.train_seeds)
@@ -317,7 +406,9 @@ def main(argv=None) -> int:
     storage = str(Path(args.storage).resolve())
     common = {**SHRINK, "data_dir": str(Path(storage) / "data")}
     grids = {(exp.id, ts): grid_curves(exp, storage, common, ts) for exp in exps for ts in train_seeds}
-    first_rung = search.halving_rungs(SHRINK["max_steps"], SHRINK["eval_interval"], args.grace_frac, args.reduction_factor)[0]
+    first_rung = search.halving_rungs(
+        SHRINK["max_steps"], SHRINK["eval_interval"], args.grace_frac, args.reduction_factor
+    )[0]
     ok = True
     for searcher in searchers:
         rows = []
@@ -327,21 +418,52 @@ def main(argv=None) -> int:
                 for seed in seeds:
                     samples = args.samples if searcher == "tpe" else None
                     if args.replay:
-                        cell = replay(exp, seed, grid, args.grace_frac, reduction_factor=args.reduction_factor,
-                                      searcher=searcher, samples=samples, train_seed=ts)
+                        cell = replay(
+                            exp,
+                            seed,
+                            grid,
+                            args.grace_frac,
+                            reduction_factor=args.reduction_factor,
+                            searcher=searcher,
+                            samples=samples,
+                            train_seed=ts,
+                        )
                     else:
-                        cell = one_search(exp, storage, common, seed, searcher, samples, args.grace_frac,
-                                          args.reduction_factor, train_seed=ts)
+                        cell = one_search(
+                            exp,
+                            storage,
+                            common,
+                            seed,
+                            searcher,
+                            samples,
+                            args.grace_frac,
+                            args.reduction_factor,
+                            train_seed=ts,
+                        )
                     r = row(exp, ts, seed, cell, grid_table(grid))
                     r["best_rank_first_rung"] = rank_at(grid, (r["grid_best_lr"], r["grid_best_warmup"]), first_rung)
                     rows.append({**r, "replayed": args.replay})
         out = Path(storage) / f"search_efficiency-{searcher}{'-replay' if args.replay else ''}.json"
-        results.write_json(out, {"searcher": searcher, "grace_frac": args.grace_frac,
-                                 "reduction_factor": args.reduction_factor, "rows": rows})
-        how = " (REPLAYED on the grid, not trained" + ("; tpe approximately" if searcher == "tpe" else "") + ")" if args.replay else ""
-        print(f"\nsearcher {searcher}{how}, first rung {args.grace_frac:g} of the run, reduction factor "
-              f"{args.reduction_factor:g}, {SPACE.size(SHRINK['max_steps'])} candidates x {SHRINK['max_steps']} steps, "
-              f"training seeds {','.join(map(str, train_seeds))}\n\n{table(rows)}", flush=True)
+        results.write_json(
+            out,
+            {
+                "searcher": searcher,
+                "grace_frac": args.grace_frac,
+                "reduction_factor": args.reduction_factor,
+                "rows": rows,
+            },
+        )
+        how = (
+            " (REPLAYED on the grid, not trained" + ("; tpe approximately" if searcher == "tpe" else "") + ")"
+            if args.replay
+            else ""
+        )
+        print(
+            f"\nsearcher {searcher}{how}, first rung {args.grace_frac:g} of the run, reduction factor "
+            f"{args.reduction_factor:g}, {SPACE.size(SHRINK['max_steps'])} candidates x {SHRINK['max_steps']} steps, "
+            f"training seeds {','.join(map(str, train_seeds))}\n\n{table(rows)}",
+            flush=True,
+        )
         ok = ok and all(r["passed"] for r in rows)
     print("\nPASS" if ok else "\nFAIL")
     return 0 if ok else 1

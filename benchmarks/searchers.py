@@ -40,19 +40,36 @@ def asha(max_steps: int, eval_interval: int, grace_frac: float = 0.1, reduction_
     from ray.tune.schedulers import ASHAScheduler
 
     grace = max(eval_interval, int(round(grace_frac * max_steps / eval_interval)) * eval_interval)
-    return ASHAScheduler(time_attr="step", metric=METRIC, mode=MODE, max_t=max_steps,
-                         grace_period=grace, reduction_factor=reduction_factor)
+    return ASHAScheduler(
+        time_attr="step",
+        metric=METRIC,
+        mode=MODE,
+        max_t=max_steps,
+        grace_period=grace,
+        reduction_factor=reduction_factor,
+    )
 
 
-def plan(kind: str, space: search.Space, max_steps: int, eval_interval: int, seed: int = 0, grace_frac: float = 0.2,
-         reduction_factor: float = 4, budget_frac: float = 0.4, min_lr_frac: float = 0.0,
-         samples: int | None = None, n_startup: int = 4):
+def plan(
+    kind: str,
+    space: search.Space,
+    max_steps: int,
+    eval_interval: int,
+    seed: int = 0,
+    grace_frac: float = 0.2,
+    reduction_factor: float = 4,
+    budget_frac: float = 0.4,
+    min_lr_frac: float = 0.0,
+    samples: int | None = None,
+    n_startup: int = 4,
+):
     """(trials, Tune searcher, Tune scheduler) of one search by `kind` (SEARCHERS); search.plan's other arguments."""
     if kind not in SEARCHERS:
         raise ConfigError(f"searcher={kind!r} is unknown: choose one of {', '.join(SEARCHERS)}")
     if kind == "sha-phase":
-        return search.plan(space, max_steps, eval_interval, seed, grace_frac, reduction_factor, budget_frac,
-                           min_lr_frac)
+        return search.plan(
+            space, max_steps, eval_interval, seed, grace_frac, reduction_factor, budget_frac, min_lr_frac
+        )
     if kind == "tpe":
         if not samples:
             raise ConfigError("searcher tpe needs samples >= 1")

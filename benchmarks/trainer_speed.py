@@ -21,10 +21,10 @@ import time
 
 import torch
 
+from oelm_ray.core.batches import Sampler
 from oelm_ray.core.config import METHODS, make_config
 from oelm_ray.core.data import load_prepared, prepare
 from oelm_ray.core.model import GPT
-from oelm_ray.core.batches import Sampler
 from oelm_ray.core.optim import build_optimizer, lr_at
 from oelm_ray.core.train_step import resolve_device
 from oelm_ray.core.trainer import train
@@ -80,15 +80,25 @@ def main() -> None:
     cfg0 = make_config(args.preset, **base)
     prepare(cfg0.data)
     data = load_prepared(cfg0.data)
-    print(f"preset {args.preset}, {args.steps} steps x {args.repeats} repeats, device {resolve_device(cfg0)[0]}, "
-          f"threads {torch.get_num_threads()}")
-    print(f"{'method':<12} {'trainer tok/s':>14} {'plain tok/s':>12} {'ratio':>6} {'paired ratio: median [min, max]':>32}")
+    print(
+        f"preset {args.preset}, {args.steps} steps x {args.repeats} repeats, device {resolve_device(cfg0)[0]}, "
+        f"threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{'method':<12} {'trainer tok/s':>14} {'plain tok/s':>12} {'ratio':>6} {'paired ratio: median [min, max]':>32}"
+    )
     tr: dict[str, list[float]] = {m: [] for m in METHODS}
     pl: dict[str, list[float]] = {m: [] for m in METHODS}
     cfgs = {  # one evaluation at the very end, so the timed part is training only, as in the plain loop
-        m: make_config(args.preset, **base, method=m, max_steps=args.steps,
-                       warmup_steps=min(cfg0.train.warmup_steps, args.steps // 2),
-                       eval_interval=args.steps, log_interval=args.steps)
+        m: make_config(
+            args.preset,
+            **base,
+            method=m,
+            max_steps=args.steps,
+            warmup_steps=min(cfg0.train.warmup_steps, args.steps // 2),
+            eval_interval=args.steps,
+            log_interval=args.steps,
+        )
         for m in METHODS
     }
     for _ in range(args.repeats):  # methods and loops interleaved: drift in machine speed hits all alike
@@ -98,9 +108,11 @@ def main() -> None:
     medians = {m: statistics.median(tr[m]) for m in METHODS}
     for m in METHODS:
         paired = [t / p for t, p in zip(tr[m], pl[m])]
-        print(f"{m:<12} {medians[m]:>14,.0f} {statistics.median(pl[m]):>12,.0f} "
-              f"{medians[m] / statistics.median(pl[m]):>6.3f} "
-              f"{statistics.median(paired):>16.3f} [{min(paired):.3f}, {max(paired):.3f}]")
+        print(
+            f"{m:<12} {medians[m]:>14,.0f} {statistics.median(pl[m]):>12,.0f} "
+            f"{medians[m] / statistics.median(pl[m]):>6.3f} "
+            f"{statistics.median(paired):>16.3f} [{min(paired):.3f}, {max(paired):.3f}]"
+        )
     for m in METHODS[1:]:
         print(f"{m} vs baseline (trainer tok/s): {medians[m] / medians['baseline']:.3f}x")
     # eval share at the preset's own eval settings (a shortened run keeps the same interval/batches)
@@ -108,8 +120,10 @@ def main() -> None:
     cfg = make_config(args.preset, **base, max_steps=steps, warmup_steps=min(cfg0.train.warmup_steps, steps // 2))
     with tempfile.TemporaryDirectory() as d:
         s = train(cfg, d, data=data, log=lambda _: None)
-    print(f"eval share of wall time at eval_interval={cfg.train.eval_interval}, eval_batches={cfg.train.eval_batches}: "
-          f"{100 * s['eval_time_s'] / s['total_wall_time']:.1f}% ({s['eval_time_s']:.2f}s of {s['total_wall_time']:.1f}s)")
+    print(
+        f"eval share of wall time at eval_interval={cfg.train.eval_interval}, eval_batches={cfg.train.eval_batches}: "
+        f"{100 * s['eval_time_s'] / s['total_wall_time']:.1f}% ({s['eval_time_s']:.2f}s of {s['total_wall_time']:.1f}s)"
+    )
 
 
 if __name__ == "__main__":

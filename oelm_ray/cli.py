@@ -26,11 +26,18 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=raw)
 
     p = command("prepare", "tokenize a corpus into train.bin / val.bin / meta.json", C.fields_help(("data",)))
-    p.add_argument("--preset", default="cpu", help=f"preset whose data settings are the defaults ({', '.join(C.PRESETS)})")
+    p.add_argument(
+        "--preset", default="cpu", help=f"preset whose data settings are the defaults ({', '.join(C.PRESETS)})"
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if a prepared copy exists")
     p.add_argument("--verify", default="quick", choices=("quick", "full"), help="how an existing copy is checked")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="tokenizer processes (default: the usable cores; 0: tokenize in this process)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokenizer processes (default: the usable cores; 0: tokenize in this process)",
+    )
     C.add_set_arguments(p, ("data_dir",))
 
     p = command("train", "train one model (no Ray)", C.fields_help())
@@ -55,23 +62,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("check-cluster", "validate a Ray cluster-launcher YAML offline with Ray's own schema")
     p.add_argument("yaml", nargs="?", default="cluster.yaml", help="cluster config (default: cluster.yaml)")
-    p.add_argument("--strict", action="store_true",
-                   help="placeholder hosts (*_TODO) and a missing ssh key file are errors, as right before `ray up`")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="placeholder hosts (*_TODO) and a missing ssh key file are errors, as right before `ray up`",
+    )
 
     p = command("selftest", "prove the fast path on this hardware: one line per check per GPU (exit 2 if any fails)")
-    p.add_argument("--local", action="store_true", help="this machine only, without Ray (its GPU if it has one, else the CPU)")
+    p.add_argument(
+        "--local", action="store_true", help="this machine only, without Ray (its GPU if it has one, else the CPU)"
+    )
     p.add_argument("--address", default=None, help="the Ray cluster (default: RAY_ADDRESS, else the one running here)")
     p.add_argument("--checks", default="", help="only these checks, comma-separated (default: all)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed check (the correctness checks only)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for every GPU's answer on a cluster (default 600)")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="seconds to wait for every GPU's answer on a cluster (default 600)"
+    )
 
     p = command("doctor", "is this node ready for a --preset paper sweep? one line per check (exit 2 if not)")
     p.add_argument("--storage", default="runs", help="the sweep's --storage (checked writable and seen by every node)")
     p.add_argument("--data-dir", default=None, help="the sweep's --data-dir (default: <storage>/data)")
     p.add_argument("--address", default=None, help="the Ray cluster (default: RAY_ADDRESS, else the one running here)")
-    p.add_argument("--connect-timeout", type=float, default=None, metavar="S",
-                   help="seconds joining the Ray cluster may take, whatever state it is in (none, dead, unreachable, "
-                        "refusing the token, not answering): then one line says what is wrong (default 30)")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds joining the Ray cluster may take, whatever state it is in (none, dead, unreachable, "
+        "refusing the token, not answering): then one line says what is wrong (default 30)",
+    )
     return ap
 
 
@@ -94,8 +113,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .core.data import prepare
 
         cfg = C.make_config(args.preset, C.parse_sets(args, sections=("data",)))
-        meta = prepare(cfg.data, force=args.force, workers=args.workers,
-                       log=lambda line: print(line, file=sys.stderr, flush=True))
+        meta = prepare(
+            cfg.data, force=args.force, workers=args.workers, log=lambda line: print(line, file=sys.stderr, flush=True)
+        )
         print(f"prepared {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens")
         return 0
     if args.cmd == "train":
@@ -143,13 +163,16 @@ def _selftest(args: argparse.Namespace) -> int:
 
     only = tuple(c for c in args.checks.split(",") if c)
     if args.local:
-        lines, ok = selftest.render(selftest.where_local(), selftest.run_selftest("auto", speed=not args.no_speed, only=only))
+        lines, ok = selftest.render(
+            selftest.where_local(), selftest.run_selftest("auto", speed=not args.no_speed, only=only)
+        )
         print("\n".join(lines))
     else:
         from .tune.selftest import run_on_cluster
 
-        ok = run_on_cluster(args.address, speed=not args.no_speed, only=only,
-                            timeout_s=args.timeout or selftest.TIMEOUT_S)
+        ok = run_on_cluster(
+            args.address, speed=not args.no_speed, only=only, timeout_s=args.timeout or selftest.TIMEOUT_S
+        )
     if ok:
         print("selftest passed: the fast path computes what eager does on this hardware")
         return 0

@@ -65,7 +65,9 @@ def find_run(storage: str | os.PathLike, run: str | None) -> Path:
         raise ConfigError(f"no sweep run at {run!r} (looked in . and {storage}/): give a run folder or name")
     runs = [p.parent for p in Path(storage).glob("*/sweep.json")]
     if not runs:
-        raise ConfigError(f"no sweep runs under {storage}/: start one with `python sweeps/phase3.py`, or pass --storage")
+        raise ConfigError(
+            f"no sweep runs under {storage}/: start one with `python sweeps/phase3.py`, or pass --storage"
+        )
     return max(runs, key=lambda p: (p / "sweep.json").stat().st_mtime)
 
 
@@ -241,9 +243,15 @@ def scaling_frame(df: pd.DataFrame) -> pd.DataFrame:
     d = df[df.best_val_ppl.notna()]
     arm = d.method + d.role.map({"control": " (control)", "protocol": ""})
     g = d.assign(arm=arm).groupby(["dataset", "model_size", "arm"], sort=False)
-    out = g.agg(params=("total_params", "max"), ppl=("best_val_ppl", "mean"), gap_mean=("gap_vs_baseline_pct", "mean"),
-                gap_std=("gap_vs_baseline_pct", "std"), gap_min=("gap_vs_baseline_pct", "min"),
-                gap_max=("gap_vs_baseline_pct", "max"), seeds=("seed", "nunique")).reset_index()
+    out = g.agg(
+        params=("total_params", "max"),
+        ppl=("best_val_ppl", "mean"),
+        gap_mean=("gap_vs_baseline_pct", "mean"),
+        gap_std=("gap_vs_baseline_pct", "std"),
+        gap_min=("gap_vs_baseline_pct", "min"),
+        gap_max=("gap_vs_baseline_pct", "max"),
+        seeds=("seed", "nunique"),
+    ).reset_index()
     return out.sort_values(["dataset", "params", "arm"]).reset_index(drop=True)
 
 
@@ -253,9 +261,13 @@ def scaling_markdown(df: pd.DataFrame) -> list[str]:
     if s.empty:
         return []
     arms = [a for a in dict.fromkeys(s.arm) if a != "baseline"]
-    lines = ["", "Scaling: gap vs the baseline of the same size and seed (mean ± std over seeds).", "",
-             "| dataset | size (layers x d_model x d_ff) | params | baseline PPL | " + " | ".join(arms) + " |",
-             "|---|---|---|---|" + "---|" * len(arms)]
+    lines = [
+        "",
+        "Scaling: gap vs the baseline of the same size and seed (mean ± std over seeds).",
+        "",
+        "| dataset | size (layers x d_model x d_ff) | params | baseline PPL | " + " | ".join(arms) + " |",
+        "|---|---|---|---|" + "---|" * len(arms),
+    ]
     for (ds, size), rows in s.groupby(["dataset", "model_size"], sort=False):
         by = rows.set_index("arm")
         base = f"{by.loc['baseline', 'ppl']:.3f}" if "baseline" in by.index else "-"
@@ -275,7 +287,11 @@ def _val_scope(df: pd.DataFrame) -> str:
         if eb is None or not finite(eb):  # a record from before eval_batches was kept
             continue
         tokens = f"{int(tok):,} tokens" if finite(tok) else "tokens not recorded"
-        scopes.add(f"the whole validation split ({tokens})" if eb == 0 else f"a fixed sample of {eb} validation batches ({tokens})")
+        scopes.add(
+            f"the whole validation split ({tokens})"
+            if eb == 0
+            else f"a fixed sample of {eb} validation batches ({tokens})"
+        )
     return " / ".join(sorted(scopes)) or "the validation split"
 
 
@@ -340,8 +356,11 @@ def compute_markdown(df: pd.DataFrame) -> list[str]:
     """Trial-steps spent (steps actually trained, summed over trials) beside every trial to max_steps."""
     spent, full = int(df.steps.sum()), int(df.max_steps.fillna(0).sum())
     stopped = int((df.status == "stopped").sum())
-    return [f"Compute: {spent:,} trial-steps over {len(df)} trial(s) ({stopped} stopped early by the scheduler); "
-            f"every trial to max_steps: {full:,}.", ""]
+    return [
+        f"Compute: {spent:,} trial-steps over {len(df)} trial(s) ({stopped} stopped early by the scheduler); "
+        f"every trial to max_steps: {full:,}.",
+        "",
+    ]
 
 
 def _std(x: float) -> float:
@@ -349,7 +368,16 @@ def _std(x: float) -> float:
 
 
 def _trial_table(df: pd.DataFrame) -> str:
-    cols = ["name", "best_val_ppl", "final_val_ppl", "gap_vs_baseline_pct", "trainable_params", "tokens_per_s", "wall_time_s", "status"]
+    cols = [
+        "name",
+        "best_val_ppl",
+        "final_val_ppl",
+        "gap_vs_baseline_pct",
+        "trainable_params",
+        "tokens_per_s",
+        "wall_time_s",
+        "status",
+    ]
     buf = io.StringIO()
     buf.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
     for r in df[cols].itertuples(index=False):
@@ -377,7 +405,9 @@ def plot_val_ppl(records: list[dict], path: Path, df: pd.DataFrame | None = None
     by_ds: dict[str, dict[str, list[list[dict]]]] = {}
     for r in records:
         if r.get("history"):
-            by_ds.setdefault(r["dataset"], {}).setdefault(f"{r['experiment_id']} {r['method']}", []).append(r["history"])
+            by_ds.setdefault(r["dataset"], {}).setdefault(f"{r['experiment_id']} {r['method']}", []).append(
+                r["history"]
+            )
     scaling = scaling_frame(df) if df is not None else pd.DataFrame()
     n = max(1, len(by_ds)) + (not scaling.empty)
     fig, axes = plt.subplots(1, n, figsize=(6 * n, 4), squeeze=False)
@@ -387,13 +417,21 @@ def plot_val_ppl(records: list[dict], path: Path, df: pd.DataFrame | None = None
             (line,) = ax.plot(rows.params, rows.gap_mean, marker="o", label=f"{ds}: {arm}")
             ax.fill_between(rows.params, rows.gap_min, rows.gap_max, color=line.get_color(), alpha=0.2)  # seed band
         ax.axhline(0, color="gray", lw=0.8)
-        ax.set(title="gap vs baseline by model size", xlabel="parameters", ylabel="val PPL gap vs baseline (%)", xscale="log")
+        ax.set(
+            title="gap vs baseline by model size",
+            xlabel="parameters",
+            ylabel="val PPL gap vs baseline (%)",
+            xscale="log",
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     for ax, (ds, groups) in zip(axes[0], sorted(by_ds.items())):
         for label, runs in sorted(groups.items()):
             frame = pd.concat(
-                [pd.DataFrame(h)[["tokens", "val/ppl"]].set_index("tokens")["val/ppl"].rename(i) for i, h in enumerate(runs)],
+                [
+                    pd.DataFrame(h)[["tokens", "val/ppl"]].set_index("tokens")["val/ppl"].rename(i)
+                    for i, h in enumerate(runs)
+                ],
                 axis=1,
             ).sort_index()
             frame = frame.replace([math.inf], math.nan)
@@ -438,7 +476,19 @@ def status_table(run: str | os.PathLike, now: float | None = None) -> str:
     """One line per trial: what `oelm-ray status` prints (works while the sweep runs)."""
     run = Path(run)
     now = time.time() if now is None else now
-    head = ["trial", "dataset", "method", "seed", "state", "step", "last ppl", "best ppl", "tok/s", "node/gpu", "last report"]
+    head = [
+        "trial",
+        "dataset",
+        "method",
+        "seed",
+        "state",
+        "step",
+        "last ppl",
+        "best ppl",
+        "tok/s",
+        "node/gpu",
+        "last report",
+    ]
     rows = []
     for r in load_records(run):
         hist = r.get("history") or []
@@ -448,9 +498,14 @@ def status_table(run: str | os.PathLike, now: float | None = None) -> str:
         age = now - r["last_report"] if r.get("last_report") else None
         rows.append(
             [
-                r["name"], r.get("dataset", ""), r.get("method", ""), str(r.get("seed", "")), r.get("status", ""),
+                r["name"],
+                r.get("dataset", ""),
+                r.get("method", ""),
+                str(r.get("seed", "")),
+                r.get("status", ""),
                 f"{last.get('step', 0)}/{max_steps}",
-                _fmt(ppls[-1]) if ppls else "-", _fmt(min(ppls)) if ppls else "-",
+                _fmt(ppls[-1]) if ppls else "-",
+                _fmt(min(ppls)) if ppls else "-",
                 f"{last['tokens_per_s']:,.0f}" if finite(last.get("tokens_per_s")) else "-",
                 f"{last.get('node', r.get('node', '-'))}/{last.get('gpu', '-')}",
                 "-" if age is None else _age(age),
@@ -459,7 +514,7 @@ def status_table(run: str | os.PathLike, now: float | None = None) -> str:
     if not rows:
         return f"{run}: no trial has started yet"
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([f"run {run}", fmt.format(*head)] + [fmt.format(*row) for row in rows])
 
 

@@ -31,17 +31,38 @@ def cell_summary(exp: Experiment, recs: list[dict], n_candidates: int, max_steps
     spent = int(df.steps.sum()) if not df.empty else 0  # trial-steps: the last step each trial trained
     grid = n_candidates * max_steps
     return {
-        "experiment_id": exp.id, "dataset": exp.dataset, "method": exp.method, "run": str(run_dir),
-        "best": None if best is None else {
-            "trial": best["name"], "lr": float(best.lr), "warmup_steps": int(best.warmup_steps),
-            "best_val_ppl": float(best.best_val_ppl), "final_val_ppl": float(best.final_val_ppl),
+        "experiment_id": exp.id,
+        "dataset": exp.dataset,
+        "method": exp.method,
+        "run": str(run_dir),
+        "best": None
+        if best is None
+        else {
+            "trial": best["name"],
+            "lr": float(best.lr),
+            "warmup_steps": int(best.warmup_steps),
+            "best_val_ppl": float(best.best_val_ppl),
+            "final_val_ppl": float(best.final_val_ppl),
         },
-        "trials": len(recs), "stopped_early": sum(r["status"] == "stopped" for r in recs),
-        "candidates": n_candidates, "max_steps": max_steps,
-        "trial_steps": spent, "grid_trial_steps": grid, "fraction_of_grid": spent / grid if grid else math.nan,
-        "tried": [] if df.empty else [
-            {"trial": r.name, "lr": float(r.lr), "warmup_steps": int(r.warmup_steps), "steps": int(r.steps),
-             "best_val_ppl": float(r.best_val_ppl), "last_val_ppl": float(r.final_val_ppl), "status": r.status}
+        "trials": len(recs),
+        "stopped_early": sum(r["status"] == "stopped" for r in recs),
+        "candidates": n_candidates,
+        "max_steps": max_steps,
+        "trial_steps": spent,
+        "grid_trial_steps": grid,
+        "fraction_of_grid": spent / grid if grid else math.nan,
+        "tried": []
+        if df.empty
+        else [
+            {
+                "trial": r.name,
+                "lr": float(r.lr),
+                "warmup_steps": int(r.warmup_steps),
+                "steps": int(r.steps),
+                "best_val_ppl": float(r.best_val_ppl),
+                "last_val_ppl": float(r.final_val_ppl),
+                "status": r.status,
+            }
             for r in df.sort_values(["lr", "warmup_steps"]).itertuples()
         ],
     }
@@ -51,10 +72,12 @@ def search_markdown(cells: list[dict]) -> str:
     """search.md: the best configuration per cell and the trial-steps spent beside the full grid, then each
     search's trials."""
     lines = [
-        "# Learning-rate / warmup search", "",
+        "# Learning-rate / warmup search",
+        "",
         "Best configuration per method (lowest val PPL among the trials trained to max_steps), and the compute",
         "the search spent in trial-steps (steps actually trained, summed over trials) beside a full grid over",
-        "the same candidates (every candidate trained to max_steps).", "",
+        "the same candidates (every candidate trained to max_steps).",
+        "",
         "| dataset | experiment | method | best lr | best warmup | val PPL | trials | stopped early | trial-steps "
         "| full grid | share of grid |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -67,21 +90,35 @@ def search_markdown(cells: list[dict]) -> str:
             f"| {b['best_val_ppl']:.3f} | {c['trials']} | {c['stopped_early']} | {c['trial_steps']:,} "
             f"| {c['grid_trial_steps']:,} ({c['candidates']} x {c['max_steps']:,}) "
             f"| {100 * c['fraction_of_grid']:.0f}% |"
-            if b else head + f"| - | - | - | {c['trials']} | - | - | - | - |"
+            if b
+            else head + f"| - | - | - | {c['trials']} | - | - | - | - |"
         )
     spent, grid = sum(c["trial_steps"] for c in cells), sum(c["grid_trial_steps"] for c in cells)
     if grid:
-        lines += ["", f"All cells: {spent:,} trial-steps searched vs {grid:,} for the full grids "
-                      f"({100 * spent / grid:.0f}%)."]
+        lines += [
+            "",
+            f"All cells: {spent:,} trial-steps searched vs {grid:,} for the full grids ({100 * spent / grid:.0f}%).",
+        ]
     for c in cells:
         if c.get("tried"):
-            lines += ["", f"{c['experiment_id']} ({c['method']}, {c['dataset']}): the trials of the search", "",
-                      "| trial | lr | warmup | steps | val PPL | status |", "|---|---|---|---|---|---|"]
-            lines += [f"| {t['trial']} | {t['lr']:g} | {t['warmup_steps']} | {t['steps']} | {t['best_val_ppl']:.3f} "
-                      f"| {t['status']} |" for t in c["tried"]]
-    lines += ["", "The searches as heatmaps (lr x warmup, val PPL; stopped candidates hatched, the pick framed): "
-              "search.png.",
-              "The methods compared again at their own best settings, over fresh seeds: summary.md.", ""]
+            lines += [
+                "",
+                f"{c['experiment_id']} ({c['method']}, {c['dataset']}): the trials of the search",
+                "",
+                "| trial | lr | warmup | steps | val PPL | status |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {t['trial']} | {t['lr']:g} | {t['warmup_steps']} | {t['steps']} | {t['best_val_ppl']:.3f} "
+                f"| {t['status']} |"
+                for t in c["tried"]
+            ]
+    lines += [
+        "",
+        "The searches as heatmaps (lr x warmup, val PPL; stopped candidates hatched, the pick framed): search.png.",
+        "The methods compared again at their own best settings, over fresh seeds: summary.md.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -139,20 +176,42 @@ def search_figure(cells: list[dict]):
             label = f"{v:.2f}" if finite(v) else t["status"]
             if stopped:
                 label += f"\n@{t['steps']}"
-                ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#bbbbbb", lw=0,
-                                       gid=f"stopped {t['lr']:g},{t['warmup_steps']}"))
+                ax.add_patch(
+                    Rectangle(
+                        (x - 0.5, y - 0.5),
+                        1,
+                        1,
+                        fill=False,
+                        hatch="///",
+                        edgecolor="#bbbbbb",
+                        lw=0,
+                        gid=f"stopped {t['lr']:g},{t['warmup_steps']}",
+                    )
+                )
             dark = norm is not None and finite(v) and norm(v) > 0.5  # viridis_r: high PPL is dark
             ax.text(x, y, label, ha="center", va="center", fontsize=7, color="white" if dark else "black")
         if c.get("best"):
             b = c["best"]
-            ax.add_patch(Rectangle((warmups.index(b["warmup_steps"]) - 0.5, lrs.index(b["lr"]) - 0.5), 1, 1, fill=False,
-                                   edgecolor="red", lw=2.5, gid=f"pick {b['lr']:g},{b['warmup_steps']}"))
+            ax.add_patch(
+                Rectangle(
+                    (warmups.index(b["warmup_steps"]) - 0.5, lrs.index(b["lr"]) - 0.5),
+                    1,
+                    1,
+                    fill=False,
+                    edgecolor="red",
+                    lw=2.5,
+                    gid=f"pick {b['lr']:g},{b['warmup_steps']}",
+                )
+            )
         ax.set_xticks(range(len(warmups)), [f"{w}\n({100 * w / c['max_steps']:.0f}%)" for w in warmups], fontsize=7)
         ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], fontsize=7)
-        ax.set(xlabel="warmup steps", ylabel="peak lr",
-               title=f"{c['experiment_id']} {c['method']} ({c['dataset']})\n"
-                     f"{100 * c['fraction_of_grid']:.0f}% of the grid's "
-                     f"trial-steps; hatched: stopped at a rung")
+        ax.set(
+            xlabel="warmup steps",
+            ylabel="peak lr",
+            title=f"{c['experiment_id']} {c['method']} ({c['dataset']})\n"
+            f"{100 * c['fraction_of_grid']:.0f}% of the grid's "
+            f"trial-steps; hatched: stopped at a rung",
+        )
         ax.title.set_fontsize(8)
     fig.tight_layout()
     return fig

@@ -17,8 +17,8 @@ phase 3, plus search.md, search.png and best.json: the best settings, the search
 and the compute the search spent beside a full grid). Run the same command again to resume either phase.
 """
 
-from oelm_ray.core import experiments
 from oelm_ray import search_report
+from oelm_ray.core import experiments
 from oelm_ray.core.config import ConfigError
 from oelm_ray.tune import recipe, search
 
@@ -26,14 +26,28 @@ PRESETS = {
     # 4 lrs (4e-3 ... 3.2e-2, doubling) x 4 warmups (10-90% of the 500 steps) = 16 candidates per method: at 300
     # steps benchmarks/search_efficiency.py's bests sit at lr 8e-3 ... 3.2e-2 and warmup 60-99% on every arm.
     # One rung at 100 of 500 steps keeping 4: 3,200 trial-steps per method (40% of the grid's 8,000)
-    "embedded": dict(experiments=list(experiments.EMBEDDED), seeds=[1, 2], search_seed=0,
-                     train_seed=0, grace_frac=0.2, reduction_factor=4, budget_frac=0.4,
-                     space=search.Space(lrs=search.log_spaced(4e-3, 3.2e-2, 4), warmup_fracs=[0.1, 0.3, 0.6, 0.9])),
+    "embedded": dict(
+        experiments=list(experiments.EMBEDDED),
+        seeds=[1, 2],
+        search_seed=0,
+        train_seed=0,
+        grace_frac=0.2,
+        reduction_factor=4,
+        budget_frac=0.4,
+        space=search.Space(lrs=search.log_spaced(4e-3, 3.2e-2, 4), warmup_fracs=[0.1, 0.3, 0.6, 0.9]),
+    ),
     # doubling lrs around the research's 3e-4 / 1e-3; warmups 1% (theirs) to 30% (the research's "longer warmup"
     # for the frozen variants; a long run's best warmup is short, a 300-step run's long: the grid spans both)
-    "paper": dict(experiments=["GPT-01", "GPT-02", "GPT-03"], seeds=[1, 2, 3], search_seed=0,
-                  train_seed=0, grace_frac=0.2, reduction_factor=4, budget_frac=0.4,
-                  space=search.Space(lrs=search.log_spaced(1e-4, 3.2e-3, 6), warmup_fracs=[0.01, 0.03, 0.1, 0.3])),
+    "paper": dict(
+        experiments=["GPT-01", "GPT-02", "GPT-03"],
+        seeds=[1, 2, 3],
+        search_seed=0,
+        train_seed=0,
+        grace_frac=0.2,
+        reduction_factor=4,
+        budget_frac=0.4,
+        space=search.Space(lrs=search.log_spaced(1e-4, 3.2e-3, 6), warmup_fracs=[0.01, 0.03, 0.1, 0.3]),
+    ),
 }
 # 3 x 2 candidates of 30 steps: one rung, at 10 steps (the best one of 6 finishes: 40% of the 180 grid steps)
 SMOKE = dict(seeds=[1], space=search.Space(lrs=[1e-3, 4e-3, 1.6e-2], warmup_fracs=[0.1, 0.3]))
@@ -44,14 +58,21 @@ def main(argv=None) -> int:
 
     def two_phases(sw, args):
         if {"lr", "warmup_steps"} & set(sw.sets):
-            raise ConfigError("this recipe searches lr and warmup_steps for each arm: "
-                              "drop --set lr / --set warmup_steps")
+            raise ConfigError(
+                "this recipe searches lr and warmup_steps for each arm: drop --set lr / --set warmup_steps"
+            )
         p = {**PRESETS[args.preset], **(SMOKE if args.smoke_test else {})}
         if args.smoke_test and not args.seeds:
             sw.seeds = p["seeds"]
-        cells = search.search_cells(sw, p["space"], seed=p["search_seed"], train_seed=p["train_seed"],
-                                    grace_frac=p["grace_frac"], reduction_factor=p["reduction_factor"],
-                                    budget_frac=p["budget_frac"])
+        cells = search.search_cells(
+            sw,
+            p["space"],
+            seed=p["search_seed"],
+            train_seed=p["train_seed"],
+            grace_frac=p["grace_frac"],
+            reduction_factor=p["reduction_factor"],
+            budget_frac=p["budget_frac"],
+        )
         done.update(run_dir=sw.run_dir, cells=cells)
         print(search_report.search_markdown(cells), flush=True)
         return search.compare_sweep(sw, cells)

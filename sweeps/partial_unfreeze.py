@@ -31,11 +31,10 @@ import dataclasses
 import sys
 
 from oelm_ray.core import experiments as E
-from oelm_ray.tune import recipe
-from oelm_ray.core.config import ConfigError
-from oelm_ray.core.config import make_config
+from oelm_ray.core.config import ConfigError, make_config
 from oelm_ray.core.experiments import Experiment
 from oelm_ray.search_report import load_cells
+from oelm_ray.tune import recipe
 
 UNFREEZE_FRACS = (0.25, 0.5, 0.75)
 QK_LR_MULTS = (0.1,)
@@ -43,30 +42,47 @@ BASELINE_RATE = ("CPU-01", "GPT-01", "PU-rand-train")  # --best: these train at 
 UPDATE_EVERY = (10,)  # a tenth of the Q/K updates
 LAYER_DECAYS = (0.5,)
 SCALED = {"method": "oelm_random", "qk_random_std": 0.0}  # random Q/K at the orthogonal rows' std 1/sqrt(d_model)
-ORTHO = ("orthogonality: the same schedule from random Q/K at the orthogonal rows' scale (oelm_random, std 1/sqrt(d_model)), "
-         "so {arm} vs this row compares orthogonal with random Q/K, everything else equal")
-FREEZING = ("freezing: orthogonal Q/K trained from step 1 at the full rate, so the PU-unf and PU-mult rows vs this one "
-            "isolate the frozen (or slowed) phase, and this row vs the baseline the orthogonal init of trained Q/K")
-INIT_SCALE = ("init scale: a baseline whose Q/K start random at the orthogonal rows' scale (std 1/sqrt(d_model), "
-              "the baseline's is 0.02) and train from step 1, so baseline vs this row isolates the Q/K init scale")
+ORTHO = (
+    "orthogonality: the same schedule from random Q/K at the orthogonal rows' scale (oelm_random, std 1/sqrt(d_model)), "
+    "so {arm} vs this row compares orthogonal with random Q/K, everything else equal"
+)
+FREEZING = (
+    "freezing: orthogonal Q/K trained from step 1 at the full rate, so the PU-unf and PU-mult rows vs this one "
+    "isolate the frozen (or slowed) phase, and this row vs the baseline the orthogonal init of trained Q/K"
+)
+INIT_SCALE = (
+    "init scale: a baseline whose Q/K start random at the orthogonal rows' scale (std 1/sqrt(d_model), "
+    "the baseline's is 0.02) and train from step 1, so baseline vs this row isolates the Q/K init scale"
+)
 
 
 def variants(baseline: Experiment, freeze: Experiment, n_layer: int, max_steps: int) -> list[Experiment]:
     """baseline, full freeze, and the partial variants of `freeze` for a model of n_layer blocks."""
     f, pre = freeze.overrides, freeze.preset
     return [
-        baseline, freeze,
+        baseline,
+        freeze,
         *[Experiment(f"PU-k{k}", pre, {**f, "qk_freeze_layers": k}) for k in range(1, n_layer)],
-        *[Experiment(f"PU-unf{x:.2f}", pre, {**f, "qk_unfreeze_step": max(1, round(x * max_steps))}) for x in UNFREEZE_FRACS],
+        *[
+            Experiment(f"PU-unf{x:.2f}", pre, {**f, "qk_unfreeze_step": max(1, round(x * max_steps))})
+            for x in UNFREEZE_FRACS
+        ],
         *[Experiment(f"PU-mult{m:g}", pre, {**f, "qk_unfreeze_step": 1, "qk_lr_mult": m}) for m in QK_LR_MULTS],
         *[Experiment(f"PU-every{n}", pre, {**f, "qk_update_every": n}) for n in UPDATE_EVERY],
         *[Experiment(f"PU-lrd{d:g}", pre, {**f, "qk_unfreeze_step": 1, "lr_layer_decay": d}) for d in LAYER_DECAYS],
         # the controls, paired with the PU arms that beat the baseline in the embedded default
-        Experiment(f"PU-rand-unf{UNFREEZE_FRACS[0]:.2f}", pre,
-                   {**f, **SCALED, "qk_unfreeze_step": max(1, round(UNFREEZE_FRACS[0] * max_steps))},
-                   ORTHO.format(arm=f"PU-unf{UNFREEZE_FRACS[0]:.2f}")),
-        Experiment(f"PU-rand-mult{QK_LR_MULTS[0]:g}", pre, {**f, **SCALED, "qk_unfreeze_step": 1, "qk_lr_mult": QK_LR_MULTS[0]},
-                   ORTHO.format(arm=f"PU-mult{QK_LR_MULTS[0]:g}")),
+        Experiment(
+            f"PU-rand-unf{UNFREEZE_FRACS[0]:.2f}",
+            pre,
+            {**f, **SCALED, "qk_unfreeze_step": max(1, round(UNFREEZE_FRACS[0] * max_steps))},
+            ORTHO.format(arm=f"PU-unf{UNFREEZE_FRACS[0]:.2f}"),
+        ),
+        Experiment(
+            f"PU-rand-mult{QK_LR_MULTS[0]:g}",
+            pre,
+            {**f, **SCALED, "qk_unfreeze_step": 1, "qk_lr_mult": QK_LR_MULTS[0]},
+            ORTHO.format(arm=f"PU-mult{QK_LR_MULTS[0]:g}"),
+        ),
         Experiment("PU-orth-train", pre, {**f, "qk_unfreeze_step": 1}, FREEZING),
         Experiment("PU-rand-train", pre, {**f, **SCALED, "qk_unfreeze_step": 1}, INIT_SCALE),
     ]
@@ -98,8 +114,14 @@ def tuned(exps: list[Experiment], best_json: str, common: dict) -> list[Experime
         method = "baseline" if e.id in BASELINE_RATE else "oelm_freeze"
         hit = [c["best"] for c in cells if c["method"] == method and c["dataset"] == cfg.data.dataset and c.get("best")]
         if not hit:
-            raise ConfigError(f"--best {best_json} has no finished {method} search on {cfg.data.dataset} (needed by {e.id})")
-        out.append(dataclasses.replace(e, overrides={**e.overrides, "lr": hit[0]["lr"], "warmup_steps": hit[0]["warmup_steps"]}))
+            raise ConfigError(
+                f"--best {best_json} has no finished {method} search on {cfg.data.dataset} (needed by {e.id})"
+            )
+        out.append(
+            dataclasses.replace(
+                e, overrides={**e.overrides, "lr": hit[0]["lr"], "warmup_steps": hit[0]["warmup_steps"]}
+            )
+        )
     return out
 
 
@@ -108,8 +130,11 @@ def at_run_size(sw, args, best: str | None = None):
     base, freeze = PRESETS[args.preset]["experiments"][:2]
     cfg = make_config(freeze.preset, freeze.overrides, sw.common)
     keep = {e.id for e in sw.experiments}
-    sw.experiments = [e for e in variants(base, freeze, cfg.model.n_layer, cfg.train.max_steps)
-                      if e.id in keep or e.id.startswith("PU-k") and not args.experiments]
+    sw.experiments = [
+        e
+        for e in variants(base, freeze, cfg.model.n_layer, cfg.train.max_steps)
+        if e.id in keep or e.id.startswith("PU-k") and not args.experiments
+    ]
     if best:
         if {"lr", "warmup_steps"} & set(sw.common):
             raise ConfigError("--best sets lr and warmup_steps per arm: drop --set lr / --set warmup_steps")
@@ -123,8 +148,9 @@ def main(argv=None) -> int:
     pre = argparse.ArgumentParser(add_help=False)  # --best is this recipe's own; the rest are every recipe's
     pre.add_argument("--best", default=None)
     known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
-    return recipe.main("partial_unfreeze", PRESETS, rest, customize=lambda sw, args: at_run_size(sw, args, known.best),
-                       doc=__doc__)
+    return recipe.main(
+        "partial_unfreeze", PRESETS, rest, customize=lambda sw, args: at_run_size(sw, args, known.best), doc=__doc__
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,11 @@ from oelm_ray.core.experiments import Experiment
 from oelm_ray.core.model import GPT
 from oelm_ray.tune import recipe
 
-ARMS = {"B": {"method": "baseline"}, "F": {"method": "oelm_freeze"},
-        "R": {"method": "oelm_random", "qk_random_std": 0.0}}
+ARMS = {
+    "B": {"method": "baseline"},
+    "F": {"method": "oelm_freeze"},
+    "R": {"method": "oelm_random", "qk_random_std": 0.0},
+}
 # embedded: the cpu preset (d_model 64) with a smaller and a larger sibling, 2 blocks each (CPU minutes)
 CPU_SIZES = {"d32": dict(d_model=32, n_head=4, d_ff=128), "d64": {}, "d80": dict(d_model=80, n_head=4, d_ff=320)}
 PAPER_SIZES = {"small-256": "small-256", "medium-512": "medium-512", "large-768": "large-768"}
@@ -38,6 +41,7 @@ PAPER_LR = {"baseline": 3e-4, "oelm_freeze": 1e-3, "oelm_random": 1e-3}  # the r
 
 def budget(preset: str, size: dict, base_preset: str) -> dict:
     """max_steps, warmup_steps and eval_interval for a size, at the base preset's tokens per parameter."""
+
     def params(p: str, over: dict) -> int:
         with torch.device("meta"):
             return GPT(make_config(p, **over).model).param_counts()["total"]
@@ -63,8 +67,11 @@ def experiments(sizes: dict, base_preset: str, paper: bool) -> list[Experiment]:
         steps = budget(preset, over, base_preset)
         for tag, arm in ARMS.items():
             lr = {"lr": PAPER_LR[arm["method"]]} if paper else {}
-            out.append(Experiment(f"SC-{label}-{tag}", preset, {**over, **arm, **steps, **lr},
-                                  E.SCALE_CONTROL if tag == "R" else ""))
+            out.append(
+                Experiment(
+                    f"SC-{label}-{tag}", preset, {**over, **arm, **steps, **lr}, E.SCALE_CONTROL if tag == "R" else ""
+                )
+            )
     return out
 
 

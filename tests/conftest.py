@@ -42,7 +42,10 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
-            num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
             _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
         )
     yield ray
@@ -71,7 +74,18 @@ def fetch_gpt2_ranks(cache: Path = GPT2_CACHE) -> Path:
         if target.exists() and _sha256(target) == GPT2_RANKS_SHA256:
             return target
         with tempfile.TemporaryDirectory(dir=cache, prefix=".whisper-") as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary=:all:", "-d", tmp, "openai-whisper"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary=:all:",
+                "-d",
+                tmp,
+                "openai-whisper",
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             sdists = sorted(Path(tmp).glob("openai*whisper*.tar.gz"))
             if r.returncode != 0 or not sdists:
@@ -87,7 +101,9 @@ def fetch_gpt2_ranks(cache: Path = GPT2_CACHE) -> Path:
                 part = Path(tmp) / "gpt2.tiktoken"
                 part.write_bytes(tf.extractfile(member).read())
             if (got := _sha256(part)) != GPT2_RANKS_SHA256:
-                raise RuntimeError(f"gpt2.tiktoken from {sdists[0].name} has sha256 {got}, expected {GPT2_RANKS_SHA256}")
+                raise RuntimeError(
+                    f"gpt2.tiktoken from {sdists[0].name} has sha256 {got}, expected {GPT2_RANKS_SHA256}"
+                )
             os.replace(part, target)  # atomic: a reader sees the whole file or none
     return target
 
@@ -123,7 +139,14 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture
 def no_key(monkeypatch, tmp_path):
     """No WANDB_* settings, HOME without a netrc, and any attempt to reach the network fails the test."""
-    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+    for var in (
+        "WANDB_MODE",
+        "WANDB_API_KEY",
+        "WANDB_DISABLED",
+        "WANDB_BASE_URL",
+        "WANDB_IDENTITY_TOKEN_FILE",
+        "NETRC",
+    ):
         monkeypatch.delenv(var, raising=False)
     home = tmp_path / "home"
     home.mkdir()

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from wandb_files import read_finished  # tests/wandb_files.py: .wandb files read back
 
 from oelm_ray.core import data
 from oelm_ray.core import experiments as E
@@ -15,13 +14,28 @@ from oelm_ray.core.config import make_config
 from oelm_ray.tune import wandb_sync as WS
 from oelm_ray.tune.sweep import Sweep
 
+from wandb_files import read_finished  # tests/wandb_files.py: .wandb files read back
+
 ROOT = Path(__file__).resolve().parents[1]
 PHASE3 = ROOT / "sweeps" / "phase3.py"
 LOSS_KEYS = ("step", "tokens", "train/loss", "val/loss", "val/ppl", "lr")
 
 # a tiny `oelm-ray train` run, as config overrides and as the same command line
-TINY = dict(stories_mb=0.3, d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, max_steps=10,
-            warmup_steps=2, eval_interval=10, eval_batches=1, log_interval=10, num_threads=1)
+TINY = dict(
+    stories_mb=0.3,
+    d_model=32,
+    n_layer=2,
+    n_head=2,
+    d_ff=64,
+    block_size=32,
+    batch_size=4,
+    max_steps=10,
+    warmup_steps=2,
+    eval_interval=10,
+    eval_batches=1,
+    log_interval=10,
+    num_threads=1,
+)
 
 
 def phase3_presets() -> dict:
@@ -78,8 +92,9 @@ def make_world(root: Path) -> World:
 
 def smoke_sweep(tmp: Path, name: str, **kw) -> Sweep:
     common = {**E.SMOKE, "data_dir": str(tmp / "data"), **kw.pop("common", {})}
-    return Sweep(name=name, experiments=list(E.EMBEDDED.values()), seeds=[0, 1], storage=str(tmp / "runs"),
-                 common=common, **kw)
+    return Sweep(
+        name=name, experiments=list(E.EMBEDDED.values()), seeds=[0, 1], storage=str(tmp / "runs"), common=common, **kw
+    )
 
 
 def load_module(path: Path, name: str):

@@ -27,18 +27,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CLUSTER_STATES = {  # state: (what the one line says is wrong, regex; what to do, a fragment of it)
     "none": (r"no Ray cluster is running on this node", "ray up cluster.yaml"),
-    "dead-address-file": (r"the Ray address file \S+/ray/ray_current_cluster names 127\.0\.0\.1:\d+, but nothing "
-                          r"listens there \(Connection refused\): the cluster `ray start` left on this node is gone",
-                          "start it again"),
+    "dead-address-file": (
+        r"the Ray address file \S+/ray/ray_current_cluster names 127\.0\.0\.1:\d+, but nothing "
+        r"listens there \(Connection refused\): the cluster `ray start` left on this node is gone",
+        "start it again",
+    ),
     "dead-ray-address": (r"cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(Connection refused\)", "is the head up"),
-    "unreachable-free-port": (r"cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(Connection refused\)",
-                              "is the head up"),
-    "unreachable-no-route": (r"cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(no answer to a TCP connect "
-                             r"within 5s\)", "is the head up"),
-    "refusing-the-token": (r"the Ray cluster at 127\.0\.0\.1:\d+ refuses this process's token \(InvalidAuthToken; "
-                           r"here RAY_AUTH_MODE is token\)", "RAY_AUTH_MODE=token and the head's token"),
-    "listening-not-answering": (r"the Ray cluster at 127\.0\.0\.1:\d+ does not answer \(it accepts connections but "
-                                r"sends nothing back within 5s\)", "not a Ray head's GCS port"),
+    "unreachable-free-port": (
+        r"cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(Connection refused\)",
+        "is the head up",
+    ),
+    "unreachable-no-route": (
+        r"cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(no answer to a TCP connect "
+        r"within 5s\)",
+        "is the head up",
+    ),
+    "refusing-the-token": (
+        r"the Ray cluster at 127\.0\.0\.1:\d+ refuses this process's token \(InvalidAuthToken; "
+        r"here RAY_AUTH_MODE is token\)",
+        "RAY_AUTH_MODE=token and the head's token",
+    ),
+    "listening-not-answering": (
+        r"the Ray cluster at 127\.0\.0\.1:\d+ does not answer \(it accepts connections but "
+        r"sends nothing back within 5s\)",
+        "not a Ray head's GCS port",
+    ),
 }
 
 
@@ -71,10 +84,20 @@ def head(kill: bool = False):
     token.write_text(generate_new_authentication_token())
     port, dash = free_port(), free_port()
     e = env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_TMPDIR=str(tmp))
-    cmd = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-           "--disable-usage-stats", f"--temp-dir={tmp / 'ray'}", "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--dashboard-agent-listen-port={free_port()}"]  # not its fixed default: other heads run on this machine
+    cmd = [
+        "ray",
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--disable-usage-stats",
+        f"--temp-dir={tmp / 'ray'}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={free_port()}",
+    ]  # not its fixed default: other heads run on this machine
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     try:
@@ -167,6 +190,7 @@ def joining(*cmd: str, env: dict, timeout: float) -> tuple[subprocess.CompletedP
     """Run `cmd` (a script path or a module name, then its arguments) with Ray's process scan emptied;
     return the finished process and its wall time in seconds."""
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-c", JOINING, *cmd], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-c", JOINING, *cmd], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     return r, time.monotonic() - t0

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-NOT_OURS = {"pip", "apt-get", "ray", "git", "export", "cd", "ssh", "source", "sudo", "cat", "ls", "wandb"}
+NOT_OURS = {"pip", "apt-get", "ray", "ruff", "git", "export", "cd", "ssh", "source", "sudo", "cat", "ls", "wandb"}
 
 
 def _fenced(text: str) -> list[str]:
@@ -56,7 +56,7 @@ def _commands(line: str) -> list[list[str]]:
         if c[:2] == ["ray", "exec"] and len(c) >= 4:
             out += _commands(c[3])
         elif c[:3] == ["ray", "job", "submit"] and "--" in c:
-            out.append(c[c.index("--") + 1:])
+            out.append(c[c.index("--") + 1 :])
         else:
             out.append(c)
     return out
@@ -148,8 +148,11 @@ def test_the_command_check_can_fail(capsys):
     assert parses(["python", "sweeps/nope.py"]) == "sweeps/nope.py does not exist"
     assert parses(["python", "sweeps/phase3.py", "--preset", "paper"]) is None
     assert _commands("RAY_ADDRESS=<head>:6379 python sweeps/phase3.py --storage /s  # c") == [
-        ["python", "sweeps/phase3.py", "--storage", "/s"]]
-    assert _commands("ray exec cluster.yaml 'oelm-ray status --storage /s'") == [["oelm-ray", "status", "--storage", "/s"]]
+        ["python", "sweeps/phase3.py", "--storage", "/s"]
+    ]
+    assert _commands("ray exec cluster.yaml 'oelm-ray status --storage /s'") == [
+        ["oelm-ray", "status", "--storage", "/s"]
+    ]
     capsys.readouterr()
 
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
-    assert blocks[0].strip() == 'pip install torch==2.13.0 -e . && python sweeps/phase3.py'
+    assert blocks[0].strip() == "pip install torch==2.13.0 -e . && python sweeps/phase3.py"
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci == blocks[1].strip()
 
@@ -39,8 +39,17 @@ def _imports(path: Path, relative: bool = False) -> set[str]:
 
 def test_layers_import_what_the_readme_says():
     core = sorted((ROOT / "oelm_ray" / "core").glob("*.py"))
-    assert {p.name for p in core} >= {"config.py", "model.py", "data.py", "batches.py", "optim.py", "train_step.py",
-                                      "trainer.py", "checkpoint.py", "io.py"}
+    assert {p.name for p in core} >= {
+        "config.py",
+        "model.py",
+        "data.py",
+        "batches.py",
+        "optim.py",
+        "train_step.py",
+        "trainer.py",
+        "checkpoint.py",
+        "io.py",
+    }
     for p in core:
         assert not _imports(p) & {"ray", "wandb"}, f"{p.name} imports Ray or W&B: oelm_ray/core must run without them"
     for report in ("results.py", "search_report.py"):
@@ -64,9 +73,11 @@ def test_layers_import_what_the_readme_says():
     # and `oelm-ray doctor` reports a missing Ray or torch instead of failing to start
     import subprocess
 
-    code = ("import sys; import oelm_ray.results, oelm_ray.search_report, oelm_ray.cli, oelm_ray.core.config, "
-            "oelm_ray.core.experiments, oelm_ray.cluster.doctor, oelm_ray.cluster.launcher, oelm_ray.cluster.torch_build; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'wandb'}))")
+    code = (
+        "import sys; import oelm_ray.results, oelm_ray.search_report, oelm_ray.cli, oelm_ray.core.config, "
+        "oelm_ray.core.experiments, oelm_ray.cluster.doctor, oelm_ray.cluster.launcher, oelm_ray.cluster.torch_build; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'wandb'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[]"
 
@@ -77,8 +88,10 @@ def test_metrics_files_are_read_without_torch(tmp_path):
     import sys
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 10}\n{"step": 20}\n{"st')  # a torn last line is dropped
-    code = ("import sys; from oelm_ray.core.io import read_metrics; import oelm_ray.tune.trial; "
-            f"rows = read_metrics({str(tmp_path / 'metrics.jsonl')!r}); "
-            "print([r['step'] for r in rows], 'torch' in sys.modules)")
+    code = (
+        "import sys; from oelm_ray.core.io import read_metrics; import oelm_ray.tune.trial; "
+        f"rows = read_metrics({str(tmp_path / 'metrics.jsonl')!r}); "
+        "print([r['step'] for r in rows], 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[10, 20] False"

@@ -19,8 +19,9 @@ from helpers import ROOT
 
 def _python_files() -> list[Path]:
     files = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True).stdout.split()
-    untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "*.py"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.split()
+    untracked = subprocess.run(
+        ["git", "ls-files", "--others", "--exclude-standard", "*.py"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
     return [ROOT / f for f in files + untracked if (ROOT / f).exists()]
 
 
@@ -28,8 +29,13 @@ def unsafe_torch_loads(source: str) -> list[int]:
     """Lines of torch.load(...) calls without a literal weights_only=True."""
     bad = []
     for node in ast.walk(ast.parse(source)):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "load"
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "torch"
+        ):
             kw = {k.arg: k.value for k in node.keywords}
             if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
                 bad.append(node.lineno)
@@ -60,12 +66,19 @@ _NOT_SOURCE = {".git", "__pycache__", ".pytest_cache", "runs", "data", "wandb"}
 def project_files(root: Path) -> list[str]:
     """What the secret scan reads: in a git checkout, the tracked files and the untracked ones git does
     not ignore (about to be committed); elsewhere (an unpacked sdist, a copy) every file below root."""
-    r = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode == 0 and (root / ".git").exists():
         return sorted({f for f in r.stdout.split("\0") if f and (root / f).is_file()})
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.is_file() and not _NOT_SOURCE & set(p.relative_to(root).parts) and ".egg-info" not in str(p))
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and not _NOT_SOURCE & set(p.relative_to(root).parts) and ".egg-info" not in str(p)
+    )
 
 
 def secret_hits(root: Path) -> list[str]:
@@ -83,7 +96,9 @@ def secret_hits(root: Path) -> list[str]:
 
 def test_no_secrets_in_the_repository():
     files = project_files(ROOT)
-    assert {"README.md", "oelm_ray/tune/sweep.py", "tests/test_security.py"} <= set(files), files[:20]  # it reads the project
+    assert {"README.md", "oelm_ray/tune/sweep.py", "tests/test_security.py"} <= set(files), files[
+        :20
+    ]  # it reads the project
     hits = secret_hits(ROOT)
     assert not hits, hits
 
@@ -165,4 +180,6 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
 def test_docs_document_token_auth_for_clusters():
     readme = (ROOT / "docs" / "cluster.md").read_text()
     assert re.search(r"^## Cluster", readme, re.M), "docs/cluster.md has no Cluster section"
-    assert "RAY_AUTH" in readme, "the Cluster section must say how token auth is set up (RAY_AUTH_MODE / RAY_AUTH_TOKEN)"
+    assert "RAY_AUTH" in readme, (
+        "the Cluster section must say how token auth is set up (RAY_AUTH_MODE / RAY_AUTH_TOKEN)"
+    )

@@ -9,8 +9,9 @@ import json
 import os
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def read_records(path: str | os.PathLike) -> Iterator[Any]:
@@ -26,8 +27,8 @@ def read_records(path: str | os.PathLike) -> Iterator[Any]:
         if left < 7:  # block trailer: padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk = data[pos + 7:pos + 7 + length]
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
             continue
@@ -46,8 +47,14 @@ def read_run(path: str | os.PathLike) -> dict:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run
-            out.update(id=r.run_id, project=r.project, group=r.run_group, job_type=r.job_type,
-                       name=r.display_name, tags=list(r.tags))
+            out.update(
+                id=r.run_id,
+                project=r.project,
+                group=r.run_group,
+                job_type=r.job_type,
+                name=r.display_name,
+                tags=list(r.tags),
+            )
             out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update})
         elif kind == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
@@ -56,8 +63,12 @@ def read_run(path: str | os.PathLike) -> dict:
             row["_step"] = rec.history.step.num if rec.history.HasField("step") else row.get("_step")
             out["history"].append(row)
         elif kind == "summary":
-            out["summary"].update({"/".join(i.nested_key) if i.nested_key else i.key: json.loads(i.value_json)
-                                   for i in rec.summary.update})
+            out["summary"].update(
+                {
+                    "/".join(i.nested_key) if i.nested_key else i.key: json.loads(i.value_json)
+                    for i in rec.summary.update
+                }
+            )
         elif kind == "exit":
             out["exit_code"] = rec.exit.exit_code
     return out

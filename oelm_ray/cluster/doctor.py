@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..core.io import DeadlineExceeded, call_within
 from . import torch_build
@@ -34,16 +34,24 @@ def check_torch(version: str | None, cuda: str | None) -> Result:
     if torch_build.version_tuple(version)[:2] < MIN_TORCH:
         return False, f"torch {version}: older than 2.4", "install torch >= 2.4 (cluster.yaml's TORCH picks the build)"
     if not cuda:
-        return False, f"torch {version}: a CPU-only build", (
-            "install a CUDA build: TORCH=auto (or cuXXX for the driver) in cluster.yaml's setup, then `ray up --no-restart`")
+        return (
+            False,
+            f"torch {version}: a CPU-only build",
+            (
+                "install a CUDA build: TORCH=auto (or cuXXX for the driver) in cluster.yaml's setup, then `ray up --no-restart`"
+            ),
+        )
     return True, f"torch {version}, CUDA {cuda} build", ""
 
 
 def check_driver(driver: str | None, cuda: str | None) -> Result:
     """An NVIDIA driver new enough for the CUDA build torch was built with."""
     if driver is None:
-        return False, "NVIDIA driver: none (nvidia-smi not found or failed)", (
-            "install the NVIDIA driver on this node; a GPU server without one trains nothing")
+        return (
+            False,
+            "NVIDIA driver: none (nvidia-smi not found or failed)",
+            ("install the NVIDIA driver on this node; a GPU server without one trains nothing"),
+        )
     if not cuda:
         return True, f"NVIDIA driver {driver} (torch has no CUDA build to check it against)", ""
     need = torch_build.min_driver_for_cuda(cuda)
@@ -52,16 +60,22 @@ def check_driver(driver: str | None, cuda: str | None) -> Result:
             fits = f"set TORCH={torch_build.pick(driver)} in cluster.yaml's setup"
         except SystemExit:
             fits = "update the driver"
-        return False, f"NVIDIA driver {driver}: older than {need}, which torch's CUDA {cuda} build needs", (
-            f"{fits} (README, \"The torch build\") and run `ray up --no-restart cluster.yaml`, or update the driver")
+        return (
+            False,
+            f"NVIDIA driver {driver}: older than {need}, which torch's CUDA {cuda} build needs",
+            (f'{fits} (README, "The torch build") and run `ray up --no-restart cluster.yaml`, or update the driver'),
+        )
     return True, f"NVIDIA driver {driver} (CUDA {cuda} needs >= {need or 'unknown'})", ""
 
 
 def check_gpus(available: bool, names: list[str]) -> Result:
     """The GPUs torch sees on this node."""
     if not available or not names:
-        return False, "GPUs torch sees: none", (
-            "check `nvidia-smi`, CUDA_VISIBLE_DEVICES and that torch's CUDA build fits the driver (lines above)")
+        return (
+            False,
+            "GPUs torch sees: none",
+            ("check `nvidia-smi`, CUDA_VISIBLE_DEVICES and that torch's CUDA build fits the driver (lines above)"),
+        )
     kinds = ", ".join(f"{names.count(n)} x {n}" for n in dict.fromkeys(names))
     return True, f"GPUs torch sees: {len(names)} ({kinds})", ""
 
@@ -71,8 +85,11 @@ def check_bf16(available: bool, supported: bool) -> Result:
     if not available:
         return None, "precision: not checked (no GPU)", ""
     if not supported:
-        return False, "precision: these GPUs have no native bf16 (pre-Ampere): dtype=auto trains fp16 with a gradient scaler", (
-            "nothing needed (the research trained fp16 with a GradScaler); `--set dtype=fp32` for full precision")
+        return (
+            False,
+            "precision: these GPUs have no native bf16 (pre-Ampere): dtype=auto trains fp16 with a gradient scaler",
+            ("nothing needed (the research trained fp16 with a GradScaler); `--set dtype=fp32` for full precision"),
+        )
     return True, "precision: bf16 (native on these GPUs)", ""
 
 
@@ -81,20 +98,34 @@ def check_ray(version: str | None) -> Result:
     if version is None:
         return False, "Ray: not importable", "install the project (`ray up cluster.yaml`)"
     if version != RAY_PIN:
-        return False, f"Ray {version}: the project pins {RAY_PIN}", f"pip install 'ray[default]=={RAY_PIN}' on every node"
+        return (
+            False,
+            f"Ray {version}: the project pins {RAY_PIN}",
+            f"pip install 'ray[default]=={RAY_PIN}' on every node",
+        )
     return True, f"Ray {version}", ""
 
 
 def check_cluster(resources: dict | None, nodes: int, error: str | None, fix: str | None = None) -> Result:
     """A running Ray cluster this node can join, and its GPUs."""
     if resources is None:
-        return False, f"Ray cluster: cannot join: {error}", fix or (
-            "start it with `ray up cluster.yaml` (on the head: `ray status`); set RAY_ADDRESS if it is elsewhere")
+        return (
+            False,
+            f"Ray cluster: cannot join: {error}",
+            fix
+            or ("start it with `ray up cluster.yaml` (on the head: `ray status`); set RAY_ADDRESS if it is elsewhere"),
+        )
     gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
     line = f"Ray cluster: {nodes} node(s), {cpus:g} CPUs, {gpus:g} GPUs"
     if gpus < 1:
-        return False, line, ("a paper sweep asks for 1 GPU per trial and waits forever without one: check the GPU lines above, "
-                             "or append --num-gpus=N to cluster.yaml's start commands")
+        return (
+            False,
+            line,
+            (
+                "a paper sweep asks for 1 GPU per trial and waits forever without one: check the GPU lines above, "
+                "or append --num-gpus=N to cluster.yaml's start commands"
+            ),
+        )
     return True, line, ""
 
 
@@ -104,12 +135,18 @@ def check_token(mode: str | None, token_file: Path, token_env: bool) -> Result:
     if mode == "token":
         if token_env or token_file.is_file():
             return True, f"Ray token mode: on ({'RAY_AUTH_TOKEN' if token_env else token_file})", ""
-        return False, f"Ray token mode: on, but no token ({token_file} missing)", (
-            "`ray get-auth-token --generate` on your machine, then `ray up --no-restart cluster.yaml` copies it")
+        return (
+            False,
+            f"Ray token mode: on, but no token ({token_file} missing)",
+            ("`ray get-auth-token --generate` on your machine, then `ray up --no-restart cluster.yaml` copies it"),
+        )
     if mode == "disabled":
         return True, "Ray token mode: disabled (RAY_AUTH_MODE=disabled: only on a network nothing else reaches)", ""
-    return False, "Ray token mode: RAY_AUTH_MODE is not set, the `ray` command-line tool runs without the token", (
-        "`export RAY_AUTH_MODE=token` (cluster.yaml's setup puts it in ~/.oelm-env, sourced by ~/.bashrc)")
+    return (
+        False,
+        "Ray token mode: RAY_AUTH_MODE is not set, the `ray` command-line tool runs without the token",
+        ("`export RAY_AUTH_MODE=token` (cluster.yaml's setup puts it in ~/.oelm-env, sourced by ~/.bashrc)"),
+    )
 
 
 def check_writable(what: str, path: Path) -> Result:
@@ -121,7 +158,11 @@ def check_writable(what: str, path: Path) -> Result:
         probe.with_suffix(".tmp").replace(probe)
         probe.unlink()
     except OSError as e:
-        return False, f"{what} {path}: not writable ({e.strerror or e})", f"pass a writable folder with --{what.split()[0]}"
+        return (
+            False,
+            f"{what} {path}: not writable ({e.strerror or e})",
+            f"pass a writable folder with --{what.split()[0]}",
+        )
     return True, f"{what} {path}: writable", ""
 
 
@@ -131,16 +172,22 @@ def check_shared(what: str, path: Path, seen: list[tuple[str, bool]] | None) -> 
         return None, f"{what} {path}: one node, nothing to share", ""
     blind = [ip for ip, ok in seen if not ok]
     if blind:
-        return False, f"{what} {path}: not visible from {', '.join(blind)}", (
-            "mount the same shared storage (NFS) at the same path on every node, or use s3://")
+        return (
+            False,
+            f"{what} {path}: not visible from {', '.join(blind)}",
+            ("mount the same shared storage (NFS) at the same path on every node, or use s3://"),
+        )
     return True, f"{what} {path}: visible from all {len(seen)} nodes", ""
 
 
 def check_gpt2(error: str | None) -> Result:
     """GPT-2's ranks for the paper preset's tokenizer: from tiktoken's cache or download, or a local file."""
     if error:
-        return False, f"GPT-2 ranks: not available ({error})", (
-            "give this node network once, or set OELM_GPT2_RANKS to a local gpt2.tiktoken (README, offline use)")
+        return (
+            False,
+            f"GPT-2 ranks: not available ({error})",
+            ("give this node network once, or set OELM_GPT2_RANKS to a local gpt2.tiktoken (README, offline use)"),
+        )
     return True, "GPT-2 ranks: available", ""
 
 
@@ -151,13 +198,17 @@ def check_wandb(key: bool, mode: str | None) -> Result:
         return True, f"W&B: WANDB_MODE={mode}", ""
     if key:
         return True, "W&B: API key found", ""
-    return False, "W&B: no API key: a sweep logs offline under <run>/wandb/", (
-        "`wandb login` or WANDB_API_KEY on the head to log online; or `oelm-ray sync` later from a machine with a key")
+    return (
+        False,
+        "W&B: no API key: a sweep logs offline under <run>/wandb/",
+        (
+            "`wandb login` or WANDB_API_KEY on the head to log online; or `oelm-ray sync` later from a machine with a key"
+        ),
+    )
 
 
 # what a `--preset paper` sweep cannot do without: a failure of one of these exits 2
-PAPER_NEEDS = {"torch", "driver", "gpus", "ray", "cluster", "storage", "data", "storage_shared",
-               "data_shared", "gpt2"}
+PAPER_NEEDS = {"torch", "driver", "gpus", "ray", "cluster", "storage", "data", "storage_shared", "data_shared", "gpt2"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,8 +233,9 @@ class Facts:
     gpt2_error: str | None = None
 
 
-def gather(storage: Path, data_dir: Path, address: str | None, timeout: float = 60,
-           connect_timeout: float | None = None) -> Facts:
+def gather(
+    storage: Path, data_dir: Path, address: str | None, timeout: float = 60, connect_timeout: float | None = None
+) -> Facts:
     """The facts; `timeout` bounds the GPT-2 download, `connect_timeout` joining the Ray cluster
     (tune.resources.join)."""
     f = Facts(driver=torch_build.driver_version())

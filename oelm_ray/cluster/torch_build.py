@@ -33,8 +33,12 @@ def version_tuple(v: str) -> tuple[int, ...]:
 def driver_version() -> str | None:
     """The NVIDIA driver version from `nvidia-smi`, or None without a driver."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = [x.strip() for x in out.stdout.splitlines() if x.strip()]
@@ -56,8 +60,10 @@ def pick(driver: str | None) -> str:
     fits = [tag for tag, (_, need) in BUILDS.items() if version_tuple(driver) >= version_tuple(need)]
     if not fits:
         oldest = min(BUILDS.items(), key=lambda kv: version_tuple(kv[1][1]))
-        raise SystemExit(f"NVIDIA driver {driver} is older than every PyTorch CUDA build ({oldest[0]} needs "
-                         f">= {oldest[1][1]}): update the driver, or set TORCH=cpu in cluster.yaml")
+        raise SystemExit(
+            f"NVIDIA driver {driver} is older than every PyTorch CUDA build ({oldest[0]} needs "
+            f">= {oldest[1][1]}): update the driver, or set TORCH=cpu in cluster.yaml"
+        )
     return max(fits, key=lambda t: version_tuple(BUILDS[t][1]))
 
 

@@ -63,7 +63,11 @@ def eval_batches(val: np.ndarray, cfg: Config) -> list[tuple[torch.Tensor, torch
     if cfg.train.eval_batches == 0:
         return list(_whole_split(val, T, B))
     gen = torch.Generator().manual_seed(EVAL_SEED)
-    starts = torch.randint(len(val) - T - 1, (cfg.train.eval_batches, cfg.train.batch_size), generator=gen).reshape(-1).tolist()
+    starts = (
+        torch.randint(len(val) - T - 1, (cfg.train.eval_batches, cfg.train.batch_size), generator=gen)
+        .reshape(-1)
+        .tolist()
+    )
     return [windows(val, starts[i : i + B], T) for i in range(0, len(starts), B)]
 
 

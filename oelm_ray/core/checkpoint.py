@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -71,9 +72,7 @@ def load_checkpoint(path: str | os.PathLike, expect_config: dict | None = None) 
     """Load with weights_only=True; refuse a checkpoint whose model (or corpus) config differs."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(
-            f"no checkpoint at {path}: run without --resume to start a new run in that folder"
-        )
+        raise CheckpointError(f"no checkpoint at {path}: run without --resume to start a new run in that folder")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn or foreign file: say which and what to do

@@ -23,8 +23,9 @@ import inspect
 import math
 import re
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 from .io import UserError
 
@@ -86,7 +87,7 @@ class ModelConfig:
     @property
     def qk_std(self) -> float:
         """The std oelm_random draws Q/K from: qk_random_std, or 1/sqrt(d_model) where that is 0."""
-        return self.qk_random_std or self.d_model ** -0.5
+        return self.qk_random_std or self.d_model**-0.5
 
     @property
     def frozen_qk_layers(self) -> tuple[int, ...]:
@@ -197,7 +198,9 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "eval_interval", "log_interval"):
             _positive(name, getattr(self, name))
         if not isinstance(self.eval_batches, int) or isinstance(self.eval_batches, bool) or self.eval_batches < 0:
-            raise ConfigError(f"eval_batches={self.eval_batches!r} must be a whole number >= 0 (0 = the whole validation split)")
+            raise ConfigError(
+                f"eval_batches={self.eval_batches!r} must be a whole number >= 0 (0 = the whole validation split)"
+            )
         for name, zero in (("eval_batch_size", "batch_size"), ("checkpoint_interval", "every evaluation")):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -221,15 +224,19 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
         if self.qk_unfreeze_step < -1 or self.qk_unfreeze_step == 0:
-            raise ConfigError(
-                f"qk_unfreeze_step={self.qk_unfreeze_step} must be -1 (never) or a step >= 1"
-            )
+            raise ConfigError(f"qk_unfreeze_step={self.qk_unfreeze_step} must be -1 (never) or a step >= 1")
         if not self.qk_lr_mult > 0:
             raise ConfigError(f"qk_lr_mult={self.qk_lr_mult} must be > 0")
-        if not isinstance(self.qk_update_every, int) or isinstance(self.qk_update_every, bool) or self.qk_update_every < 0:
+        if (
+            not isinstance(self.qk_update_every, int)
+            or isinstance(self.qk_update_every, bool)
+            or self.qk_update_every < 0
+        ):
             raise ConfigError(f"qk_update_every={self.qk_update_every!r} must be a whole number >= 0 (0 = off)")
         if not (self.lr_layer_decay > 0 and math.isfinite(self.lr_layer_decay)):
-            raise ConfigError(f"lr_layer_decay={self.lr_layer_decay} must be a number > 0 (1 = one rate for all blocks)")
+            raise ConfigError(
+                f"lr_layer_decay={self.lr_layer_decay} must be a number > 0 (1 = one rate for all blocks)"
+            )
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("compile", self.compile, COMPILE_MODES)
@@ -257,7 +264,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
@@ -288,7 +295,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
+    def from_dict(cls, d: dict[str, Any]) -> Config:
         """Build from a nested dict ({"model": {...}, ...}), e.g. what Ray hands a trial; unknown keys are an error."""
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
@@ -300,12 +307,15 @@ class Config:
                 raise ConfigError(f"unknown {sec} config field(s): {', '.join(misplaced)}")
         return cls().override({k: v for part in d.values() for k, v in (part or {}).items()})
 
-    def override(self, flat: dict[str, Any]) -> "Config":
+    def override(self, flat: dict[str, Any]) -> Config:
         """A copy with flat overrides (field name -> value) applied, each value coerced by `typed`."""
         where, flat = field_sections(), typed(flat)
-        return Config(**{sec: dataclasses.replace(getattr(self, sec), **{k: v for k, v in flat.items()
-                                                                           if where[k] == sec})
-                         for sec in section_classes()})
+        return Config(
+            **{
+                sec: dataclasses.replace(getattr(self, sec), **{k: v for k, v in flat.items() if where[k] == sec})
+                for sec in section_classes()
+            }
+        )
 
 
 VOCAB_SIZES = {"bytes": 257, "gpt2": 50257}
@@ -339,25 +349,39 @@ def _medium_512_preset() -> Config:
         ModelConfig(vocab_size=50257, n_layer=6, n_head=8, d_model=512, d_ff=2048, block_size=512, dropout=0.1),
         DataConfig(dataset="tinystories", tokenizer="gpt2"),
         TrainConfig(
-            max_steps=100_000, batch_size=8, lr=3e-4, warmup_steps=1000, eval_interval=1000,
-            eval_batches=0, eval_batch_size=32, checkpoint_interval=5000, log_interval=100, compile="auto",
+            max_steps=100_000,
+            batch_size=8,
+            lr=3e-4,
+            warmup_steps=1000,
+            eval_interval=1000,
+            eval_batches=0,
+            eval_batch_size=32,
+            checkpoint_interval=5000,
+            log_interval=100,
+            compile="auto",
         ),
     )
 
 
 def _sized(n_layer: int, n_head: int, d_model: int) -> Callable[[], Config]:
     """Medium-512's data and training, another model size (d_ff = 4 d_model, context 512): the scaling presets."""
+
     def make() -> Config:
         c = _medium_512_preset()
         c.model = dataclasses.replace(c.model, n_layer=n_layer, n_head=n_head, d_model=d_model, d_ff=4 * d_model)
         return c
+
     return make
 
 
 # the research's Medium-512 with a smaller (d_model 256, 4 blocks) and a larger sibling (GPT-2 small's
 # 768 / 12 blocks / 12 heads); tests/test_model.py pins their parameter counts
-PRESETS = {"cpu": _cpu_preset, "small-256": _sized(4, 4, 256), "medium-512": _medium_512_preset,
-           "large-768": _sized(12, 12, 768)}
+PRESETS = {
+    "cpu": _cpu_preset,
+    "small-256": _sized(4, 4, 256),
+    "medium-512": _medium_512_preset,
+    "large-768": _sized(12, 12, 768),
+}
 
 
 def preset(name: str) -> Config:
@@ -422,17 +446,30 @@ ALIASES = {"max_steps": "--max-steps", "data_dir": "--data-dir"}
 """Field -> flag: `--max-steps N` is `--set max_steps=N`, in `oelm-ray train` and every sweep recipe."""
 
 
-def add_set_arguments(ap: argparse.ArgumentParser, aliases: tuple[str, ...] = tuple(ALIASES),
-                      defaults: dict[str, str] | None = None) -> None:
+def add_set_arguments(
+    ap: argparse.ArgumentParser, aliases: tuple[str, ...] = tuple(ALIASES), defaults: dict[str, str] | None = None
+) -> None:
     """`--set FIELD=VALUE ...` (repeatable) and the alias flags `aliases` names; `defaults`: a field's
     default where the command has its own (a recipe's data_dir: <storage>/data), for the help text."""
     g = ap.add_argument_group("config fields (the list and the precedence: at the end)")
-    g.add_argument("--set", dest="set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
-                   help="set config fields, e.g. --set lr=1e-3 max_steps=2000 (repeatable)")
+    g.add_argument(
+        "--set",
+        dest="set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="set config fields, e.g. --set lr=1e-3 max_steps=2000 (repeatable)",
+    )
     for name in aliases:
-        g.add_argument(ALIASES[name], dest=f"alias_{name}", default=None, metavar=name.upper(),
-                       help=f"the same as --set {name}={name.upper()}"
-                            + (f" (default: {defaults[name]})" if name in (defaults or {}) else ""))
+        g.add_argument(
+            ALIASES[name],
+            dest=f"alias_{name}",
+            default=None,
+            metavar=name.upper(),
+            help=f"the same as --set {name}={name.upper()}"
+            + (f" (default: {defaults[name]})" if name in (defaults or {}) else ""),
+        )
 
 
 def parse_sets(args: argparse.Namespace | list[str], sections: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -534,8 +571,9 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
             return str(value)
     except (TypeError, ValueError):
         example = {"int": "a whole number", "float": "a number", "bool": "true or false"}.get(typ, typ)
-        raise ConfigError(f"{name}={value!r} is not a valid {typ}: give {example}, "
-                          f"e.g. {name}={getattr(cls(), name)!r}") from None
+        raise ConfigError(
+            f"{name}={value!r} is not a valid {typ}: give {example}, e.g. {name}={getattr(cls(), name)!r}"
+        ) from None
     return value
 
 
@@ -549,7 +587,7 @@ def field_sections() -> dict[str, str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a config dataclass, read from its source."""
     tree = ast.parse(inspect.getsource(cls))
@@ -569,7 +607,6 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def section_classes() -> dict[str, type]:
     return {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
-
 
 
 def options_markdown() -> str:

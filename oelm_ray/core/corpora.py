@@ -12,9 +12,10 @@ import glob
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from .config import DataConfig
 from .io import UserError, url_reachable
@@ -66,25 +67,36 @@ def corpus(cfg: DataConfig) -> Corpus:
     """The corpus named by cfg.dataset."""
     if cfg.dataset == "stories":
         return Corpus(
-            f"stories-{cfg.stories_mb:g}mb-s{cfg.stories_seed}", "oelm_ray.stories",
-            lambda: _stories_docs(cfg), val_last=False,
+            f"stories-{cfg.stories_mb:g}mb-s{cfg.stories_seed}",
+            "oelm_ray.stories",
+            lambda: _stories_docs(cfg),
+            val_last=False,
         )
     if cfg.dataset in HUB:
         spec = HUB[cfg.dataset]
         name = cfg.dataset if spec.val_split else f"{cfg.dataset}-val{cfg.val_fraction:g}"
         source = cfg.hub_dir or spec.repo + (f"/{spec.config}" if spec.config else "")
         return Corpus(
-            name, source, lambda: _hub_docs(cfg, spec), val_last=False, count=lambda: _hub_count(cfg, spec),
+            name,
+            source,
+            lambda: _hub_docs(cfg, spec),
+            val_last=False,
+            count=lambda: _hub_count(cfg, spec),
             resume_docs=None if cfg.dataset == "wikitext103" else lambda mark, marks: _hub_docs(cfg, spec, mark, marks),
-            fingerprint=lambda: _stats(f for fs in _hub_dir_files(cfg.hub_dir, spec).values() for f in fs) if cfg.hub_dir else [],
+            fingerprint=lambda: (
+                _stats(f for fs in _hub_dir_files(cfg.hub_dir, spec).values() for f in fs) if cfg.hub_dir else []
+            ),
         )
     path = Path(cfg.dataset).expanduser().resolve()
     # the path hash keeps two files called data.txt apart
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
     return Corpus(
-        f"{path.stem}-{digest}-val{cfg.val_fraction:g}", str(path),
-        lambda: _local_docs(path, cfg.val_fraction), val_last=True,
-        count=lambda: _local_count(path), fingerprint=lambda: _stats([path]),
+        f"{path.stem}-{digest}-val{cfg.val_fraction:g}",
+        str(path),
+        lambda: _local_docs(path, cfg.val_fraction),
+        val_last=True,
+        count=lambda: _local_count(path),
+        fingerprint=lambda: _stats([path]),
     )
 
 
@@ -149,8 +161,9 @@ def _is_heldout(i: int, fraction: float) -> bool:
     return (i + 1) * 0.6180339887498949 % 1.0 < fraction
 
 
-def _hub_docs(cfg: DataConfig, spec: HubSpec, mark: dict | None = None,
-              marks: list | None = None) -> Iterator[tuple[str, str]]:
+def _hub_docs(
+    cfg: DataConfig, spec: HubSpec, mark: dict | None = None, marks: list | None = None
+) -> Iterator[tuple[str, str]]:
     """The hub corpus's documents. With `marks`, a streamed split records its datasets state after
     each batch of rows, so that a resumed prepare starts there (`mark`) instead of re-reading (for
     a hub stream: re-downloading) everything before it; wikitext's articles span batches: no marks."""
@@ -308,16 +321,14 @@ def _read_local(path: Path) -> Iterator[str]:
                 try:
                     yield json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise DataError(f"{path}:{lineno}: expected a JSON object with a \"text\" field ({e})") from e
+                    raise DataError(f'{path}:{lineno}: expected a JSON object with a "text" field ({e})') from e
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
         if "text" not in pf.schema_arrow.names:
-            raise DataError(f"{path} has no \"text\" column (columns: {', '.join(pf.schema_arrow.names)})")
+            raise DataError(f'{path} has no "text" column (columns: {", ".join(pf.schema_arrow.names)})')
         for batch in pf.iter_batches(columns=["text"], batch_size=1000):
             yield from (t for t in batch.column(0).to_pylist() if t)
     else:
         raise DataError(f"dataset file {path} must end in .txt, .jsonl or .parquet")
-
-

@@ -29,12 +29,13 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import tiktoken
@@ -71,7 +72,7 @@ def get_tokenizer(cfg: DataConfig) -> tiktoken.Encoding:
     raise DataError(f"tokenizer={cfg.tokenizer!r} is unknown: choose one of {', '.join(VOCAB_SIZES)}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bytes_encoding() -> tiktoken.Encoding:
     # every byte is its own token and there are no merges, so any UTF-8 text round-trips; the
     # pattern only chunks the text (whitespace runs and non-whitespace runs cover everything)
@@ -84,7 +85,7 @@ def _bytes_encoding() -> tiktoken.Encoding:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gpt2_encoding(ranks_path: str) -> tiktoken.Encoding:
     if not ranks_path:
         try:
@@ -138,14 +139,22 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def _prepare_hint(cfg: DataConfig) -> str:
     """The `oelm-ray prepare` command that builds prepared_dir(cfg): every data field off its default."""
     base = asdict(DataConfig())
-    sets = [shlex.quote(f"{k}={v}") for k, v in asdict(cfg).items()
-            if k in ("dataset", "tokenizer") or k != "data_dir" and v != base[k]]
+    sets = [
+        shlex.quote(f"{k}={v}")
+        for k, v in asdict(cfg).items()
+        if k in ("dataset", "tokenizer") or k != "data_dir" and v != base[k]
+    ]
     where = f" --data-dir {shlex.quote(cfg.data_dir)}" if cfg.data_dir != base["data_dir"] else ""
     return f"oelm-ray prepare --set {' '.join(sets)}{where}"
 
 
-def prepare(cfg: DataConfig, progress: bool = True, force: bool = False, workers: int | None = None,
-            log: Callable[[str], None] | None = None) -> dict:
+def prepare(
+    cfg: DataConfig,
+    progress: bool = True,
+    force: bool = False,
+    workers: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Tokenize cfg's corpus into prepared_dir(cfg) unless a verified copy exists; return its meta.
 
     Safe to call from many processes at once: one builds, the others wait and reuse. An existing
@@ -293,7 +302,9 @@ def _encode_in_worker(texts: tuple[list[str], list[str]]) -> list[tuple[np.ndarr
     return _encode_chunk(_worker_enc, texts)
 
 
-def _encode_chunk(encoder: tuple[tiktoken.Encoding, bool, np.dtype], texts: tuple[list[str], ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _encode_chunk(
+    encoder: tuple[tiktoken.Encoding, bool, np.dtype], texts: tuple[list[str], ...]
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per split: its documents' tokens, each followed by end-of-text, and each document's end offset."""
     enc, is_bytes, dtype = encoder
     out = []
@@ -303,7 +314,7 @@ def _encode_chunk(encoder: tuple[tiktoken.Encoding, bool, np.dtype], texts: tupl
         flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype)
         pos = 0
         for a in arrays:
-            flat[pos:pos + len(a)] = a
+            flat[pos : pos + len(a)] = a
             flat[pos + len(a)] = enc.eot_token  # documents never run together
             pos += len(a) + 1
         out.append((flat, ends))
@@ -371,15 +382,24 @@ class _Build:
     """One build of a prepared folder: read -> tokenize (here, then in worker processes) -> write in
     stream order, recording (atomically, every COMMIT_SECONDS) how many documents are done."""
 
-    def __init__(self, cfg: DataConfig, folder: Path, record: Path, progress: bool, workers: int | None,
-                 log: Callable[[str], None] | None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        folder: Path,
+        record: Path,
+        progress: bool,
+        workers: int | None,
+        log: Callable[[str], None] | None,
+    ):
         self.cfg, self.folder, self.record, self.log = cfg, folder, record, log or (lambda line: None)
         self.src = corpus(cfg)
         self.encoder = _encoder(cfg)  # a missing tokenizer fails here, before anything is read
         self.workers = _cores() if workers is None else workers
         self.name = prepared_dir(cfg).name
         self.identity = {
-            "format_version": FORMAT_VERSION, "source": self.src.source, "files": self.src.fingerprint(),
+            "format_version": FORMAT_VERSION,
+            "source": self.src.source,
+            "files": self.src.fingerprint(),
             "data": {k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "gpt2_ranks", "hub_dir")},
         }
         self.progress = progress
@@ -407,10 +427,16 @@ class _Build:
             w.sync()  # the tokens before the record that names them
         while self.marks and self.marks[0]["docs"] <= self.docs:  # the newest stream position at or before it
             self.mark = self.marks.popleft()
-        write_json(self.record, {
-            "identity": self.identity, "docs": self.docs, "stopped": self.stopped, "mark": self.mark,
-            "splits": {s: {"tokens": w.tokens, "docs": w.docs} for s, w in self.writers.items()},
-        })
+        write_json(
+            self.record,
+            {
+                "identity": self.identity,
+                "docs": self.docs,
+                "stopped": self.stopped,
+                "mark": self.mark,
+                "splits": {s: {"tokens": w.tokens, "docs": w.docs} for s, w in self.writers.items()},
+            },
+        )
         self.committed = time.monotonic()
 
     # -- the build
@@ -424,8 +450,9 @@ class _Build:
             rec = {"docs": 0, "stopped": False, "splits": {s: {"tokens": 0, "docs": 0} for s in SPLITS}}
         dtype = self.encoder[2]
         self.writers = {
-            s: _TokenWriter(self.folder / f"{s}.bin", dtype, self.cfg.max_train_tokens if s == "train" else 0,
-                            **rec["splits"][s])
+            s: _TokenWriter(
+                self.folder / f"{s}.bin", dtype, self.cfg.max_train_tokens if s == "train" else 0, **rec["splits"][s]
+            )
             for s in SPLITS
         }
         self.docs, self.stopped, self.mark = rec["docs"], rec["stopped"], rec.get("mark")
@@ -433,8 +460,10 @@ class _Build:
         self.resumed_at = self.docs
         if self.docs:
             at = f"; the stream starts at document {self.mark['docs']:,}" if self.mark else ""
-            self.log(f"prepare {self.name}: resuming after {self.docs:,} documents "
-                     f"({self.writers['train'].tokens:,} train / {self.writers['val'].tokens:,} val tokens done{at})")
+            self.log(
+                f"prepare {self.name}: resuming after {self.docs:,} documents "
+                f"({self.writers['train'].tokens:,} train / {self.writers['val'].tokens:,} val tokens done{at})"
+            )
         self.committed = time.monotonic()
         self.meter = _Progress(self.name, self.src.count, self.cfg.max_train_tokens, self.progress, self.log, self.docs)
         ok = False
@@ -487,8 +516,10 @@ class _Build:
                 if self.docs:
                     self._commit()
                 failures = 1 if self.docs > before else failures + 1
-                done = (f"{self.docs:,} documents ({self.writers['train'].tokens:,} train / "
-                        f"{self.writers['val'].tokens:,} val tokens) are done")
+                done = (
+                    f"{self.docs:,} documents ({self.writers['train'].tokens:,} train / "
+                    f"{self.writers['val'].tokens:,} val tokens) are done"
+                )
                 if not _retryable(e) or failures > len(RETRY_DELAYS):
                     if not self.docs and isinstance(e, DataError):
                         raise e from None  # bad input before anything was read: its own message says what to fix
@@ -498,8 +529,10 @@ class _Build:
                         f"{self.folder}; run the same command again to continue from there"
                     ) from e
                 delay = RETRY_DELAYS[failures - 1]
-                self.log(f"prepare {self.name}: reading failed ({type(e).__name__}: {e}); {done}; "
-                         f"retry {failures}/{len(RETRY_DELAYS)} in {delay:g} s")
+                self.log(
+                    f"prepare {self.name}: reading failed ({type(e).__name__}: {e}); {done}; "
+                    f"retry {failures}/{len(RETRY_DELAYS)} in {delay:g} s"
+                )
                 time.sleep(delay)
 
     def _read(self) -> None:
@@ -544,8 +577,12 @@ class _Build:
     def _submit(self, chunk: _Chunk) -> Future:
         self.chars += chunk.chars
         if self.pool is None and self.workers > 0 and self.chars > POOL_AFTER_CHARS:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_init_worker, initargs=(self.cfg, os.getpid()))
+            self.pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.cfg, os.getpid()),
+            )
         if self.pool is not None:
             return self.pool.submit(_encode_in_worker, chunk.texts)
         done: Future = Future()
@@ -559,8 +596,10 @@ class _Build:
             try:
                 result = fut.result(timeout=CHUNK_TIMEOUT_S)
             except FutureTimeout:
-                raise DataError(f"a tokenizer worker took over {CHUNK_TIMEOUT_S} s on one chunk of "
-                                f"{chunk.chars:,} characters: is the machine overloaded?") from None
+                raise DataError(
+                    f"a tokenizer worker took over {CHUNK_TIMEOUT_S} s on one chunk of "
+                    f"{chunk.chars:,} characters: is the machine overloaded?"
+                ) from None
             if not self.stopped:
                 self._write(chunk, result)
             if self.stopped:
@@ -593,15 +632,23 @@ class _Progress:
     """A tqdm bar (documents, with a total where the corpus's size is known) and a log line every
     LOG_SECONDS: documents, tokens (and the estimated total), rate and ETA."""
 
-    def __init__(self, name: str, count: Callable[[], int | None], max_train: int, bar: bool,
-                 log: Callable[[str], None], start_docs: int):
+    def __init__(
+        self,
+        name: str,
+        count: Callable[[], int | None],
+        max_train: int,
+        bar: bool,
+        log: Callable[[str], None],
+        start_docs: int,
+    ):
         self.name, self.count, self.max_train, self.log = name, count, max_train, log
         self.total: int | None = None
         self.t0 = self.last_log = time.monotonic()
         self.docs = self.start_docs = start_docs
         self.tokens = self.new_tokens = self.train_tokens = 0
-        self.bar = tqdm(desc=f"prepare {name}", unit="doc", unit_scale=True, initial=start_docs,
-                        disable=not bar, smoothing=0.05)
+        self.bar = tqdm(
+            desc=f"prepare {name}", unit="doc", unit_scale=True, initial=start_docs, disable=not bar, smoothing=0.05
+        )
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -693,8 +740,11 @@ def verify_prepared(path: Path | str, mode: str = "quick", tokenizer: str | None
         dtype = np.dtype(meta["dtype"])
         # name -> (tokens, sha256, sample sha256)
         expect = {
-            f"{s}.bin": (int(meta[f"{s}_tokens"]), meta["files"][f"{s}.bin"]["sha256"],
-                         meta["files"][f"{s}.bin"]["sample_sha256"])
+            f"{s}.bin": (
+                int(meta[f"{s}_tokens"]),
+                meta["files"][f"{s}.bin"]["sha256"],
+                meta["files"][f"{s}.bin"]["sample_sha256"],
+            )
             for s in SPLITS
         }
     except FileNotFoundError:
@@ -710,8 +760,10 @@ def verify_prepared(path: Path | str, mode: str = "quick", tokenizer: str | None
         want = tokens * dtype.itemsize
         size = f.stat().st_size if f.exists() else None
         if size != want:
-            raise DataError(f"{f} is {'missing' if size is None else f'{size} bytes'}, expected {want} "
-                            f"({tokens} {dtype.name} tokens): truncated or incomplete")
+            raise DataError(
+                f"{f} is {'missing' if size is None else f'{size} bytes'}, expected {want} "
+                f"({tokens} {dtype.name} tokens): truncated or incomplete"
+            )
         if mode == "full" or (mode == "quick" and size < QUICK_FULL_HASH_BYTES):
             ok = _file_sha256(f) == sha
         elif mode == "quick":

@@ -50,7 +50,7 @@ class Experiment:
         return d | ({"isolates": self.isolates} if self.isolates else {})  # protocol arms: as before
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Experiment":
+    def from_dict(cls, d: dict[str, Any]) -> Experiment:
         return cls(d["id"], d["preset"], dict(d["overrides"]), d.get("isolates", ""))
 
 
@@ -68,6 +68,7 @@ _PAPER_ROWS = [
     ("GPT-06", "wikitext103", "baseline", 3e-4, 200_000),
     ("GPT-07", "wikitext103", "oelm_freeze", 1e-3, 200_000),
 ]
+
 
 def _split(dataset: str) -> dict[str, Any]:
     # OpenWebText has no validation split: hold out 0.05% of its documents (nanoGPT's share, ~4M
@@ -102,8 +103,10 @@ _CONTROL_ROWS = [
 _STEPS = {ds: steps for _, ds, _, _, steps in _PAPER_ROWS}
 CONTROLS = {
     eid: Experiment(
-        eid, "medium-512",
-        {"dataset": ds, "method": m, "lr": 1e-3, "max_steps": _STEPS[ds], **_split(ds), **extra}, isolates,
+        eid,
+        "medium-512",
+        {"dataset": ds, "method": m, "lr": 1e-3, "max_steps": _STEPS[ds], **_split(ds), **extra},
+        isolates,
     )
     for eid, ds, m, extra, isolates in _CONTROL_ROWS
 }
@@ -112,17 +115,25 @@ CONTROLS = {
 # all (at this scale the research's split learning rates would dominate what freezing Q/K does),
 # and the scale-matched random control: at d_model 64 the research's 0.02 is 1/6 of the
 # orthogonal rows' std, so its attention logits start ~40x smaller
-EMBEDDED = {
-    f"CPU-{i:02d}": Experiment(f"CPU-{i:02d}", "cpu", {"method": m}) for i, m in enumerate(METHODS, start=1)
-}
+EMBEDDED = {f"CPU-{i:02d}": Experiment(f"CPU-{i:02d}", "cpu", {"method": m}) for i, m in enumerate(METHODS, start=1)}
 EMBEDDED["CPU-04"] = Experiment("CPU-04", "cpu", {"method": "oelm_random", "qk_random_std": 0.0}, SCALE_CONTROL)
 
 REGISTRY = {**PAPER, **CONTROLS, **EMBEDDED}
 
 # what --smoke-test shrinks every trial to: a few seconds each, every code path still runs
 SMOKE = dict(
-    d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4,
-    max_steps=30, warmup_steps=5, eval_interval=10, eval_batches=2, log_interval=10, stories_mb=0.3,
+    d_model=32,
+    n_layer=2,
+    n_head=2,
+    d_ff=64,
+    block_size=32,
+    batch_size=4,
+    max_steps=30,
+    warmup_steps=5,
+    eval_interval=10,
+    eval_batches=2,
+    log_interval=10,
+    stories_mb=0.3,
 )
 
 
@@ -137,8 +148,10 @@ def per_arm(experiments: list[Experiment], flat: dict[str, Any]) -> list[str]:
                 own.setdefault(e.overrides[key], []).append(e.id)
         if own:
             arms = "; ".join(f"{', '.join(ids)}: {v!r}" for v, ids in own.items())
-            lines.append(f"--set {key}={value!r} replaces the per-arm {key} of the experiments ({arms}): "
-                         f"every trial runs at {key}={value!r}, not at its experiment's own value")
+            lines.append(
+                f"--set {key}={value!r} replaces the per-arm {key} of the experiments ({arms}): "
+                f"every trial runs at {key}={value!r}, not at its experiment's own value"
+            )
     return lines
 
 

@@ -21,8 +21,9 @@ def lr_at(step: int, cfg: Config) -> float:
     return floor + 0.5 * (t.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: GPT, cfg: Config, device: torch.device, qk_unfrozen: bool = False,
-                    fused: bool | None = None) -> torch.optim.AdamW:
+def build_optimizer(
+    model: GPT, cfg: Config, device: torch.device, qk_unfrozen: bool = False, fused: bool | None = None
+) -> torch.optim.AdamW:
     """AdamW over trainable parameters only: matrices decay, norms and biases do not, Q/K get lr_mult.
 
     The groups follow the policy, not the current requires_grad flags: the policy's frozen Q/K are
@@ -37,10 +38,14 @@ def build_optimizer(model: GPT, cfg: Config, device: torch.device, qk_unfrozen: 
     kinds: dict[str, list] = {"decay": [], "no_decay": [], "qk": [], "qk_periodic": []}
     seen: set[int] = set()
     for p in model.parameters():
-        if id(p) in seen or (id(p) in frozen_qk and not cfg.train.qk_update_every):  # tied weights once; frozen Q/K never
+        if id(p) in seen or (
+            id(p) in frozen_qk and not cfg.train.qk_update_every
+        ):  # tied weights once; frozen Q/K never
             continue
         seen.add(id(p))
-        kind = ("qk_periodic" if id(p) in frozen_qk else "qk") if id(p) in qk else "decay" if p.dim() >= 2 else "no_decay"
+        kind = (
+            ("qk_periodic" if id(p) in frozen_qk else "qk") if id(p) in qk else "decay" if p.dim() >= 2 else "no_decay"
+        )
         kinds[kind].append(p)
     param_groups = [g for kind, ps in kinds.items() for g in _groups(model, cfg, kind, ps)]
     if qk_unfrozen:
@@ -61,8 +66,10 @@ def _groups(model: GPT, cfg: Config, kind: str, params: list) -> list[dict]:
     by_layer: dict[str, list] = {}
     for p in params:
         by_layer.setdefault(layers[id(p)][0], []).append(p)
-    return [{"params": ps, "weight_decay": wd, "lr_mult": mult * layers[id(ps[0])][1], "name": f"{kind}.{layer}"}
-            for layer, ps in by_layer.items()]
+    return [
+        {"params": ps, "weight_decay": wd, "lr_mult": mult * layers[id(ps[0])][1], "name": f"{kind}.{layer}"}
+        for layer, ps in by_layer.items()
+    ]
 
 
 def layer_lr_mults(model: GPT, cfg: Config) -> dict[int, tuple[str, float]]:
@@ -82,7 +89,9 @@ def layer_lr_mults(model: GPT, cfg: Config) -> dict[int, tuple[str, float]]:
 
 def qk_unfrozen_groups(model: GPT, cfg: Config) -> list[dict]:
     """The optimizer groups that the policy's frozen Q/K join once they are unfrozen."""
-    return _groups(model, cfg, "qk_unfrozen", [model.transformer.h[i].attn.c_qk.weight for i in cfg.model.frozen_qk_layers])
+    return _groups(
+        model, cfg, "qk_unfrozen", [model.transformer.h[i].attn.c_qk.weight for i in cfg.model.frozen_qk_layers]
+    )
 
 
 def qk_unfrozen_in(optimizer_state: dict) -> bool:

@@ -17,7 +17,7 @@ result is never reported as valid.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -56,8 +56,9 @@ def trained_steps(cfg: Config, block: int, step: int) -> int:
     return max(0, step - u) if u != -1 else 0
 
 
-def check_qk(model, cfg: Config, init: list[str], step: int, fp16: bool = False,
-             since_update: list[torch.Tensor] | None = None) -> str:
+def check_qk(
+    model, cfg: Config, init: list[str], step: int, fp16: bool = False, since_update: list[torch.Tensor] | None = None
+) -> str:
     """'ok', or raise QKCheckError naming the blocks whose Q/K broke the method's rule at `step`.
 
     `since_update` (qk_update_every): the periodic Q/K as their last update left them; they must
@@ -80,12 +81,18 @@ def check_qk(model, cfg: Config, init: list[str], step: int, fp16: bool = False,
         return "ok"
     parts = []
     if drifted:
-        parts.append(f"Q/K of block(s) {_blocks(drifted)} changed on a step that was no update step "
-                     f"(qk_update_every={cfg.train.qk_update_every})")
+        parts.append(
+            f"Q/K of block(s) {_blocks(drifted)} changed on a step that was no update step "
+            f"(qk_update_every={cfg.train.qk_update_every})"
+        )
     if changed_frozen:
-        parts.append(f"Q/K of block(s) {_blocks(changed_frozen)} should be frozen ({cfg.model.method}) but changed since init")
+        parts.append(
+            f"Q/K of block(s) {_blocks(changed_frozen)} should be frozen ({cfg.model.method}) but changed since init"
+        )
     if unchanged_trained:
-        parts.append(f"Q/K of block(s) {_blocks(unchanged_trained)} should have trained but are bit-identical to their init")
+        parts.append(
+            f"Q/K of block(s) {_blocks(unchanged_trained)} should have trained but are bit-identical to their init"
+        )
     raise QKCheckError(
         f"Q/K check failed at step {step}: {'; '.join(parts)}. The run is stopped and its result is not valid. "
         "This is a trainer or torch bug (a stale compiled graph?): rerun with --set compile=off to tell, and report it"

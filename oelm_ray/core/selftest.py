@@ -27,9 +27,9 @@ import contextlib
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -44,8 +44,17 @@ from .qkcheck import qk_digests
 from .train_step import TrainStep, resolve_compile, resolve_device
 from .trainer import train
 
-CHECK_CPU = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, vocab_size=257,
-                 tokenizer="bytes", num_threads=0)
+CHECK_CPU = dict(
+    d_model=32,
+    n_layer=2,
+    n_head=2,
+    d_ff=64,
+    block_size=32,
+    batch_size=4,
+    vocab_size=257,
+    tokenizer="bytes",
+    num_threads=0,
+)
 CHECK_CUDA = dict(d_model=128, n_layer=2, n_head=4, d_ff=512, block_size=128, batch_size=8, vocab_size=50257)
 SPEED_CPU = CHECK_CPU
 SPEED_CUDA = {}  # medium-512 itself: the research's model at its batch of 8
@@ -80,14 +89,22 @@ def synthetic_data(folder: Path, vocab: int, n_train: int, n_val: int, seed: int
 class SelfTest:
     """The checks on one device; `run()` returns one `Check` per line."""
 
-    def __init__(self, device: torch.device, folder: Path, speed: bool = True, log: Callable[[str], None] | None = None,
-                 only: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        device: torch.device,
+        folder: Path,
+        speed: bool = True,
+        log: Callable[[str], None] | None = None,
+        only: tuple[str, ...] = (),
+    ):
         self.device, self.folder, self.speed, self.log = device, folder, speed, log or (lambda _: None)
         self.only = only
         cuda = device.type == "cuda"
         self.small = dict(CHECK_CUDA if cuda else CHECK_CPU, device=device.type, dropout=0.0)
         base = self.config()
-        self.data = synthetic_data(folder, base.model.vocab_size, 200_000, 3 * base.model.block_size * base.train.batch_size + 45)
+        self.data = synthetic_data(
+            folder, base.model.vocab_size, 200_000, 3 * base.model.block_size * base.train.batch_size + 45
+        )
         # the mode compile=auto picks on this device, or torch.compile's default where that is eager (CPU)
         self.mode = resolve_compile(base.override({"compile": "auto"}), device)[0] or "default"
         self.tol = {"fp32": 2e-3 if cuda else 1e-4, "bf16": 5e-2, "resume": 2e-3 if cuda else 0.0}
@@ -98,10 +115,16 @@ class SelfTest:
     def plan(self) -> dict[str, Callable[[], list[Check]]]:
         """Check name -> what runs it (unfreeze and resume share one pair of runs)."""
         both = self.unfreeze_and_resume
-        plan = {"compiled-fp32": lambda: [self.compiled_vs_eager("fp32")], "compiled-bf16": lambda: [self.compiled_vs_eager("bf16")],
-                "dropout": lambda: [self.dropout_replays()], "tensor-lr": lambda: [self.tensor_lr()],
-                "staging": lambda: [self.staging()], "unfreeze": both, "resume": both,
-                "eval": lambda: [self.whole_split_eval()]}
+        plan = {
+            "compiled-fp32": lambda: [self.compiled_vs_eager("fp32")],
+            "compiled-bf16": lambda: [self.compiled_vs_eager("bf16")],
+            "dropout": lambda: [self.dropout_replays()],
+            "tensor-lr": lambda: [self.tensor_lr()],
+            "staging": lambda: [self.staging()],
+            "unfreeze": both,
+            "resume": both,
+            "eval": lambda: [self.whole_split_eval()],
+        }
         if self.speed:
             plan["speed"] = lambda: [self.trainer_speed()]
         return plan
@@ -123,7 +146,9 @@ class SelfTest:
         model = GPT(cfg.model).to(self.device)
         cfg = cfg.override({"compile": compile})
         amp = {"fp32": None, "bf16": torch.bfloat16}[cfg.train.dtype]
-        return TrainStep(model, build_optimizer(model, cfg, self.device, fused=fused), cfg, self.device, amp, 1, self.log)
+        return TrainStep(
+            model, build_optimizer(model, cfg, self.device, fused=fused), cfg, self.device, amp, 1, self.log
+        )
 
     def _batches(self, cfg: Config, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         s = Sampler(self.data.train, cfg.model.block_size, cfg.train.batch_size, seed=seed)
@@ -152,15 +177,19 @@ class SelfTest:
         fell_back = compiled_step.mode is None
         ok = rel <= tol and not fell_back and all(map(math.isfinite, compiled))
         why = " (the compiler failed: it fell back to eager, see the log)" if fell_back else ""
-        return Check(f"compiled-{dtype}", ok, f"{self.mode}: 4 steps, max rel diff vs eager {rel:.1e} (tol {tol:.0e}){why}")
+        return Check(
+            f"compiled-{dtype}", ok, f"{self.mode}: 4 steps, max rel diff vs eager {rel:.1e} (tol {tol:.0e}){why}"
+        )
 
     def dropout_replays(self) -> Check:
         cfg = self.config(dropout=0.1)
         step = self._step(cfg, self.mode)
-        (x, y), = self._batches(cfg, 1)
+        ((x, y),) = self._batches(cfg, 1)
         losses = self._losses(step, [(x, y)] * 4, lr=0.0)  # lr 0: only the masks change between steps
         distinct = len(set(losses[1:]))  # the first call may be a warm-up run, outside any graph
-        return Check("dropout", distinct == 3, f"{self.mode}: the same batch 3x at lr 0 gave {distinct} distinct losses (want 3)")
+        return Check(
+            "dropout", distinct == 3, f"{self.mode}: the same batch 3x at lr 0 gave {distinct} distinct losses (want 3)"
+        )
 
     def tensor_lr(self) -> Check:
         cfg = self.config()
@@ -173,7 +202,11 @@ class SelfTest:
         diff = max((a - b).abs().max().item() for a, b in zip(fused.raw.parameters(), plain.raw.parameters()))
         kind = type(fused.optimizer.param_groups[0]["lr"]).__name__
         ok = fused.tensor_lr and kind == "Tensor" and diff <= 1e-5
-        return Check("tensor-lr", ok, f"fused AdamW, lr as a device {kind}, 5 steps: max |param diff| vs float lr {diff:.1e} (tol 1e-05)")
+        return Check(
+            "tensor-lr",
+            ok,
+            f"fused AdamW, lr as a device {kind}, 5 steps: max |param diff| vs float lr {diff:.1e} (tol 1e-05)",
+        )
 
     def staging(self) -> Check:
         cfg = self.config()
@@ -192,12 +225,23 @@ class SelfTest:
             x, y = batches.next()
             same &= torch.equal(x.cpu(), nxt[:, :-1]) and torch.equal(y.cpu(), nxt[:, 1:])
         where = "pinned, side stream" if a.stream is not None else "host"
-        return Check("staging", bool(same), f"4 staged batches ({where}) equal the sampler's, also after a state restore")
+        return Check(
+            "staging", bool(same), f"4 staged batches ({where}) equal the sampler's, also after a state restore"
+        )
 
     def unfreeze_and_resume(self) -> list[Check]:
         """A run through a Q/K unfreeze (auto's mode) straight, and one cut at the unfreeze step's checkpoint."""
-        cfg = self.config(method="oelm_freeze", dropout=0.1, qk_unfreeze_step=10, max_steps=30, warmup_steps=5,
-                          eval_interval=10, log_interval=10, eval_batches=2, compile="auto")
+        cfg = self.config(
+            method="oelm_freeze",
+            dropout=0.1,
+            qk_unfreeze_step=10,
+            max_steps=30,
+            warmup_steps=5,
+            eval_interval=10,
+            log_interval=10,
+            eval_batches=2,
+            compile="auto",
+        )
         lines: list[str] = []
 
         def run(out: str, **kw) -> dict:
@@ -208,8 +252,11 @@ class SelfTest:
         qk = [v for k, v in end["model"].items() if k.endswith("attn.c_qk.weight")]
         moved = all(a != b for a, b in zip(qk_digests(qk), end["qk_init"]))
         mode = resolve_compile(cfg, self.device)[0] or "eager"
-        unfreeze = Check("unfreeze", straight["qk_check"] == "ok" and moved and not any("failed" in l for l in lines),
-                         f"{mode}: Q/K moved after the step-10 unfreeze, Q/K check '{straight['qk_check'][:60]}'")
+        unfreeze = Check(
+            "unfreeze",
+            straight["qk_check"] == "ok" and moved and not any("failed" in l for l in lines),
+            f"{mode}: Q/K moved after the step-10 unfreeze, Q/K check '{straight['qk_check'][:60]}'",
+        )
 
         class Cut(Exception):
             pass
@@ -223,9 +270,15 @@ class SelfTest:
         resumed = run("cut", resume=True)
         a, b = straight["final_val_ppl"], resumed["final_val_ppl"]
         rel = abs(a - b) / a
-        return [unfreeze, Check("resume", rel <= self.tol["resume"],
-                                f"background checkpoint at the unfreeze step, resumed: val ppl {b:.4f} vs {a:.4f} uninterrupted "
-                                f"(rel diff {rel:.1e}, tol {self.tol['resume']:.0e})")]
+        return [
+            unfreeze,
+            Check(
+                "resume",
+                rel <= self.tol["resume"],
+                f"background checkpoint at the unfreeze step, resumed: val ppl {b:.4f} vs {a:.4f} uninterrupted "
+                f"(rel diff {rel:.1e}, tol {self.tol['resume']:.0e})",
+            ),
+        ]
 
     def whole_split_eval(self) -> Check:
         cfg = self.config(eval_batches=0)
@@ -236,19 +289,32 @@ class SelfTest:
         eager = self._step(cfg, "off").val_loss(val, tokens)  # the same init (seed 0)
         rel, tol = abs(compiled - eager) / eager, self.tol["fp32"]
         last = val[-1][1].shape
-        return Check("eval", rel <= tol and step.eval_compiled and last[1] < cfg.model.block_size,
-                     f"{self.mode}: whole split, {len(val)} batches, last window {last[1]} tokens: rel diff vs eager "
-                     f"{rel:.1e} (tol {tol:.0e})")
+        return Check(
+            "eval",
+            rel <= tol and step.eval_compiled and last[1] < cfg.model.block_size,
+            f"{self.mode}: whole split, {len(val)} batches, last window {last[1]} tokens: rel diff vs eager "
+            f"{rel:.1e} (tol {tol:.0e})",
+        )
 
     def trainer_speed(self) -> Check:
         cuda = self.device.type == "cuda"
         over = dict(SPEED_CUDA if cuda else SPEED_CPU, device=self.device.type)
         cfg = make_config("medium-512" if cuda else "cpu", **over)
         steps = 60 if cuda else 40
-        data = self.data if cfg.model.vocab_size == self.data.vocab_size else synthetic_data(
-            self.folder, cfg.model.vocab_size, 2_000_000, 20 * cfg.model.block_size)
-        cfg = cfg.override({"max_steps": 2 * steps, "warmup_steps": 10, "eval_interval": steps, "log_interval": steps,
-                            "eval_batches": 1})
+        data = (
+            self.data
+            if cfg.model.vocab_size == self.data.vocab_size
+            else synthetic_data(self.folder, cfg.model.vocab_size, 2_000_000, 20 * cfg.model.block_size)
+        )
+        cfg = cfg.override(
+            {
+                "max_steps": 2 * steps,
+                "warmup_steps": 10,
+                "eval_interval": steps,
+                "log_interval": steps,
+                "eval_batches": 1,
+            }
+        )
         ceiling = self._ceiling(cfg, steps)
         summary = train(cfg, self.folder / "speed", data=data, log=self.log)
         rows = read_metrics(self.folder / "speed" / "metrics.jsonl")
@@ -256,9 +322,12 @@ class SelfTest:
         ratio = trainer / ceiling
         goal = "" if ratio >= 0.9 else " (below the 0.9 goal)"
         judged = ratio >= 0.5 and summary["status"] == "completed"
-        return Check("speed", judged if cuda else (None if summary["status"] == "completed" else False),
-                     f"{'medium-512' if cuda else 'cpu preset'} batch {cfg.train.batch_size}: trainer {trainer:,.0f} tok/s, "
-                     f"model step {ceiling:,.0f} tok/s, ratio {ratio:.2f}{goal}")
+        return Check(
+            "speed",
+            judged if cuda else (None if summary["status"] == "completed" else False),
+            f"{'medium-512' if cuda else 'cpu preset'} batch {cfg.train.batch_size}: trainer {trainer:,.0f} tok/s, "
+            f"model step {ceiling:,.0f} tok/s, ratio {ratio:.2f}{goal}",
+        )
 
     def _ceiling(self, cfg: Config, steps: int) -> float:
         """Tokens/s of `TrainStep` alone on one resident batch, under the mode the trainer picks."""
@@ -266,7 +335,7 @@ class SelfTest:
         torch.manual_seed(0)
         model = GPT(cfg.model).to(self.device)
         step = TrainStep(model, build_optimizer(model, cfg, self.device), cfg, self.device, amp, 1, self.log)
-        (x, y), = self._batches(cfg, 1)
+        ((x, y),) = self._batches(cfg, 1)
         for _ in range(5):
             step(x, y)
         _sync(self.device)
@@ -294,15 +363,18 @@ def where_local() -> str:
 CHECKS = ("compiled-fp32", "compiled-bf16", "dropout", "tensor-lr", "staging", "unfreeze", "resume", "eval", "speed")
 
 
-def run_selftest(device: str = "auto", speed: bool = True, log: Callable[[str], None] | None = None,
-                 only: tuple[str, ...] = ()) -> list[Check]:
+def run_selftest(
+    device: str = "auto", speed: bool = True, log: Callable[[str], None] | None = None, only: tuple[str, ...] = ()
+) -> list[Check]:
     """The checks (`only` these, if given) on one device (auto: this process's CUDA GPU if it has one, else the CPU)."""
     unknown = [c for c in only if c not in CHECKS]
     if unknown:
         raise ConfigError(f"unknown check(s) {', '.join(unknown)}: choose from {', '.join(CHECKS)}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("selftest on cuda, but this torch sees no CUDA GPU (a CPU-only torch build, or no driver): "
-                          "`oelm-ray doctor` says which")
+        raise ConfigError(
+            "selftest on cuda, but this torch sees no CUDA GPU (a CPU-only torch build, or no driver): "
+            "`oelm-ray doctor` says which"
+        )
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     with tempfile.TemporaryDirectory(prefix="oelm-selftest-") as tmp:
         return SelfTest(dev, Path(tmp), speed=speed and (not only or "speed" in only), log=log, only=only).run()
@@ -310,5 +382,7 @@ def run_selftest(device: str = "auto", speed: bool = True, log: Callable[[str], 
 
 def render(where: str, checks: list[Check]) -> tuple[list[str], bool]:
     """One line per check, prefixed by where it ran; and whether all passed."""
-    lines = [f"{where}: {c.name:<13} {'PASS' if c.ok else '--  ' if c.ok is None else 'FAIL'}  {c.detail}" for c in checks]
+    lines = [
+        f"{where}: {c.name:<13} {'PASS' if c.ok else '--  ' if c.ok is None else 'FAIL'}  {c.detail}" for c in checks
+    ]
     return lines, all(c.ok is not False for c in checks)

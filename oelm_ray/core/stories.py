@@ -14,13 +14,43 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 # ---------------------------------------------------------------------------------------------
 # invented words
 
-_ONSETS = ("b", "br", "d", "dr", "f", "fl", "g", "gl", "gr", "k", "kr", "l", "m", "n", "p",
-           "pl", "qu", "r", "s", "sn", "st", "t", "tr", "v", "w", "z", "zh", "th", "sh", "bl")
+_ONSETS = (
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "fl",
+    "g",
+    "gl",
+    "gr",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "pl",
+    "qu",
+    "r",
+    "s",
+    "sn",
+    "st",
+    "t",
+    "tr",
+    "v",
+    "w",
+    "z",
+    "zh",
+    "th",
+    "sh",
+    "bl",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "oo", "ai", "ee", "or", "ar", "y", "ou")
 _CODAS = ("", "", "", "n", "b", "l", "m", "x", "k", "rk", "nd", "ck", "p", "sh", "t", "rb", "z")
 _NAME_ENDS = ("in", "a", "o", "ix", "elle", "us", "wick", "by", "ina", "et", "on", "ie")
@@ -42,22 +72,65 @@ def _word(rng: random.Random, ends: tuple[str, ...]) -> str:
 # ---------------------------------------------------------------------------------------------
 # vocabulary of the story frame (plain English words, shared by all stories)
 
-_KINDS = ("a brave mouse", "a kind dragon", "a small bunny",
-          "a curious cat", "a happy puppy", "a tiny bird", "a shy frog", "an old turtle",
-          "a clever fox", "a young bear")
-_COLORS = ("blue", "red", "green", "yellow", "purple", "shiny", "striped", "soft", "tiny", "big",
-           "golden", "spotted")
-_ADJS = ("round", "warm", "bumpy", "smooth", "heavy", "light", "funny", "pretty", "strange",
-         "sparkly", "noisy", "quiet")
-_ACTIVITIES = ("play in the park", "draw pictures", "sing songs", "run in the grass",
-               "look at the stars", "build towers with blocks", "jump in puddles",
-               "read books", "pick flowers", "watch the clouds")
-_HIDES = ("a big rock", "a pile of leaves", "the old bridge", "a tall tree", "a bush",
-          "the bed", "a wooden box", "the garden fence")
+_KINDS = (
+    "a brave mouse",
+    "a kind dragon",
+    "a small bunny",
+    "a curious cat",
+    "a happy puppy",
+    "a tiny bird",
+    "a shy frog",
+    "an old turtle",
+    "a clever fox",
+    "a young bear",
+)
+_COLORS = ("blue", "red", "green", "yellow", "purple", "shiny", "striped", "soft", "tiny", "big", "golden", "spotted")
+_ADJS = (
+    "round",
+    "warm",
+    "bumpy",
+    "smooth",
+    "heavy",
+    "light",
+    "funny",
+    "pretty",
+    "strange",
+    "sparkly",
+    "noisy",
+    "quiet",
+)
+_ACTIVITIES = (
+    "play in the park",
+    "draw pictures",
+    "sing songs",
+    "run in the grass",
+    "look at the stars",
+    "build towers with blocks",
+    "jump in puddles",
+    "read books",
+    "pick flowers",
+    "watch the clouds",
+)
+_HIDES = (
+    "a big rock",
+    "a pile of leaves",
+    "the old bridge",
+    "a tall tree",
+    "a bush",
+    "the bed",
+    "a wooden box",
+    "the garden fence",
+)
 _FEELINGS = ("happy", "excited", "proud", "glad", "cheerful", "calm")
 _WORRIES = ("sad", "scared", "worried", "upset", "lonely")
-_PLACE_FORMS = ("the town of {P}", "the village of {P}", "the {P} forest", "{P} Hill",
-                "the land of {P}", "the city of {P}")
+_PLACE_FORMS = (
+    "the town of {P}",
+    "the village of {P}",
+    "the {P} forest",
+    "{P} Hill",
+    "the land of {P}",
+    "the city of {P}",
+)
 
 # templates use {H} hero, {F} friend, {N} invented noun, {C} color, {PL} place (full), {P} place
 # (short), {he}/{He}/{his}/{him} hero pronouns, plus frame words drawn per story
@@ -178,14 +251,29 @@ def story(rng: random.Random) -> str:
     he, his, him, child = rng.choice((("he", "his", "him", "a little boy"), ("she", "her", "her", "a little girl")))
     place, place2 = (_word(rng, _PLACE_ENDS).capitalize() for _ in range(2))
     w = {
-        "H": _word(rng, _NAME_ENDS).capitalize(), "F": _word(rng, _NAME_ENDS).capitalize(),
-        "CRN": _word(rng, _NAME_ENDS).capitalize(), "N": _word(rng, _NOUN_ENDS),
-        "CR": _word(rng, _NOUN_ENDS), "C": rng.choice(_COLORS), "P": place, "P2": place2,
-        "PL": rng.choice(_PLACE_FORMS).format(P=place), "PL2": rng.choice(_PLACE_FORMS).format(P=place2),
-        "kind": rng.choice((child, *_KINDS)), "fkind": rng.choice(("a little boy", "a little girl", *_KINDS)),
-        "act": rng.choice(_ACTIVITIES), "hide": rng.choice(_HIDES), "feel": rng.choice(_FEELINGS),
-        "bad": rng.choice(_WORRIES), "adj": rng.choice(_ADJS), "adj2": rng.choice(_ADJS),
-        "he": he, "He": he.capitalize(), "his": his, "His": his.capitalize(), "him": him,
+        "H": _word(rng, _NAME_ENDS).capitalize(),
+        "F": _word(rng, _NAME_ENDS).capitalize(),
+        "CRN": _word(rng, _NAME_ENDS).capitalize(),
+        "N": _word(rng, _NOUN_ENDS),
+        "CR": _word(rng, _NOUN_ENDS),
+        "C": rng.choice(_COLORS),
+        "P": place,
+        "P2": place2,
+        "PL": rng.choice(_PLACE_FORMS).format(P=place),
+        "PL2": rng.choice(_PLACE_FORMS).format(P=place2),
+        "kind": rng.choice((child, *_KINDS)),
+        "fkind": rng.choice(("a little boy", "a little girl", *_KINDS)),
+        "act": rng.choice(_ACTIVITIES),
+        "hide": rng.choice(_HIDES),
+        "feel": rng.choice(_FEELINGS),
+        "bad": rng.choice(_WORRIES),
+        "adj": rng.choice(_ADJS),
+        "adj2": rng.choice(_ADJS),
+        "he": he,
+        "He": he.capitalize(),
+        "his": his,
+        "His": his.capitalize(),
+        "him": him,
     }
     parts = [rng.choice(_OPENINGS)]
     # optional sentences and variable-length middles keep stories from being one fixed template

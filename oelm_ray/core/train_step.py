@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -47,14 +47,16 @@ def resolve_compile(cfg: Config, device: torch.device, world: int = 1) -> tuple[
     if want == "auto" and device.type != "cuda":
         return None, "compile=auto trains eager on CPU"
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
-        return None, f"torch.compile needs a GPU of compute capability >= 7.0, this one is {torch.cuda.get_device_capability(device)}"
+        return (
+            None,
+            f"torch.compile needs a GPU of compute capability >= 7.0, this one is {torch.cuda.get_device_capability(device)}",
+        )
     mode = "reduce-overhead" if want == "auto" else want
     if mode == "reduce-overhead" and device.type != "cuda":
         return "default", "reduce-overhead needs CUDA (graphs): default mode on CPU"
     if mode == "reduce-overhead" and world > 1:
         return "default", "DDP's gradient all-reduce cannot live inside a CUDA graph: default mode under DDP"
     return mode, f"compile={want}"
-
 
 
 GUARDED_STEPS = 3
@@ -73,9 +75,24 @@ class TrainStep:
     eager from the same RNG state; the run goes on eager (evaluation alone, if only it failed).
     """
 
-    def __init__(self, raw_model: GPT, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device,
-                 amp_dtype: torch.dtype | None, world: int, log: Callable[[str], None]):
-        self.raw, self.optimizer, self.cfg, self.device, self.world, self.log = raw_model, optimizer, cfg, device, world, log
+    def __init__(
+        self,
+        raw_model: GPT,
+        optimizer: torch.optim.Optimizer,
+        cfg: Config,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        world: int,
+        log: Callable[[str], None],
+    ):
+        self.raw, self.optimizer, self.cfg, self.device, self.world, self.log = (
+            raw_model,
+            optimizer,
+            cfg,
+            device,
+            world,
+            log,
+        )
         self.amp_dtype = amp_dtype
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         self.mode, why = resolve_compile(cfg, device, world)
@@ -84,7 +101,9 @@ class TrainStep:
         self.eval_failed = False  # a compiled evaluation failed once: evaluations run eager from then on
         self.qk_update = True  # qk_update_every: whether this step updates the periodic Q/K (the loop sets it)
         self._build()
-        self.describe = f"training step: {'torch.compile(mode=' + repr(self.mode) + ')' if self.mode else 'eager'} ({why})"
+        self.describe = (
+            f"training step: {'torch.compile(mode=' + repr(self.mode) + ')' if self.mode else 'eager'} ({why})"
+        )
 
     def _build(self) -> None:
         """(Re)build the step's model: compiled afresh (no graph compiled before is reused), DDP-wrapped under DDP.
@@ -100,7 +119,9 @@ class TrainStep:
             self.compiled = self.raw
         self.model = _ddp(self.compiled, self.device) if self.world > 1 else self.compiled
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.periodic = [p for g in self.optimizer.param_groups if g["name"].startswith("qk_periodic") for p in g["params"]]
+        self.periodic = [
+            p for g in self.optimizer.param_groups if g["name"].startswith("qk_periodic") for p in g["params"]
+        ]
         self.unproven = GUARDED_STEPS if self.mode else 0
         self.eval_compiled, self.eval_proven = self.mode is not None and not self.eval_failed, False
 
@@ -145,7 +166,9 @@ class TrainStep:
         self._set_lr_types()
         self._build()  # also rebuilds DDP, which fixes its parameter set when built
 
-    def _forward(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def _forward(
+        self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
         if self.mode == "reduce-overhead" and model is not self.raw:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
         with self._autocast():
@@ -160,8 +183,10 @@ class TrainStep:
         return loss
 
     def _compiler_failed(self, where: str, e: Exception) -> None:
-        self.log(f"torch.compile(mode={self.mode!r}) failed {where} ({type(e).__name__}: "
-                 f"{(str(e).splitlines() or [''])[0][:200]}): {'training' if where == 'in a training step' else 'evaluating'} eager")
+        self.log(
+            f"torch.compile(mode={self.mode!r}) failed {where} ({type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0][:200]}): {'training' if where == 'in a training step' else 'evaluating'} eager"
+        )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step on (x, y); returns the loss (on the device, detached)."""

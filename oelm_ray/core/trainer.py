@@ -26,9 +26,10 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -83,8 +84,10 @@ def train(
             if qk_unfrozen_at(run.step, cfg) and not run.trainer.qk_unfrozen:
                 run.trainer.unfreeze_qk()
                 interval.rewarm()  # the step recompiles
-                log(f"step {run.step}: Q/K unfrozen in {len(cfg.model.frozen_qk_layers)} block(s)"
-                    + ("; the training step is compiled afresh" if run.trainer.mode else ""))
+                log(
+                    f"step {run.step}: Q/K unfrozen in {len(cfg.model.frozen_qk_layers)} block(s)"
+                    + ("; the training step is compiled afresh" if run.trainer.mode else "")
+                )
             lr = lr_at(run.step, cfg)
             run.trainer.set_lr(lr)
             run.trainer.qk_update = qk_update_at(run.step, cfg)
@@ -104,7 +107,9 @@ def train(
                     break
                 if run.step % t.log_interval == 0:
                     dt = interval.step_time()
-                    log(f"step {run.step}/{t.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/step | {run.tok_per_step / dt:,.0f} tok/s")
+                    log(
+                        f"step {run.step}/{t.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/step | {run.tok_per_step / dt:,.0f} tok/s"
+                    )
             if not is_eval:
                 continue
             metrics = evaluate(run, interval, train_loss, lr)
@@ -112,7 +117,9 @@ def train(
                 status = "diverged"
                 log(f"step {run.step}: validation loss is {metrics['val/loss']}: the run diverged; stopping")
                 break
-            log(f"step {run.step}: val loss {metrics['val/loss']:.4f} | val ppl {metrics['val/ppl']:.3f} | eval {metrics['eval_time_s']:.2f}s")
+            log(
+                f"step {run.step}: val loss {metrics['val/loss']:.4f} | val ppl {metrics['val/ppl']:.3f} | eval {metrics['eval_time_s']:.2f}s"
+            )
             try:
                 checkpoint(run, metrics, report)
             except QKCheckError as e:  # the method broke: the summary says so, nothing more is reported
@@ -131,17 +138,21 @@ def train(
 # setup
 
 
-def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Callable[[str], None],
-          background: bool | None = None) -> Run:
+def setup(
+    cfg: Config,
+    out: Path,
+    resume: bool,
+    data: Prepared | None,
+    log: Callable[[str], None],
+    background: bool | None = None,
+) -> Run:
     """Checks, data, model, optimizer, batches and validation set; restored from latest.pt on resume."""
     t = cfg.train
     # every check that can fail cheaply runs before the model is built
     ckpt = _checkpoint_to_resume(out, cfg) if resume else _refuse_existing_run(out)
     data = data or load_prepared(cfg.data)
     if data.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"the prepared data has vocabulary {data.vocab_size} but vocab_size={cfg.model.vocab_size}"
-        )
+        raise ConfigError(f"the prepared data has vocabulary {data.vocab_size} but vocab_size={cfg.model.vocab_size}")
     device, amp_dtype = resolve_device(cfg)
     rank, world = _distributed()  # (0, 1) unless oelm_ray.tune.ddp runs this under torch.distributed
     if t.batch_size % world:
@@ -162,8 +173,13 @@ def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Call
     if ckpt is not None:
         qk_init = ckpt.get("qk_init", qk_init)
         model.load_state_dict(ckpt["model"])
-        state = {"step": ckpt["step"], "tokens": ckpt["tokens"], "best_val": ckpt["best_val_loss"],
-                 "elapsed": ckpt["elapsed_s"], "train_time": ckpt["train_time_s"]}
+        state = {
+            "step": ckpt["step"],
+            "tokens": ckpt["tokens"],
+            "best_val": ckpt["best_val_loss"],
+            "elapsed": ckpt["elapsed_s"],
+            "train_time": ckpt["train_time_s"],
+        }
         log(f"resumed from {out / 'latest.pt'} at step {state['step']}")
     step = state.get("step", 0)
     unfrozen = ckpt is not None and qk_unfrozen_in(ckpt["optimizer"])
@@ -187,8 +203,23 @@ def setup(cfg: Config, out: Path, resume: bool, data: Prepared | None, log: Call
     log(trainer.describe)
     if background is None:
         background = device.type == "cuda" and world == 1
-    run = Run(cfg, out, device, amp_dtype, rank, world, model, trainer, batches, val_set,
-              scored_tokens(val_set), counts, CheckpointWriter(background), qk_init, **state)
+    run = Run(
+        cfg,
+        out,
+        device,
+        amp_dtype,
+        rank,
+        world,
+        model,
+        trainer,
+        batches,
+        val_set,
+        scored_tokens(val_set),
+        counts,
+        CheckpointWriter(background),
+        qk_init,
+        **state,
+    )
     if trainer.periodic:  # as loaded: the checkpoint's own Q/K check found them as their last update left them
         run.qk_since_update = [p.detach().clone() for p in trainer.periodic]
     return run
@@ -363,8 +394,9 @@ def checkpoint(run: Run, metrics: dict[str, Any], report: Report | None) -> None
     inline, else when the background write lands. Rank 0 writes; the other ranks hold identical
     weights. An evaluation without a latest.pt is redone by a run resumed from the one before it.
     """
-    run.qk_check = metrics["qk_check"] = check_qk(run.model, run.cfg, run.qk_init, run.step, fp16=run.trainer.scaler is not None,
-                                                  since_update=run.qk_since_update)
+    run.qk_check = metrics["qk_check"] = check_qk(
+        run.model, run.cfg, run.qk_init, run.step, fp16=run.trainer.scaler is not None, since_update=run.qk_since_update
+    )
     after = (lambda m=metrics: report(m)) if report is not None else None
     files = []
     if run.rank == 0:

@@ -23,8 +23,9 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 
@@ -71,8 +72,13 @@ def train_ddp(
     node_id = ray.get_runtime_context().get_node_id()
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"cfg": cfg_dict, "out": str(out), "resume": resume, "relay": relay,
-                           "threads": max(1, int(cpus_per_worker))},
+        train_loop_config={
+            "cfg": cfg_dict,
+            "out": str(out),
+            "resume": resume,
+            "relay": relay,
+            "threads": max(1, int(cpus_per_worker)),
+        },
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=gpus_per_worker > 0,
@@ -113,8 +119,8 @@ def train_ddp(
 
 def _worker_loop(c: dict) -> None:
     """One Ray Train worker: `trainer.train` under torch.distributed (set up by TorchTrainer)."""
-    import torch
     import ray.train
+    import torch
     from ray.train import get_context
 
     from ..core.config import Config

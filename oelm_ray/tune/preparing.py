@@ -27,8 +27,8 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import ray
 from ray.tune.experiment import Trial
@@ -117,8 +117,9 @@ class Corpora:
             failure_path(cfg).unlink(missing_ok=True)  # a failure of an earlier run: this one tries again
             task = _prepare_task.options(name=f"prepare {prepared_dir(cfg).name}", **_like_the_driver())
             gen = task.remote(_absolute(cfg))
-            watch = threading.Thread(target=self._watch, args=(cfg, gen), name=f"watch {prepared_dir(cfg).name}",
-                                     daemon=True)
+            watch = threading.Thread(
+                target=self._watch, args=(cfg, gen), name=f"watch {prepared_dir(cfg).name}", daemon=True
+            )
             watch.start()
             self.tasks.append((cfg, gen, watch))
             log(f"preparing {prepared_dir(cfg).name} in a Ray task on this node; its trials start once it is ready")
@@ -130,8 +131,10 @@ class Corpora:
             while True:
                 ready, _ = ray.wait([gen], timeout=QUIET_S)
                 if not ready:
-                    self.log(f"{name}: still being prepared ({fmt_secs(time.monotonic() - t0)} so far, nothing "
-                             f"heard for {fmt_secs(time.monotonic() - heard)})")
+                    self.log(
+                        f"{name}: still being prepared ({fmt_secs(time.monotonic() - t0)} so far, nothing "
+                        f"heard for {fmt_secs(time.monotonic() - heard)})"
+                    )
                     continue
                 try:
                     item = ray.get(next(gen))
@@ -178,8 +181,11 @@ def _ready(cfg: DataConfig, meta: dict) -> str:
 
 def _absolute(cfg: DataConfig) -> DataConfig:
     """cfg with its paths as the driver resolves them (a Ray worker runs in another folder)."""
-    paths = {k: str(Path(getattr(cfg, k)).expanduser().resolve()) for k in ("data_dir", "gpt2_ranks", "hub_dir")
-             if getattr(cfg, k)}
+    paths = {
+        k: str(Path(getattr(cfg, k)).expanduser().resolve())
+        for k in ("data_dir", "gpt2_ranks", "hub_dir")
+        if getattr(cfg, k)
+    }
     if cfg.is_local_file:
         paths["dataset"] = str(Path(cfg.dataset).expanduser().resolve())
     return dataclasses.replace(cfg, **paths)
@@ -189,8 +195,11 @@ def _like_the_driver() -> dict:
     """Ray options that run a task on the driver's node (it sees the data dir the driver named) with the driver's
     settings for tokenizers and the hub (OELM_GPT2_RANKS, TIKTOKEN_*, HF_*, proxies): what preparing on the
     driver would have read."""
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith(ENV_PREFIXES) or k.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(ENV_PREFIXES) or k.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+    }
     opts: dict = {"runtime_env": {"env_vars": env}} if env else {}
     try:
         node = ray.get_runtime_context().get_node_id()

@@ -26,9 +26,17 @@ class Recorder(tune.Callback):
             if rec is None:
                 t = trial_of(trial.config)
                 rec = {
-                    "name": name, "trial_id": trial.trial_id, "experiment_id": t.experiment.id,
-                    "isolates": t.experiment.isolates, "dataset": t.config.data.dataset, "method": t.config.model.method,
-                    "seed": t.seed, "config": t.config.to_dict(), "search": t.search, "status": "pending", "history": [],
+                    "name": name,
+                    "trial_id": trial.trial_id,
+                    "experiment_id": t.experiment.id,
+                    "isolates": t.experiment.isolates,
+                    "dataset": t.config.data.dataset,
+                    "method": t.config.model.method,
+                    "seed": t.seed,
+                    "config": t.config.to_dict(),
+                    "search": t.search,
+                    "status": "pending",
+                    "history": [],
                 }
             self.records[name] = rec
         return self.records[name]
@@ -54,7 +62,10 @@ class Recorder(tune.Callback):
         rec.update({k: result[k] for k in ("node", "gpu", "trainable_params", "total_params") if k in result})
         self._save(rec)
         if new and not self.quiet and finite(result.get("val/ppl")):
-            print(f"  {trial}: step {result['step']:>6}  val ppl {result['val/ppl']:8.3f}  {result.get('tokens_per_s', 0):,.0f} tok/s", flush=True)
+            print(
+                f"  {trial}: step {result['step']:>6}  val ppl {result['val/ppl']:8.3f}  {result.get('tokens_per_s', 0):,.0f} tok/s",
+                flush=True,
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         rec = self._rec(trial)
@@ -82,9 +93,23 @@ def _qk_check_failure(error_file: str) -> str | None:
         return None
     for line in text.splitlines():
         if "Q/K check failed" in line:
-            return line[line.index("Q/K check failed"):]
+            return line[line.index("Q/K check failed") :]
     return None
 
 
-_KEEP = {"step", "tokens", "lr", "step_time_s", "tokens_per_s", "eval_time_s", "wall_time_s", "node", "node_id", "gpu",
-         "trainable_params", "total_params", "diverged", "qk_check"}
+_KEEP = {
+    "step",
+    "tokens",
+    "lr",
+    "step_time_s",
+    "tokens_per_s",
+    "eval_time_s",
+    "wall_time_s",
+    "node",
+    "node_id",
+    "gpu",
+    "trainable_params",
+    "total_params",
+    "diverged",
+    "qk_check",
+}

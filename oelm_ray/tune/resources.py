@@ -13,8 +13,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -58,8 +59,7 @@ def connect(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
         ray_constants.ENABLE_RAY_CLUSTER = False
     # address="local": always a Ray of our own, never one that another process left running here
-    ray.init(address="local", include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
 
 
 def join(address: str, timeout: float = CONNECT_TIMEOUT_S, quiet: bool = False) -> None:
@@ -86,27 +86,34 @@ def join(address: str, timeout: float = CONNECT_TIMEOUT_S, quiet: bool = False) 
             raise ClusterUnreachable(
                 f"the Ray address file {from_file} names {target}, but nothing listens there ({why}): "
                 "the cluster `ray start` left on this node is gone",
-                "start it again (`ray up cluster.yaml`, or `ray start --head`), or pass --address / RAY_ADDRESS")
+                "start it again (`ray up cluster.yaml`, or `ray start --head`), or pass --address / RAY_ADDRESS",
+            )
         if why:
-            raise ClusterUnreachable(f"cannot reach the Ray cluster at {target} ({why})",
-                                     f"{_CHECK_HEAD}, and is this its GCS address (port 6379 by default)? "
-                                     "(a sweep without --address / RAY_ADDRESS runs on a local Ray instead)")
+            raise ClusterUnreachable(
+                f"cannot reach the Ray cluster at {target} ({why})",
+                f"{_CHECK_HEAD}, and is this its GCS address (port 6379 by default)? "
+                "(a sweep without --address / RAY_ADDRESS runs on a local Ray instead)",
+            )
         why = tcp_error(host, int(port), timeout=min(5.0, left()), hello=_H2_HELLO)
         if why:
-            raise ClusterUnreachable(f"the Ray cluster at {target} does not answer ({why})",
-                                     "this is not a Ray head's GCS port (6379 by default), or that head hangs: "
-                                     "check the address and `ray status` on the head")
+            raise ClusterUnreachable(
+                f"the Ray cluster at {target} does not answer ({why})",
+                "this is not a Ray head's GCS port (6379 by default), or that head hangs: "
+                "check the address and `ray status` on the head",
+            )
         if not target.startswith("ray://"):
             _ask_gcs(target, left())
     try:
         _init_within(target, left(), **({"logging_level": "ERROR"} if quiet else {}))
     except DeadlineExceeded:
-        raise ClusterUnreachable(f"joining the Ray cluster at {target} did not finish within {timeout:g}s",
-                                 "check `ray status` on the head; if it is only slow, pass a larger --connect-timeout"
-                                 ) from None
+        raise ClusterUnreachable(
+            f"joining the Ray cluster at {target} did not finish within {timeout:g}s",
+            "check `ray status` on the head; if it is only slow, pass a larger --connect-timeout",
+        ) from None
     except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
-        raise ClusterUnreachable(f"could not join the Ray cluster at {target} ({_one_line(e)})",
-                                 f"{_CHECK_HEAD}? {_TOKEN_FIX}") from None
+        raise ClusterUnreachable(
+            f"could not join the Ray cluster at {target} ({_one_line(e)})", f"{_CHECK_HEAD}? {_TOKEN_FIX}"
+        ) from None
 
 
 def _check_timeout(timeout: float) -> None:
@@ -114,9 +121,11 @@ def _check_timeout(timeout: float) -> None:
         raise ConfigError(f"--connect-timeout {timeout!r} must be a number of seconds > 0")
 
 
-_TOKEN_FIX = ("with token auth on the cluster, run with RAY_AUTH_MODE=token and the head's token here "
-              "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN; "
-              "`ray up cluster.yaml` copies it to every node)")
+_TOKEN_FIX = (
+    "with token auth on the cluster, run with RAY_AUTH_MODE=token and the head's token here "
+    "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN; "
+    "`ray up cluster.yaml` copies it to every node)"
+)
 
 
 def _resolve(address: str) -> tuple[str, str | None]:
@@ -132,10 +141,13 @@ def _resolve(address: str) -> tuple[str, str | None]:
     except ConnectionError:  # "auto", and neither an address file nor a Ray process on this node
         raise ClusterUnreachable(
             "no Ray cluster is running on this node (no address file from `ray start`, no Ray process)",
-            "start one (`ray up cluster.yaml`, or `ray start --head` here), or pass --address / RAY_ADDRESS") from None
+            "start one (`ray up cluster.yaml`, or `ray start --head` here), or pass --address / RAY_ADDRESS",
+        ) from None
     except ValueError as e:
-        raise ConfigError(f"Ray address {address!r}: {e}: pass host:port (the head's GCS, port 6379 by default), "
-                          "ray://host:port or auto") from None
+        raise ConfigError(
+            f"Ray address {address!r}: {e}: pass host:port (the head's GCS, port 6379 by default), "
+            "ray://host:port or auto"
+        ) from None
     from_file = address == "auto" and read_ray_address() == target
     return target, get_ray_address_file(None) if from_file else None
 
@@ -149,15 +161,22 @@ def _ask_gcs(target: str, timeout: float) -> None:
             call_within(lambda: GcsClient(address=target), timeout)
         held.release()
     except DeadlineExceeded:
-        raise ClusterUnreachable(f"the Ray cluster at {target} accepts connections but its GCS does not answer "
-                                 f"within {timeout:g}s", "check `ray status` on the head") from None
+        raise ClusterUnreachable(
+            f"the Ray cluster at {target} accepts connections but its GCS does not answer within {timeout:g}s",
+            "check `ray status` on the head",
+        ) from None
     except ray.exceptions.AuthenticationError:
         mode = os.environ.get("RAY_AUTH_MODE") or "not set"
-        raise ClusterUnreachable(f"the Ray cluster at {target} refuses this process's token "
-                                 f"(InvalidAuthToken; here RAY_AUTH_MODE is {mode})", _TOKEN_FIX) from None
+        raise ClusterUnreachable(
+            f"the Ray cluster at {target} refuses this process's token "
+            f"(InvalidAuthToken; here RAY_AUTH_MODE is {mode})",
+            _TOKEN_FIX,
+        ) from None
     except Exception as e:  # anything else that speaks HTTP/2 but is no GCS
-        raise ClusterUnreachable(f"the server at {target} answers but not as a Ray cluster ({_one_line(e)})",
-                                 "pass the head's GCS address (port 6379 by default)") from None
+        raise ClusterUnreachable(
+            f"the server at {target} answers but not as a Ray cluster ({_one_line(e)})",
+            "pass the head's GCS address (port 6379 by default)",
+        ) from None
 
 
 class _held_stderr(contextlib.AbstractContextManager):
@@ -233,7 +252,9 @@ def resources(sweep: Sweep) -> dict[str, float]:
             "PENDING forever. Pass --gpus-per-trial 0 to train on CPUs, or connect to a GPU cluster (--address)"
         )
     if cpu > cpus_total:
-        raise ConfigError(f"each trial asks for {cpu:g} CPUs but the cluster has {cpus_total:g}: lower --cpus-per-trial")
+        raise ConfigError(
+            f"each trial asks for {cpu:g} CPUs but the cluster has {cpus_total:g}: lower --cpus-per-trial"
+        )
     return {"cpu": cpu, "gpu": gpu}
 
 
@@ -242,7 +263,9 @@ def _ddp_resources(sweep: Sweep, workers: int, have: dict) -> dict[str, Any]:
     gpu = float(sweep.gpus_per_trial or 0)
     gpw = gpu / workers
     cpw = sweep.cpus_per_trial / workers if sweep.cpus_per_trial else (2.0 if gpu else 1.0)
-    per_node = max((n["Resources"].get("GPU" if gpw else "CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    per_node = max(
+        (n["Resources"].get("GPU" if gpw else "CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0
+    )
     need = workers * (gpw or cpw) + (0 if gpw else 1)
     if need > per_node:
         raise ConfigError(
@@ -250,8 +273,10 @@ def _ddp_resources(sweep: Sweep, workers: int, have: dict) -> dict[str, Any]:
             f"node has {per_node:g} {'GPU' if gpw else 'CPU'}(s): lower --gpus-per-trial / workers_per_trial"
         )
     if 1 + workers * cpw > have.get("CPU", 0.0):
-        raise ConfigError(f"each trial needs {1 + workers * cpw:g} CPUs (1 + {workers} workers) but the cluster has "
-                          f"{have.get('CPU', 0.0):g}: lower --cpus-per-trial")
+        raise ConfigError(
+            f"each trial needs {1 + workers * cpw:g} CPUs (1 + {workers} workers) but the cluster has "
+            f"{have.get('CPU', 0.0):g}: lower --cpus-per-trial"
+        )
     if sweep.max_concurrent is None:  # trials must not hold the CPUs their own workers wait for
         fit = [have.get("CPU", 0.0) // (1 + workers * cpw)] + ([have.get("GPU", 0.0) // (workers * gpw)] if gpw else [])
         sweep.max_concurrent = max(1, int(min(fit)))
@@ -260,13 +285,16 @@ def _ddp_resources(sweep: Sweep, workers: int, have: dict) -> dict[str, Any]:
 
 def probe_nodes(path: str) -> list[tuple[str, bool]]:
     """(node address, whether `path` exists there) from a task pinned to each live node."""
+
     @ray.remote(num_cpus=0)
     def sees(path: str) -> tuple[str, bool]:
         return ray.util.get_node_ip_address(), os.path.exists(path)
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     refs = [
-        sees.options(scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path)
+        sees.options(
+            scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(path)
         for n in nodes
     ]
     return ray.get(refs, timeout=60)

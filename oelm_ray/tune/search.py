@@ -38,8 +38,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ray import tune
 from ray.tune.experiment import Trial
@@ -120,13 +121,22 @@ def annealing_starts(space: Space, max_steps: int, min_lr_frac: float = 0.0) -> 
 
     first = max_steps
     for w in space.warmups(max_steps):
-        cfg = Config.from_dict({"train": {"lr": 1.0, "warmup_steps": w, "max_steps": max_steps, "min_lr_frac": min_lr_frac}})
+        cfg = Config.from_dict(
+            {"train": {"lr": 1.0, "warmup_steps": w, "max_steps": max_steps, "min_lr_frac": min_lr_frac}}
+        )
         first = min([first] + [s for s in range(w, max_steps) if lr_at(s, cfg) <= 0.5][:1])
     return first
 
 
-def phase_plan(n: int, max_steps: int, eval_interval: int, first_frac: float, reduction_factor: float,
-               budget_frac: float, anneal_step: int) -> tuple[list[int], list[int]]:
+def phase_plan(
+    n: int,
+    max_steps: int,
+    eval_interval: int,
+    first_frac: float,
+    reduction_factor: float,
+    budget_frac: float,
+    anneal_step: int,
+) -> tuple[list[int], list[int]]:
     """(rungs, trials kept at each) for sha-phase: the halving rungs that come before `anneal_step`, each keeping
     ceil(its field / reduction_factor) but the last, which keeps as many as the budget (budget_frac of the full
     grid's trial-steps) leaves room for once every survivor trains to max_steps (at least one). No rung before
@@ -161,13 +171,24 @@ class SyncHalving(FIFOScheduler):
 
     _supports_buffered_results = False  # a decision per evaluation, as Ray's HyperBandScheduler
 
-    def __init__(self, n_trials: int, rungs: list[int], reduction_factor: float, time_attr: str = "step",
-                 keeps: list[int] | None = None):
+    def __init__(
+        self,
+        n_trials: int,
+        rungs: list[int],
+        reduction_factor: float,
+        time_attr: str = "step",
+        keeps: list[int] | None = None,
+    ):
         super().__init__()
-        if (n_trials < 1 or reduction_factor <= 1 or list(rungs) != sorted(set(rungs))
-                or (keeps is not None and (len(keeps) != len(rungs) or min(keeps, default=1) < 1))):
-            raise ConfigError(f"sync halving: n_trials {n_trials}, rungs {rungs}, reduction_factor {reduction_factor}, "
-                              f"keeps {keeps}")
+        if (
+            n_trials < 1
+            or reduction_factor <= 1
+            or list(rungs) != sorted(set(rungs))
+            or (keeps is not None and (len(keeps) != len(rungs) or min(keeps, default=1) < 1))
+        ):
+            raise ConfigError(
+                f"sync halving: n_trials {n_trials}, rungs {rungs}, reduction_factor {reduction_factor}, keeps {keeps}"
+            )
         self.n, self.rungs, self.rf, self.time_attr = n_trials, list(rungs), reduction_factor, time_attr
         self.keeps = list(keeps) if keeps is not None else None  # trials kept at each rung (None: ceil(n / rf))
         self.sign = 1.0 if MODE == "min" else -1.0
@@ -270,7 +291,9 @@ def budget(sw: Sweep, exp: Experiment) -> tuple[int, int]:
 
 def _one_config(sw: Sweep, exp: Experiment):
     # warmup 0: the searched warmups replace the common one, which may not even fit a short run
-    one = dataclasses.replace(sw, experiments=[exp], seeds=sw.seeds[:1], common={**sw.common, "warmup_steps": 0}, search={})
+    one = dataclasses.replace(
+        sw, experiments=[exp], seeds=sw.seeds[:1], common={**sw.common, "warmup_steps": 0}, search={}
+    )
     return one.trials()[0].config
 
 
@@ -283,20 +306,43 @@ def cell_name(base: Sweep, exp: Experiment) -> str:
     return f"{base.name}-search-{exp.id}-{exp.dataset}-{exp.method}"
 
 
-def plan(space: Space, max_steps: int, eval_interval: int, seed: int = 0, grace_frac: float = 0.2,
-         reduction_factor: float = 4, budget_frac: float = 0.4, min_lr_frac: float = 0.0):
+def plan(
+    space: Space,
+    max_steps: int,
+    eval_interval: int,
+    seed: int = 0,
+    grace_frac: float = 0.2,
+    reduction_factor: float = 4,
+    budget_frac: float = 0.4,
+    min_lr_frac: float = 0.0,
+):
     """(trials, Tune searcher, Tune scheduler) of one sha-phase search: every candidate in grid_order(seed),
     SyncHalving at the rungs phase_plan gives; what search_cells runs and the benchmark replays."""
     if not 0 < budget_frac <= 1:
         raise ConfigError(f"budget_frac={budget_frac} must be in (0, 1]: the share of the full grid's trial-steps")
     n = space.size(max_steps)
-    rungs, keeps = phase_plan(n, max_steps, eval_interval, grace_frac, reduction_factor, budget_frac,
-                              annealing_starts(space, max_steps, min_lr_frac))
+    rungs, keeps = phase_plan(
+        n,
+        max_steps,
+        eval_interval,
+        grace_frac,
+        reduction_factor,
+        budget_frac,
+        annealing_starts(space, max_steps, min_lr_frac),
+    )
     return n, every_candidate(space, max_steps, seed), SyncHalving(n, rungs, reduction_factor, keeps=keeps)
 
 
-def search_cells(base: Sweep, space: Space, seed: int = 0, train_seed: int = 0, grace_frac: float = 0.2,
-                 reduction_factor: float = 4, budget_frac: float = 0.4, planner: Callable = plan) -> list[dict]:
+def search_cells(
+    base: Sweep,
+    space: Space,
+    seed: int = 0,
+    train_seed: int = 0,
+    grace_frac: float = 0.2,
+    reduction_factor: float = 4,
+    budget_frac: float = 0.4,
+    planner: Callable = plan,
+) -> list[dict]:
     """Search every experiment of `base` (its own run each); return each cell's summary (search_report.cell_summary).
 
     Every candidate starts, in an order shuffled by `seed`, and synchronous successive halving (SyncHalving)
@@ -311,18 +357,36 @@ def search_cells(base: Sweep, space: Space, seed: int = 0, train_seed: int = 0, 
     for exp in base.experiments:
         max_steps, eval_interval = budget(base, exp)
         domains = space.domains(max_steps)
-        n, alg, scheduler = planner(space, max_steps, eval_interval, seed, grace_frac, reduction_factor, budget_frac,
-                                    _one_config(base, exp).train.min_lr_frac)
+        n, alg, scheduler = planner(
+            space,
+            max_steps,
+            eval_interval,
+            seed,
+            grace_frac,
+            reduction_factor,
+            budget_frac,
+            _one_config(base, exp).train.min_lr_frac,
+        )
         cell = dataclasses.replace(
-            base, name=cell_name(base, exp), experiments=[exp], seeds=[train_seed], common=_without(base.common, domains),
-            search=domains, num_samples=n, search_alg=alg, scheduler=scheduler,
+            base,
+            name=cell_name(base, exp),
+            experiments=[exp],
+            seeds=[train_seed],
+            common=_without(base.common, domains),
+            search=domains,
+            num_samples=n,
+            search_alg=alg,
+            scheduler=scheduler,
         )
         recs = results.load_records(cell.run_dir)
         if check_run_dir(cell) and sum(r["status"] in TERMINAL for r in recs) >= n:  # the same search, finished
             print(f"search {cell.name}: done ({len(recs)} trials), kept", flush=True)
         else:
-            print(f"search {cell.name} ({type(scheduler).__name__}, seed {seed}): {n} trials of "
-                  f"{space.size(max_steps)} candidates", flush=True)
+            print(
+                f"search {cell.name} ({type(scheduler).__name__}, seed {seed}): {n} trials of "
+                f"{space.size(max_steps)} candidates",
+                flush=True,
+            )
             run(cell, report=False)
             results.write_report(cell.run_dir)
             recs = results.load_records(cell.run_dir)

@@ -24,15 +24,22 @@ def _checks_here(device: str, speed: bool, only: tuple[str, ...]) -> tuple[str, 
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     where = ray.util.get_node_ip_address()
     if device == "cuda":
-        where += f" gpu{gpu or '?'} " + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "(torch sees no GPU)")
+        where += f" gpu{gpu or '?'} " + (
+            torch.cuda.get_device_name(0) if torch.cuda.is_available() else "(torch sees no GPU)"
+        )
     else:
         where += " cpu"
     checks = selftest.run_selftest(device, speed=speed, only=only)
     return where, [(c.name, c.ok, c.detail) for c in checks]
 
 
-def run_on_cluster(address: str | None, speed: bool = True, only: tuple[str, ...] = (),
-                   timeout_s: float = selftest.TIMEOUT_S, print_line=print) -> bool:
+def run_on_cluster(
+    address: str | None,
+    speed: bool = True,
+    only: tuple[str, ...] = (),
+    timeout_s: float = selftest.TIMEOUT_S,
+    print_line=print,
+) -> bool:
     """Run the checks on every GPU (or CPU-only node) of the cluster; print one line per check. True if all passed."""
     connect(address)
     refs: dict = {}
@@ -43,15 +50,18 @@ def run_on_cluster(address: str | None, speed: bool = True, only: tuple[str, ...
         pin = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
         for _ in range(gpus or 1):
             ref = _checks_here.options(num_gpus=1 if gpus else 0, num_cpus=1, scheduling_strategy=pin).remote(
-                "cuda" if gpus else "cpu", speed, tuple(only))
+                "cuda" if gpus else "cpu", speed, tuple(only)
+            )
             refs[ref] = f"{node['NodeManagerAddress']} {'gpu' if gpus else 'cpu'}"
     ok, deadline = True, time.monotonic() + timeout_s
     while refs:
         done, _ = ray.wait(list(refs), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
         if not done:  # past the deadline: every task still out is a failure of its own
             for ref, where in refs.items():
-                print_line(f"{where}: selftest      FAIL  no answer within {timeout_s:g}s (a hung GPU or a node "
-                           "without free resources: `ray status`)")
+                print_line(
+                    f"{where}: selftest      FAIL  no answer within {timeout_s:g}s (a hung GPU or a node "
+                    "without free resources: `ray status`)"
+                )
                 ray.cancel(ref, force=True)
             return False
         ref = done[0]

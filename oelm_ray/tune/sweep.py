@@ -17,9 +17,10 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 from ray import tune
@@ -112,15 +113,27 @@ class Sweep:
         """What makes two invocations the same sweep (compared when a run folder exists): equal configs."""
         space = self.param_space(trials if trials is not None else self.trials())["trial"]
         specs = space["grid_search"] if isinstance(space, dict) and "grid_search" in space else [space]
-        return json.loads(json.dumps({
-            "format": FORMAT,
-            "name": self.name,
-            "trials": [{**s, "config": {sec: {k: _describe(v) for k, v in part.items()} for sec, part in s["config"].items()}}
-                       for s in specs],
-            "num_samples": self.num_samples,
-            "search_alg": type(self.search_alg).__name__ if self.search_alg else None,
-            "scheduler": type(self.scheduler).__name__ if self.scheduler else None,
-        }, default=str))
+        return json.loads(
+            json.dumps(
+                {
+                    "format": FORMAT,
+                    "name": self.name,
+                    "trials": [
+                        {
+                            **s,
+                            "config": {
+                                sec: {k: _describe(v) for k, v in part.items()} for sec, part in s["config"].items()
+                            },
+                        }
+                        for s in specs
+                    ],
+                    "num_samples": self.num_samples,
+                    "search_alg": type(self.search_alg).__name__ if self.search_alg else None,
+                    "scheduler": type(self.scheduler).__name__ if self.scheduler else None,
+                },
+                default=str,
+            )
+        )
 
 
 def point(values: dict[str, Any]) -> dict[str, Any]:
@@ -163,7 +176,9 @@ def check_run_dir(sweep: Sweep, trials: list[TrialSpec] | None = None) -> bool:
         with tempfile.NamedTemporaryFile(dir=run.parent, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise ConfigError(f"storage {run.parent} is not writable ({e.strerror}): pass --storage with a writable folder") from None
+        raise ConfigError(
+            f"storage {run.parent} is not writable ({e.strerror}): pass --storage with a writable folder"
+        ) from None
     spec = run / "sweep.json"
     if not spec.exists():
         if run.exists() and any(run.iterdir()):
@@ -212,10 +227,12 @@ def _trial_diffs(old: list[dict], new: list[dict]) -> list[str]:
         if o is None:
             out.append(f"{t['name']}: new trial")
             continue
-        fields = [k for sec in t["config"] for k in t["config"][sec] if o["config"].get(sec, {}).get(k) != t["config"][sec][k]]
+        fields = [
+            k for sec in t["config"] for k in t["config"][sec] if o["config"].get(sec, {}).get(k) != t["config"][sec][k]
+        ]
         if fields:
             out.append(f"{t['name']}: {', '.join(fields)}")
-    out += [f"{n}: dropped" for n in by_name if n not in {t['name'] for t in new}]
+    out += [f"{n}: dropped" for n in by_name if n not in {t["name"] for t in new}]
     return out[:4] + ([f"{len(out) - 4} more trials"] if len(out) > 4 else [])
 
 
@@ -254,7 +271,9 @@ def run(sweep: Sweep, report: bool = True) -> Path:
     if resuming and tune.Tuner.can_restore(str(run_dir)):
         # Tune restores the run's own RunConfig, callbacks included (they keep no state of their own:
         # the Recorder reads the records on disk, the W&B logger decides its mode in setup())
-        print(f"resuming {run_dir}: finished trials are kept, unfinished ones continue from their checkpoints", flush=True)
+        print(
+            f"resuming {run_dir}: finished trials are kept, unfinished ones continue from their checkpoints", flush=True
+        )
         tuner = tune.Tuner.restore(str(run_dir), fn, resume_unfinished=True, resume_errored=True, param_space=space)
     else:
         tuner = tune.Tuner(

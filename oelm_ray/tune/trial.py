@@ -54,8 +54,13 @@ class TrialSpec:
         return {k: flat[k] for k in self.searched}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "experiment": self.experiment.to_dict(), "seed": self.seed,
-                "config": self.config.to_dict(), "searched": list(self.searched)}
+        return {
+            "name": self.name,
+            "experiment": self.experiment.to_dict(),
+            "seed": self.seed,
+            "config": self.config.to_dict(),
+            "searched": list(self.searched),
+        }
 
 
 def trial_of(config: dict) -> TrialSpec:
@@ -102,8 +107,10 @@ def trainable(config: dict) -> None:
             tune.report({"node": node, "node_id": node_id, "gpu": gpu, **metrics})
             return
         with _checkpoint_dir(out, in_storage, metrics["step"]) as ckpt_dir:
-            tune.report({"node": node, "node_id": node_id, "gpu": gpu, **metrics},
-                        checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+            tune.report(
+                {"node": node, "node_id": node_id, "gpu": gpu, **metrics},
+                checkpoint=tune.Checkpoint.from_directory(ckpt_dir),
+            )
 
     if resume and finished(out):
         # Tune's experiment state was older than the trial (a killed driver): the run is complete, so
@@ -119,6 +126,7 @@ def trainable(config: dict) -> None:
             report(metrics)
 
     with open(out / "train.log", "a") as logf:  # the research's training.log; `oelm-ray status` is the live view
+
         def log(line: str) -> None:
             logf.write(f"{time.strftime('%H:%M:%S')} {line}\n")
             logf.flush()
@@ -213,7 +221,11 @@ def _restore_into(out: Path, in_storage: bool) -> tuple[bool, int]:
                 known_step = json.loads(pointer.read_text())["step"]
             elif not in_storage and Path(d).resolve() != out.resolve():  # it carries the state: copy it in
                 for p in Path(d).iterdir():
-                    if p.is_file() and p.name != "summary.json" and not (p.name.startswith(".") and p.name.endswith(".tmp")):
+                    if (
+                        p.is_file()
+                        and p.name != "summary.json"
+                        and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+                    ):
                         shutil.copy2(p, out / p.name)
                 known_step = read_metrics(out / "metrics.jsonl")[-1]["step"] if (out / "metrics.jsonl").exists() else 0
     if (out / "latest.pt").exists() and (in_storage or ckpt is not None):

@@ -26,9 +26,10 @@ import json
 import netrc
 import os
 import urllib.error
+from collections.abc import Mapping
 from numbers import Number
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import wandb
@@ -74,7 +75,9 @@ def resolve_mode() -> tuple[str, str]:
         return env, f"WANDB_MODE={env}"
     if not has_key():
         if env == "online":
-            raise ConfigError("WANDB_MODE=online but no W&B API key: run `wandb login` or set WANDB_API_KEY (or pass --no-wandb)")
+            raise ConfigError(
+                "WANDB_MODE=online but no W&B API key: run `wandb login` or set WANDB_API_KEY (or pass --no-wandb)"
+            )
         return "offline", "no W&B API key (WANDB_API_KEY or `wandb login`)"
     host = os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST
     if env != "online" and not url_reachable(host):
@@ -93,11 +96,21 @@ def trial_init(trial_config: dict, trial_id: str, trial_name: str) -> dict[str, 
     flat: dict[str, Any] = {}
     for section in cfg.to_dict().values():  # field names are unique across sections
         flat.update(section)
-    flat.update(experiment_id=t.experiment.id, preset=t.experiment.preset, trial_name=trial_name, trial_id=trial_id,
-                search=sorted(t.searched), role=t.experiment.role, qk_std=cfg.model.qk_std)
+    flat.update(
+        experiment_id=t.experiment.id,
+        preset=t.experiment.preset,
+        trial_name=trial_name,
+        trial_id=trial_id,
+        search=sorted(t.searched),
+        role=t.experiment.role,
+        qk_std=cfg.model.qk_std,
+    )
     return dict(
-        id=trial_id, name=trial_name, job_type=cfg.model.method,
-        tags=[cfg.data.dataset, cfg.model.method, f"seed={t.seed}", t.experiment.role], config=flat,
+        id=trial_id,
+        name=trial_name,
+        job_type=cfg.model.method,
+        tags=[cfg.data.dataset, cfg.model.method, f"seed={t.seed}", t.experiment.role],
+        config=flat,
     )
 
 
@@ -119,8 +132,15 @@ class Callback(LoggerCallback):
     TO_CONFIG = ("trial_id", "experiment_tag", "node_ip", "hostname", "pid", "date", "node", "gpu")
     EXCLUDE = ("done", "should_checkpoint", "experiment_id", "timestamp", "config")
 
-    def __init__(self, project: str, group: str, mode: str | None = None, why: str = "",
-                 run_dir: str | os.PathLike | None = None, **init_kwargs: Any):
+    def __init__(
+        self,
+        project: str,
+        group: str,
+        mode: str | None = None,
+        why: str = "",
+        run_dir: str | os.PathLike | None = None,
+        **init_kwargs: Any,
+    ):
         self.project, self.group = project, group
         self.mode, self.why = mode, why
         self.run_dir = Path(run_dir) if run_dir else None
@@ -140,18 +160,28 @@ class Callback(LoggerCallback):
         if self.mode in (None, "disabled") or trial.trial_id in self._open:
             return  # a retried trial keeps its open run
         run_dir = self.run_dir or _run_dir_of(trial)
-        kwargs = dict(**trial_init(trial.config, trial.trial_id, str(trial)), project=self.project, group=self.group,
-                      dir=str(run_dir), reinit="create_new", allow_val_change=True,
-                      # online, a restored trial continues its run on the server; offline has nothing to resume
-                      # (each attempt is one more folder) and W&B would warn on the console that it ignores it
-                      resume="allow" if self.mode == "online" else None,
-                      # the driver's console is the sweep's: no trial output there, and no W&B banner or summary per run
-                      # (this logger says the mode once; `oelm-ray sync` and the report say the rest)
-                      settings=wandb.Settings(console="off", silent=True))
+        kwargs = dict(
+            **trial_init(trial.config, trial.trial_id, str(trial)),
+            project=self.project,
+            group=self.group,
+            dir=str(run_dir),
+            reinit="create_new",
+            allow_val_change=True,
+            # online, a restored trial continues its run on the server; offline has nothing to resume
+            # (each attempt is one more folder) and W&B would warn on the console that it ignores it
+            resume="allow" if self.mode == "online" else None,
+            # the driver's console is the sweep's: no trial output there, and no W&B banner or summary per run
+            # (this logger says the mode once; `oelm-ray sync` and the report say the rest)
+            settings=wandb.Settings(console="off", silent=True),
+        )
         kwargs.update(self.init_kwargs)
         run = self._init(kwargs, str(trial))
-        meta = {"project": self.project, "entity": self.init_kwargs.get("entity") or os.environ.get("WANDB_ENTITY"),
-                "group": self.group, "mode": self.mode}  # the mode after a fallback: offline, `sync` uploads
+        meta = {
+            "project": self.project,
+            "entity": self.init_kwargs.get("entity") or os.environ.get("WANDB_ENTITY"),
+            "group": self.group,
+            "mode": self.mode,
+        }  # the mode after a fallback: offline, `sync` uploads
         if read_meta(run_dir) != meta:
             write_json(run_dir / "wandb" / META, meta)
         live = self._open[trial.trial_id] = _Open(run, run_dir / "wandb" / STEPS_DIR / trial.trial_id)
@@ -164,8 +194,10 @@ class Callback(LoggerCallback):
         except Exception as e:  # the network went away between the check and now
             if self.mode != "online":
                 raise
-            print(f"W&B: {name}: online init failed ({e}); logging offline from now on, `oelm-ray sync` uploads it",
-                  flush=True)
+            print(
+                f"W&B: {name}: online init failed ({e}); logging offline from now on, `oelm-ray sync` uploads it",
+                flush=True,
+            )
             self.mode = "offline"  # one wait for a timeout per sweep, not one per trial
             return wandb.init(**{**kwargs, "resume": None}, mode="offline")
 
@@ -217,8 +249,10 @@ def _say_mode(mode: str, why: str, project: str, group: str) -> None:
     if mode == "disabled":
         print(f"W&B: off ({why})", flush=True)
     elif mode == "offline":
-        print(f"W&B: offline ({why}): runs are kept under <run>/wandb/; upload them later with `oelm-ray sync <run>`",
-              flush=True)
+        print(
+            f"W&B: offline ({why}): runs are kept under <run>/wandb/; upload them later with `oelm-ray sync <run>`",
+            flush=True,
+        )
     else:
         print(f"W&B: logging to project {project!r}, group {group!r}", flush=True)
 

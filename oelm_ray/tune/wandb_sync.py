@@ -34,7 +34,7 @@ def offline_run_id(folder: Path) -> str:
 
     Not from the folder's name: two attempts started in the same second get `...-<id>` and `...-<id>-1`.
     """
-    return next(folder.glob("run-*.wandb")).stem[len("run-"):]
+    return next(folder.glob("run-*.wandb")).stem[len("run-") :]
 
 
 def finish_sweep(run_dir: str | os.PathLike, project: str | None = None) -> None:
@@ -45,8 +45,11 @@ def finish_sweep(run_dir: str | os.PathLike, project: str | None = None) -> None
         return
     if meta["mode"] != "online":
         n = len({offline_run_id(p) for p in offline_runs(run_dir)})
-        print(f"W&B: {n} offline run(s) in {run_dir / 'wandb'}; `oelm-ray sync {run_dir}` uploads them "
-              "and adds the sweep view and results table", flush=True)
+        print(
+            f"W&B: {n} offline run(s) in {run_dir / 'wandb'}; `oelm-ray sync {run_dir}` uploads them "
+            "and adds the sweep view and results table",
+            flush=True,
+        )
         return
     if offline_runs(run_dir):  # an actor fell back to offline mid-sweep
         print(f"W&B: some runs were kept offline; `oelm-ray sync {run_dir}` uploads them", flush=True)
@@ -62,8 +65,9 @@ def sync(run_dir: str | os.PathLike, project: str | None = None) -> None:
     meta = read_meta(run_dir) or {}
     project = project or meta.get("project")
     if not project:
-        raise ConfigError(f"{run_dir} has no W&B runs (was it run with --no-wandb?); "
-                          "pass --project to publish its table anyway")
+        raise ConfigError(
+            f"{run_dir} has no W&B runs (was it run with --no-wandb?); pass --project to publish its table anyway"
+        )
     if not has_key():
         raise ConfigError("no W&B API key: run `wandb login` (or set WANDB_API_KEY), then `oelm-ray sync` again")
     runs = offline_runs(run_dir)
@@ -74,8 +78,9 @@ def sync(run_dir: str | os.PathLike, project: str | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
         print(f"W&B: uploading {len(runs)} offline run folder(s) to {project!r}", flush=True)
         if subprocess.run(cmd, env=env).returncode != 0:
-            raise ConfigError(f"`wandb sync` failed for {run_dir / 'wandb'}: see its messages above; "
-                              "run `oelm-ray sync` again")
+            raise ConfigError(
+                f"`wandb sync` failed for {run_dir / 'wandb'}: see its messages above; run `oelm-ray sync` again"
+            )
     publish(run_dir, project=project, entity=meta.get("entity"), group=meta.get("group") or run_dir.name)
 
 
@@ -91,9 +96,19 @@ def publish(run_dir: Path, project: str, entity: str | None, group: str, mode: s
     records = results.load_records(run_dir)
     ids = [r["trial_id"] for r in records if r.get("trial_id")]
     meta = read_meta(run_dir) or {}
-    report = wandb.init(project=project, entity=entity, group=group, job_type="report", name=f"{group}-report",
-                        id=_report_id(group), resume="allow", dir=str(run_dir), mode=mode, reinit="create_new",
-                        config={"run_dir": str(run_dir), "trials": len(ids)})
+    report = wandb.init(
+        project=project,
+        entity=entity,
+        group=group,
+        job_type="report",
+        name=f"{group}-report",
+        id=_report_id(group),
+        resume="allow",
+        dir=str(run_dir),
+        mode=mode,
+        reinit="create_new",
+        config={"run_dir": str(run_dir), "trials": len(ids)},
+    )
     floats = {c: "float64" for c in df.columns if str(df[c].dtype) == "boolean"}  # W&B tables take no nullable bools
     table = {"trials": wandb.Table(dataframe=df.astype(floats))}
     if (run_dir / "val_ppl.png").exists():

@@ -78,6 +78,7 @@ def test_filled_in_cluster_yaml_passes_strict(tmp_path):
     def fill(d):
         d["provider"].update(head_ip="10.1.2.3", worker_ips=["10.1.2.4", "gpu45"])
         d["auth"].update(ssh_user="alice", ssh_private_key=str(key))
+
     key = tmp_path / "id_ed25519"
     key.write_text("a key")
     out = check_cluster(_variant(tmp_path, fill), allow_placeholders=False)
@@ -87,23 +88,48 @@ def test_filled_in_cluster_yaml_passes_strict(tmp_path):
 @pytest.mark.parametrize(
     "change, expect",
     [
-        (lambda d: d.update(max_worker=2), r"unknown key\(s\) in \(top level\): 'max_worker' \(did you mean 'max_workers'\?\)"),
-        (lambda d: d["provider"].update(worker_ip=["h"]), r"unknown key\(s\) in provider: 'worker_ip' \(did you mean 'worker_ips'\?\)"),
+        (
+            lambda d: d.update(max_worker=2),
+            r"unknown key\(s\) in \(top level\): 'max_worker' \(did you mean 'max_workers'\?\)",
+        ),
+        (
+            lambda d: d["provider"].update(worker_ip=["h"]),
+            r"unknown key\(s\) in provider: 'worker_ip' \(did you mean 'worker_ips'\?\)",
+        ),
         (lambda d: d["auth"].update(ssh_usr="x"), r"unknown key\(s\) in auth: 'ssh_usr' \(did you mean 'ssh_user'\?\)"),
         (lambda d: d.update(max_workers="two"), r"max_workers must be an integer, got a string \"two\""),
         (lambda d: d.update(setup_commands="pip install x"), r"setup_commands must be an array, got a string"),
-        (lambda d: d["head_start_ray_commands"].append({"ray start --resources": "{a: 1}"}),
-         r"head_start_ray_commands\[2\] must be a string, got a mapping .*quote the whole command"),
+        (
+            lambda d: d["head_start_ray_commands"].append({"ray start --resources": "{a: 1}"}),
+            r"head_start_ray_commands\[2\] must be a string, got a mapping .*quote the whole command",
+        ),
         (lambda d: d["provider"].pop("head_ip"), r"provider.head_ip is missing: .*provider.head_ip"),
         (lambda d: d["provider"].pop("worker_ips"), r"provider.worker_ips is missing: .*\[\] for a one-server cluster"),
         (lambda d: d["provider"].update(worker_ips=["HEAD_HOST_TODO"]), r"twice \(or the head as a worker\)"),
-        (lambda d: d.update(available_node_types={"gpu": {"node_config": {}, "resources": {}}}, head_node_type="gpu"),
-         r"Ray rejects the config: The field available_node_types is not supported for on-premise clusters"),
-        (lambda d: d["head_start_ray_commands"].__setitem__(1, "ray start --head --dashboard-host=0.0.0.0"),
-         r"exposes the dashboard .* --dashboard-host=127.0.0.1"),
+        (
+            lambda d: d.update(
+                available_node_types={"gpu": {"node_config": {}, "resources": {}}}, head_node_type="gpu"
+            ),
+            r"Ray rejects the config: The field available_node_types is not supported for on-premise clusters",
+        ),
+        (
+            lambda d: d["head_start_ray_commands"].__setitem__(1, "ray start --head --dashboard-host=0.0.0.0"),
+            r"exposes the dashboard .* --dashboard-host=127.0.0.1",
+        ),
     ],
-    ids=["typo-top", "typo-provider", "typo-auth", "wrong-type", "wrong-type-list", "unquoted-command",
-         "no-head", "no-workers", "head-as-worker", "ray-rejects", "open-dashboard"],
+    ids=[
+        "typo-top",
+        "typo-provider",
+        "typo-auth",
+        "wrong-type",
+        "wrong-type-list",
+        "unquoted-command",
+        "no-head",
+        "no-workers",
+        "head-as-worker",
+        "ray-rejects",
+        "open-dashboard",
+    ],
 )
 def test_bad_cluster_yaml_fails_with_a_readable_message(tmp_path, change, expect):
     with pytest.raises(ConfigError, match=expect) as e:
@@ -121,17 +147,22 @@ def test_yaml_syntax_error_and_missing_file(tmp_path):
 
 
 def test_placeholders_are_found_anywhere():
-    assert placeholders({"a": {"b": ["x", "HOST_TODO"]}, "c": "ray start --head --port=6379 --address=HEAD_HOST_TODO:6379"}) == [
-        "a.b[1]=HOST_TODO", "c (HEAD_HOST_TODO)"]
+    assert placeholders(
+        {"a": {"b": ["x", "HOST_TODO"]}, "c": "ray start --head --port=6379 --address=HEAD_HOST_TODO:6379"}
+    ) == ["a.b[1]=HOST_TODO", "c (HEAD_HOST_TODO)"]
 
 
 def test_cli_check_cluster_exits_2_with_one_line(tmp_path):
     bad = _variant(tmp_path, lambda d: d["provider"].pop("head_ip"))
-    r = subprocess.run([sys.executable, "-m", "oelm_ray", "check-cluster", str(bad)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "oelm_ray", "check-cluster", str(bad)], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2, r.stderr
     assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
     assert r.stderr.startswith("oelm-ray check-cluster: error:") and "provider.head_ip is missing" in r.stderr
-    ok = subprocess.run([sys.executable, "-m", "oelm_ray", "check-cluster", str(SHIPPED)], capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-m", "oelm_ray", "check-cluster", str(SHIPPED)], capture_output=True, text=True, timeout=120
+    )
     assert ok.returncode == 0 and "valid for Ray" in ok.stdout
 
 
@@ -190,10 +221,16 @@ def test_trials_spread_over_nodes_one_gpu_each(tmp_path, ray_local):
         assert ray.cluster_resources()["GPU"] == 4
         R.probe_nodes = lambda p: probed.append(real_probe(p)) or probed[-1]  # the real probe, on both nodes
         times = Times()
-        sw = S.Sweep(name="multi", experiments=list(E.EMBEDDED.values()), seeds=[0, 1], storage=str(tmp_path / "runs"),
-                     # logical GPUs: a trial would take the GPU Ray assigns it as cuda; train on CPU on purpose
-                     common={**E.SMOKE, "data_dir": str(tmp_path / "data"), "device": "cpu"}, cpus_per_trial=1,
-                     callbacks=[times])
+        sw = S.Sweep(
+            name="multi",
+            experiments=list(E.EMBEDDED.values()),
+            seeds=[0, 1],
+            storage=str(tmp_path / "runs"),
+            # logical GPUs: a trial would take the GPU Ray assigns it as cuda; train on CPU on purpose
+            common={**E.SMOKE, "data_dir": str(tmp_path / "data"), "device": "cpu"},
+            cpus_per_trial=1,
+            callbacks=[times],
+        )
         run_dir = S.run(sw, report=False)
     finally:
         R.probe_nodes = real_probe
@@ -217,7 +254,7 @@ def test_trials_spread_over_nodes_one_gpu_each(tmp_path, ray_local):
     assert 1 < peak <= 4  # concurrent, never more trials than GPUs
     names = list(spans)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             (a0, a1), (b0, b1) = spans[a], spans[b]
             if a0 < b1 and b0 < a1:  # ran at the same time: never on the same GPU of the same node
                 assert slot[a] != slot[b], (a, b, slot[a])
@@ -228,8 +265,14 @@ def test_trials_spread_over_nodes_one_gpu_each(tmp_path, ray_local):
 
 
 def _phase3(*args, env, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "sweeps" / "phase3.py"), *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "sweeps" / "phase3.py"), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -246,10 +289,20 @@ def test_driver_joins_a_running_head_by_ray_address_and_by_job_submit(tmp_path, 
 
     # `ray job submit --no-wait`: the entrypoint runs on the head, the driver inherits its address
     job_env = {**token_head["env"], "RAY_ADDRESS": token_head["dashboard"]}
-    entry = f"{sys.executable} {ROOT / 'sweeps' / 'phase3.py'} --smoke-test --seeds 0 --experiments CPU-02 " \
-            f"--storage {tmp_path / 'b'} --no-wandb"
-    sub = until_job_agent(lambda: subprocess.run(["ray", "job", "submit", "--no-wait", "--", *entry.split()], env=job_env,
-                                                 cwd=ROOT, capture_output=True, text=True, timeout=300))
+    entry = (
+        f"{sys.executable} {ROOT / 'sweeps' / 'phase3.py'} --smoke-test --seeds 0 --experiments CPU-02 "
+        f"--storage {tmp_path / 'b'} --no-wandb"
+    )
+    sub = until_job_agent(
+        lambda: subprocess.run(
+            ["ray", "job", "submit", "--no-wait", "--", *entry.split()],
+            env=job_env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    )
     assert sub.returncode == 0, sub.stdout + sub.stderr
     job_id = re.search(r"raysubmit_\w+", sub.stdout + sub.stderr).group(0)
     deadline, status = time.time() + 600, ""
@@ -259,7 +312,9 @@ def test_driver_joins_a_running_head_by_ray_address_and_by_job_submit(tmp_path, 
         if re.search(r"succeeded|failed|stopped", status, re.I):
             break
         time.sleep(3)
-    logs = subprocess.run(["ray", "job", "logs", job_id], env=job_env, capture_output=True, text=True, timeout=120).stdout
+    logs = subprocess.run(
+        ["ray", "job", "logs", job_id], env=job_env, capture_output=True, text=True, timeout=120
+    ).stdout
     assert re.search(r"succeeded", status, re.I), status + logs[-3000:]
     rec = json.loads((tmp_path / "b" / "phase3-smoke" / "trials" / "CPU-02-oelm_freeze-s0.json").read_text())
     assert rec["status"] == "completed" and (tmp_path / "b" / "phase3-smoke" / "summary.md").exists()
@@ -269,9 +324,19 @@ def test_driver_joins_a_running_head_by_ray_address_and_by_job_submit(tmp_path, 
 @pytest.mark.parametrize("found_cluster", list(ray_states.CLUSTER_STATES), indirect=True)
 def test_sweep_joining_a_cluster_answers_within_its_connect_timeout_whatever_state_it_is_in(found_cluster, tmp_path):
     c = found_cluster
-    r, wall = ray_states.joining(str(ROOT / "sweeps" / "phase3.py"), "--smoke-test", "--storage",
-                                 str(tmp_path / "runs"), "--no-wandb", "--address", c["address"],
-                                 "--connect-timeout", "20", env=c["env"], timeout=100)
+    r, wall = ray_states.joining(
+        str(ROOT / "sweeps" / "phase3.py"),
+        "--smoke-test",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--no-wandb",
+        "--address",
+        c["address"],
+        "--connect-timeout",
+        "20",
+        env=c["env"],
+        timeout=100,
+    )
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
     assert re.match("phase3: error: " + c["what"], r.stderr) and c["fix"] in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -293,8 +358,11 @@ def test_join_gives_up_on_a_ray_init_that_blocks_past_the_timeout(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: release.wait(60))
     t0 = time.monotonic()
     try:
-        with pytest.raises(R.ClusterUnreachable, match=r"^joining the Ray cluster at 127\.0\.0\.1:\d+ did not finish "
-                                                        r"within 2s: .*--connect-timeout"):
+        with pytest.raises(
+            R.ClusterUnreachable,
+            match=r"^joining the Ray cluster at 127\.0\.0\.1:\d+ did not finish "
+            r"within 2s: .*--connect-timeout",
+        ):
             R.join(f"127.0.0.1:{ray_states.free_port()}", timeout=2)
         assert time.monotonic() - t0 < 4
     finally:

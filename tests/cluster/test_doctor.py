@@ -24,9 +24,15 @@ def test_torch_build_pick_follows_the_driver_table():
     assert T.pick("550.54.14") == "cu124" and T.pick("550.54.13") == "cu121"
     assert T.pick("570.86.15") == "cu128"
     assert T.pick("580.95.05") == "cu130"
-    with pytest.raises(SystemExit, match=r"driver 470.82.01 is older than every PyTorch CUDA build \(cu118 needs >= 520"):
+    with pytest.raises(
+        SystemExit, match=r"driver 470.82.01 is older than every PyTorch CUDA build \(cu118 needs >= 520"
+    ):
         T.pick("470.82.01")
-    assert T.resolve("auto", "560.35.05") == "cu126" and T.resolve("CU118", "580.1") == "cu118" and T.resolve("cpu", None) == "cpu"
+    assert (
+        T.resolve("auto", "560.35.05") == "cu126"
+        and T.resolve("CU118", "580.1") == "cu118"
+        and T.resolve("cpu", None) == "cpu"
+    )
     with pytest.raises(SystemExit, match="unknown torch build 'cu999'"):
         T.resolve("cu999", None)
     assert T.min_driver_for_cuda("12.6") == "560.28.03" and T.min_driver_for_cuda("10.2") is None
@@ -40,8 +46,13 @@ def test_docs_list_every_torch_build_with_its_driver():
 
 def test_torch_build_script_runs_without_the_package_installed(tmp_path):
     # cluster.yaml runs it with the system python3 before anything is installed: stdlib only
-    r = subprocess.run([sys.executable, "-S", "-I", str(ROOT / "oelm_ray" / "cluster" / "torch_build.py"), "cu124"],
-                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-S", "-I", str(ROOT / "oelm_ray" / "cluster" / "torch_build.py"), "cu124"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0 and r.stdout.strip() == "cu124", r.stderr
 
 
@@ -102,8 +113,17 @@ def test_token_storage_gpt2_wandb_checks(tmp_path):
 
 
 def _ready_gpu_node(**kw) -> D.Facts:
-    f = D.Facts(torch_version="2.13.0", torch_cuda="12.6", cuda_available=True, gpu_names=["NVIDIA RTX A5000"] * 4,
-                bf16=True, driver="570.86.15", ray_version="2.60.0", resources={"CPU": 64.0, "GPU": 4.0}, nodes=1)
+    f = D.Facts(
+        torch_version="2.13.0",
+        torch_cuda="12.6",
+        cuda_available=True,
+        gpu_names=["NVIDIA RTX A5000"] * 4,
+        bf16=True,
+        driver="570.86.15",
+        ray_version="2.60.0",
+        resources={"CPU": 64.0, "GPU": 4.0},
+        nodes=1,
+    )
     for k, v in kw.items():
         setattr(f, k, v)
     return f
@@ -121,11 +141,17 @@ def test_exit_code_is_2_only_when_a_paper_sweep_needs_what_fails(tmp_path):
     assert text.splitlines()[-1] == "ready for a --preset paper sweep"
     assert "warn  W&B: no API key" in text  # a sweep logs offline: a warning, not a failure
     assert "next: `oelm-ray selftest`" in text.splitlines()[-2]
-    assert len([x for x in text.splitlines() if not x.startswith(" ")]) == len(D.checks(_ready_gpu_node(), s, d, env)) + 2
+    assert (
+        len([x for x in text.splitlines() if not x.startswith(" ")]) == len(D.checks(_ready_gpu_node(), s, d, env)) + 2
+    )
 
-    for change, name in [(dict(torch_cuda=None), "torch"), (dict(cuda_available=False, gpu_names=[]), "gpus"),
-                         (dict(resources={"CPU": 64.0}), "cluster"), (dict(gpt2_error="offline"), "gpt2"),
-                         (dict(nodes=2, storage_seen=[("a", True), ("b", False)]), "storage_shared")]:
+    for change, name in [
+        (dict(torch_cuda=None), "torch"),
+        (dict(cuda_available=False, gpu_names=[]), "gpus"),
+        (dict(resources={"CPU": 64.0}), "cluster"),
+        (dict(gpt2_error="offline"), "gpt2"),
+        (dict(nodes=2, storage_seen=[("a", True), ("b", False)]), "storage_shared"),
+    ]:
         text, code = D.render(D.checks(_ready_gpu_node(**change), s, d, env))
         assert code == 2 and f"not ready for a --preset paper sweep: {name} (exit 2)" in text, (change, text)
         assert "FAIL" in text and "fix:" in text
@@ -138,8 +164,22 @@ def _closed_port() -> int:
 
 
 def test_cli_doctor_on_this_cpu_machine_says_no_gpu_and_exits_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "oelm_ray", "doctor", "--storage", str(tmp_path / "runs"),
-                        "--address", f"127.0.0.1:{_closed_port()}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "oelm_ray",
+            "doctor",
+            "--storage",
+            str(tmp_path / "runs"),
+            "--address",
+            f"127.0.0.1:{_closed_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     assert "FAIL  GPUs torch sees: none" in r.stdout and "Ray cluster: cannot join" in r.stdout
     assert f"ok    storage {tmp_path / 'runs'}: writable" in r.stdout
@@ -168,8 +208,10 @@ def test_doctor_finds_a_wandb_key_exactly_where_the_sweep_does(tmp_path):
     assert agree({"HOME": str(home)}) is False  # not a key for api.wandb.ai
     # a netrc that $NETRC points to, and an identity token file instead of a key
     netrc.rename(tmp_path / "elsewhere")
-    assert agree({"HOME": str(home), "NETRC": str(tmp_path / "elsewhere"),
-                  "WANDB_BASE_URL": "https://wandb.example.org"}) is True
+    assert (
+        agree({"HOME": str(home), "NETRC": str(tmp_path / "elsewhere"), "WANDB_BASE_URL": "https://wandb.example.org"})
+        is True
+    )
     assert agree({"HOME": str(home), "WANDB_IDENTITY_TOKEN_FILE": str(tmp_path / "token")}) is True
 
 
@@ -178,8 +220,17 @@ def test_doctor_finds_a_wandb_key_exactly_where_the_sweep_does(tmp_path):
 def test_doctor_answers_within_its_connect_timeout_whatever_state_the_cluster_is_in(found_cluster, tmp_path):
     c = found_cluster
     where = [] if c["address"] == "auto" else ["--address", c["address"]]  # none given: RAY_ADDRESS, else auto
-    r, wall = ray_states.joining("oelm_ray", "doctor", "--storage", str(tmp_path / "runs"), *where, "--connect-timeout",
-                                 "20", env=c["env"], timeout=100)
+    r, wall = ray_states.joining(
+        "oelm_ray",
+        "doctor",
+        "--storage",
+        str(tmp_path / "runs"),
+        *where,
+        "--connect-timeout",
+        "20",
+        env=c["env"],
+        timeout=100,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     at = [i for i, line in enumerate(lines) if "Ray cluster" in line]
@@ -192,7 +243,17 @@ def test_doctor_answers_within_its_connect_timeout_whatever_state_the_cluster_is
 @pytest.mark.timeout(120)
 def test_doctor_joins_a_running_head_with_its_token(token_head, tmp_path):
     env = {**token_head["env"], "OELM_GPT2_RANKS": str(tmp_path / "no-gpt2")}
-    r, wall = ray_states.joining("oelm_ray", "doctor", "--storage", str(tmp_path / "runs"), "--address",
-                                 token_head["address"], "--connect-timeout", "20", env=env, timeout=100)
+    r, wall = ray_states.joining(
+        "oelm_ray",
+        "doctor",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--address",
+        token_head["address"],
+        "--connect-timeout",
+        "20",
+        env=env,
+        timeout=100,
+    )
     assert "FAIL  Ray cluster: 1 node(s), 2 CPUs, 0 GPUs" in r.stdout, r.stdout + r.stderr[-2000:]
     assert r.returncode == 2 and wall < 20, f"{wall:.1f}s"  # no GPUs here: not ready, but it joined in time

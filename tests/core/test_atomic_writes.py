@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -18,8 +18,9 @@ import torch
 from oelm_ray import results
 from oelm_ray.core import data
 from oelm_ray.core.checkpoint import load_checkpoint, save_checkpoint
-from oelm_ray.core.io import DiskFullError, atomic_write
 from oelm_ray.core.config import make_config
+from oelm_ray.core.io import DiskFullError, atomic_write
+
 from helpers import smoke
 
 
@@ -36,6 +37,7 @@ def test_crash_inside_a_write_keeps_the_previous_file(tmp_path):
         def write(f):
             f.write(old_bytes[: len(old_bytes) // 2])  # half of a checkpoint, then the crash
             raise exc
+
         return write
 
     for exc in (RuntimeError("boom"), KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")):
@@ -96,9 +98,6 @@ def test_sigkill_while_writing_a_checkpoint_leaves_one_whole(tmp_path):
         assert all(re.fullmatch(r"\.latest\.pt\..+\.tmp", n) for n in leftovers), leftovers
         save_checkpoint(path, {"format": 1, "config": {}, "model": {}, "step": -attempt})
         assert load_checkpoint(path)["step"] == -attempt
-
-
-
 
 
 def _prepare_in_child(cfg: dict) -> None:

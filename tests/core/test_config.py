@@ -22,7 +22,9 @@ def test_medium_512_is_the_research_model():
 
 
 def test_flat_overrides_coerce_cli_strings():
-    cfg = C.make_config("cpu", lr="1e-3", max_steps="50", warmup_steps="5", eval_interval="10", method="oelm_freeze", compile="false")
+    cfg = C.make_config(
+        "cpu", lr="1e-3", max_steps="50", warmup_steps="5", eval_interval="10", method="oelm_freeze", compile="false"
+    )
     assert cfg.train.lr == 1e-3 and cfg.train.max_steps == 50 and cfg.model.method == "oelm_freeze"
     assert cfg.train.compile == "off"  # the legacy bool spelling still works
 
@@ -75,13 +77,17 @@ def test_bad_values_give_one_clear_error(overrides, message):
 
 
 def test_unknown_preset():
-    with pytest.raises(C.ConfigError, match="preset='gpu' is unknown: choose one of cpu, small-256, medium-512, large-768"):
+    with pytest.raises(
+        C.ConfigError, match="preset='gpu' is unknown: choose one of cpu, small-256, medium-512, large-768"
+    ):
         C.preset("gpu")
 
 
 def test_eval_batches_zero_means_whole_split_and_negative_is_refused():
     assert C.make_config("cpu", eval_batches=0).train.eval_batches == 0
-    with pytest.raises(C.ConfigError, match=r"eval_batches=-1 must be a whole number >= 0 \(0 = the whole validation split\)"):
+    with pytest.raises(
+        C.ConfigError, match=r"eval_batches=-1 must be a whole number >= 0 \(0 = the whole validation split\)"
+    ):
         C.make_config("cpu", eval_batches=-1)
 
 
@@ -121,10 +127,20 @@ def test_a_value_is_the_same_however_it_arrives():
 
     cli = C.make_config("cpu", C.parse_sets(["lr=5e-3", "max_steps=300", "method=oelm_freeze", "compile=false"]))
     py = C.make_config("cpu", {"lr": 0.005, "max_steps": 300, "method": "oelm_freeze", "compile": "off"})
-    ray = C.Config.from_dict(json.loads(json.dumps({"train": {**py.to_dict()["train"], "max_steps": 300.0}, "model":
-                                                    py.to_dict()["model"], "data": py.to_dict()["data"]})))
-    exp = Experiment("X", "cpu", {"lr": "0.005", "method": "oelm_freeze"}).config(0, {"max_steps": "300",
-                                                                                      "compile": "off"})
+    ray = C.Config.from_dict(
+        json.loads(
+            json.dumps(
+                {
+                    "train": {**py.to_dict()["train"], "max_steps": 300.0},
+                    "model": py.to_dict()["model"],
+                    "data": py.to_dict()["data"],
+                }
+            )
+        )
+    )
+    exp = Experiment("X", "cpu", {"lr": "0.005", "method": "oelm_freeze"}).config(
+        0, {"max_steps": "300", "compile": "off"}
+    )
     assert cli == py == ray == exp
     assert type(cli.train.max_steps) is int and type(ray.train.max_steps) is int and type(exp.train.lr) is float
 
@@ -184,8 +200,11 @@ def test_aliases_are_set_and_conflict_with_it():
 
     ap = argparse.ArgumentParser()
     C.add_set_arguments(ap)
-    assert C.parse_sets(ap.parse_args(["--max-steps", "20", "--set", "lr=1e-3", "d-model=32"])) == \
-        {"lr": 1e-3, "d_model": 32, "max_steps": 20}
+    assert C.parse_sets(ap.parse_args(["--max-steps", "20", "--set", "lr=1e-3", "d-model=32"])) == {
+        "lr": 1e-3,
+        "d_model": 32,
+        "max_steps": 20,
+    }
     with pytest.raises(C.ConfigError, match="--max-steps 20 and --set max_steps=30 set the same field: keep one"):
         C.parse_sets(ap.parse_args(["--max-steps", "20", "--set", "max_steps=30"]))
     with pytest.raises(C.ConfigError, match="lr: not a data field; this command reads only those"):
@@ -198,8 +217,10 @@ def test_a_field_spelled_as_a_flag_is_told_the_spelling(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--out-dir", "x", "--lr", "1e-3"])
     assert e.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == \
-        "oelm-ray: error: --lr is not a flag: set config fields with --set, e.g. --set lr=VALUE"
+    assert (
+        capsys.readouterr().err.splitlines()[-1]
+        == "oelm-ray: error: --lr is not a flag: set config fields with --set, e.g. --set lr=VALUE"
+    )
 
 
 def test_per_arm_fields_come_from_the_experiments():
@@ -209,9 +230,11 @@ def test_per_arm_fields_come_from_the_experiments():
     per_arm = {k for e in paper for k in e.overrides}  # what the paper rows set, not a hand-written list
     assert {"lr", "max_steps", "method", "dataset"} <= per_arm
     lines = E.per_arm(paper, {"lr": 2e-3, "weight_decay": 0.1})
-    assert lines == ["--set lr=0.002 replaces the per-arm lr of the experiments (GPT-01, GPT-04, GPT-06: 0.0003; "
-                     "GPT-02, GPT-03, GPT-05, GPT-07: 0.001): every trial runs at lr=0.002, not at its experiment's "
-                     "own value"]
+    assert lines == [
+        "--set lr=0.002 replaces the per-arm lr of the experiments (GPT-01, GPT-04, GPT-06: 0.0003; "
+        "GPT-02, GPT-03, GPT-05, GPT-07: 0.001): every trial runs at lr=0.002, not at its experiment's "
+        "own value"
+    ]
     (steps,) = E.per_arm(paper, {"max_steps": 100_000})  # arms already at that value are not replaced
     assert "(GPT-04, GPT-05: 150000; GPT-06, GPT-07: 200000)" in steps and "GPT-01" not in steps
     assert E.per_arm(paper[:3], {"max_steps": 100_000}) == []

@@ -277,15 +277,24 @@ def test_hub_dir_openwebtext_holds_out_val(tmp_path):
 
 def test_hub_dir_wikitext_articles(tmp_path):
     hub = tmp_path / "hub"
-    rows = ["", " = Alpha = \n", "", " Alpha text . \n", " = = Part = = \n", " more . \n",
-            " = Beta = \n", " Beta text . \n"]
+    rows = [
+        "",
+        " = Alpha = \n",
+        "",
+        " Alpha text . \n",
+        " = = Part = = \n",
+        " more . \n",
+        " = Beta = \n",
+        " Beta text . \n",
+    ]
     _hub_parquet(hub / "wikitext-103-raw-v1" / "train-00000-of-00001.parquet", rows)
     _hub_parquet(hub / "wikitext-103-raw-v1" / "validation-00000-of-00001.parquet", ["", " = Gamma = \n", " g . \n"])
     cfg = small_cfg(tmp_path, dataset="wikitext103", hub_dir=str(hub))
     data.prepare(cfg, progress=False)
     # rows join into one document per top-level heading; empty rows vanish
     assert decoded_docs(cfg, "train") == [
-        " = Alpha = \n Alpha text . \n = = Part = = \n more . \n", " = Beta = \n Beta text . \n",
+        " = Alpha = \n Alpha text . \n = = Part = = \n more . \n",
+        " = Beta = \n Beta text . \n",
     ]
     assert decoded_docs(cfg, "val") == [" = Gamma = \n g . \n"]
 
@@ -385,9 +394,11 @@ def reference_prepare(cfg: DataConfig) -> dict:
 
 
 def built(meta: dict) -> dict:
-    return {"sha256": {s: meta["files"][f"{s}.bin"]["sha256"] for s in data.SPLITS},
-            "tokens": {s: meta[f"{s}_tokens"] for s in data.SPLITS},
-            "docs": {s: meta[f"{s}_docs"] for s in data.SPLITS}}
+    return {
+        "sha256": {s: meta["files"][f"{s}.bin"]["sha256"] for s in data.SPLITS},
+        "tokens": {s: meta[f"{s}_tokens"] for s in data.SPLITS},
+        "docs": {s: meta[f"{s}_docs"] for s in data.SPLITS},
+    }
 
 
 def test_cpu_preset_stories_tokens_unchanged(tmp_path):
@@ -577,8 +588,11 @@ def test_failing_stream_is_retried_then_fails_with_how_to_continue(tmp_path, mon
     monkeypatch.setattr(data, "RETRY_DELAYS", (0.0, 0.0, 0.0))
     cfg2 = small_cfg(tmp_path / "b", dataset=str(src), val_fraction=0.1)
     made = _flaky_corpus(monkeypatch, lambda c: _Flaky(c, 50, 10**6, TimeoutError("read timed out"), stuck=True))
-    with pytest.raises(DataError, match=r"reading corpus .*c\.parquet.* failed after 4 tries: read timed out\. "
-                                        r"50 documents .* are done .* run the same command again"):
+    with pytest.raises(
+        DataError,
+        match=r"reading corpus .*c\.parquet.* failed after 4 tries: read timed out\. "
+        r"50 documents .* are done .* run the same command again",
+    ):
         data.prepare(cfg2, progress=False)
     assert made["f"].passes == 4  # the first pass read 50, the retries none: three retries in a row
     monkeypatch.undo()
@@ -603,8 +617,11 @@ def test_progress_has_a_total_and_an_eta(tmp_path, monkeypatch):
     data.prepare(cfg, progress=False, log=lines.append)
     n = len(docs)
     assert len(lines) > 3
-    assert re.search(rf"[\d,]+/{n:,} documents \(\d+%\), [\d.,]+M tokens \(~[\d,.]+M in all, estimated\), "
-                     r"[\d.]+M tokens/s, ETA \d+m\d\ds", lines[1]), lines
+    assert re.search(
+        rf"[\d,]+/{n:,} documents \(\d+%\), [\d.,]+M tokens \(~[\d,.]+M in all, estimated\), "
+        r"[\d.]+M tokens/s, ETA \d+m\d\ds",
+        lines[1],
+    ), lines
     assert f"{n:,}/{n:,} documents" in lines[-1] and "done in" in lines[-1]
 
 
@@ -614,12 +631,27 @@ def test_prepare_speed_smoke(tmp_path, gpt2_ranks):
     prints tokens/s, peak RSS and the ratio; its work folder is deleted."""
     root = Path(__file__).resolve().parents[2]
     work = tmp_path / "work"
-    p = subprocess.run([sys.executable, "benchmarks/prepare_speed.py", "--smoke", "--gpt2-ranks", str(gpt2_ranks),
-                        "--work", str(work)], cwd=root, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": str(root)})
+    p = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/prepare_speed.py",
+            "--smoke",
+            "--gpt2-ranks",
+            str(gpt2_ranks),
+            "--work",
+            str(work),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
-    rows = {m: re.search(rf"^{m}\s+([\d,]+) tokens .* ([\d.]+) M tokens/s peak RSS\s+(\d+) MB", p.stdout, re.M)
-            for m in ("ours", "nanogpt")}
+    rows = {
+        m: re.search(rf"^{m}\s+([\d,]+) tokens .* ([\d.]+) M tokens/s peak RSS\s+(\d+) MB", p.stdout, re.M)
+        for m in ("ours", "nanogpt")
+    }
     assert all(rows.values()), p.stdout
     assert rows["ours"][1] == rows["nanogpt"][1] and int(rows["ours"][1].replace(",", "")) > 5_000_000
     assert all(float(r[2]) > 0 and int(r[3]) > 0 for r in rows.values())

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from oelm_ray.core.config import make_config
-from helpers import TINY, World, make_world, losses, quiet, train_argv
+
+from helpers import TINY, World, losses, make_world, quiet, train_argv
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
     return make_world(tmp_path_factory.mktemp("world"))
-
-
 
 
 def test_same_seed_same_numbers_in_one_process_and_across_processes(tmp_path, world):
@@ -38,8 +37,17 @@ def test_same_seed_same_numbers_in_one_process_and_across_processes(tmp_path, wo
     # a different seed does differ (the comparison is not vacuous)
     assert losses(read_metrics(tmp_path / "other-seed" / "metrics.jsonl")) != losses(a)
     # a fresh interpreter (another day, or a Ray worker) gives the same numbers
-    args = [sys.executable, "-m", "oelm_ray", *train_argv(max_steps=20, dropout=0.1), "--data-dir", str(world.data),
-            "--out-dir", str(tmp_path / "c"), "--no-prepare"]
+    args = [
+        sys.executable,
+        "-m",
+        "oelm_ray",
+        *train_argv(max_steps=20, dropout=0.1),
+        "--data-dir",
+        str(world.data),
+        "--out-dir",
+        str(tmp_path / "c"),
+        "--no-prepare",
+    ]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert losses(read_metrics(tmp_path / "c" / "metrics.jsonl")) == losses(a)

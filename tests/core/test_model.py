@@ -89,7 +89,9 @@ def test_medium_512_parameter_counts_are_the_research_s(method, trainable, froze
     assert m.param_counts() == {"total": 44_896_768, "trainable": trainable, "frozen": frozen}
 
 
-@pytest.mark.parametrize("preset, total, frozen", [("small-256", 16_152_320, 524_288), ("large-768", 124_009_728, 14_155_776)])
+@pytest.mark.parametrize(
+    "preset, total, frozen", [("small-256", 16_152_320, 524_288), ("large-768", 124_009_728, 14_155_776)]
+)
 def test_the_scaling_presets_parameter_counts(preset, total, frozen):
     """The sizes beside Medium-512: d_model 256 / 4 blocks, and GPT-2 small's 768 / 12 blocks / 12 heads (context 512)."""
     from oelm_ray.core.config import make_config

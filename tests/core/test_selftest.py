@@ -20,8 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_selftest_local_passes_on_this_cpu():
-    p = subprocess.run([sys.executable, "-m", "oelm_ray", "selftest", "--local"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    p = subprocess.run(
+        [sys.executable, "-m", "oelm_ray", "selftest", "--local"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     lines = p.stdout.splitlines()
     for name in selftest.CHECKS:  # one line per check, each passed (speed on a CPU: a figure, not judged)
@@ -50,8 +56,11 @@ def test_a_tensor_lr_that_is_not_updated_fails_its_check(monkeypatch):
 def test_dropout_frozen_across_replays_fails_its_check(monkeypatch):
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "dropout", lambda x, p=0.5, training=True, inplace=False: x * (1 - p))
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, dropout_p=0.0, **kw: sdpa(*a, dropout_p=0.0, **kw))
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda *a, dropout_p=0.0, **kw: sdpa(*a, dropout_p=0.0, **kw),
+    )
     monkeypatch.setattr(torch, "compile", lambda m, **kw: m)  # eager stands in for the compiled step
     (check,) = selftest.run_selftest("cpu", only=("dropout",))
     assert not check.ok and "distinct losses" in check.detail
@@ -66,5 +75,7 @@ def test_selftest_on_a_cluster_runs_a_task_per_node_and_times_out_with_a_line(ra
     assert len(lines) == 1 and lines[0].startswith("127.0.0.1 cpu: staging") and " PASS " in lines[0]
     lines.clear()
     assert not run_on_cluster(None, only=("resume",), timeout_s=0.5, print_line=lines.append)
-    assert lines == ["127.0.0.1 cpu: selftest      FAIL  no answer within 0.5s (a hung GPU or a node without free "
-                     "resources: `ray status`)"]
+    assert lines == [
+        "127.0.0.1 cpu: selftest      FAIL  no answer within 0.5s (a hung GPU or a node without free "
+        "resources: `ray status`)"
+    ]

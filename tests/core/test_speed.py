@@ -26,9 +26,23 @@ from oelm_ray.core.train_step import resolve_compile, resolve_device
 from oelm_ray.core.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, max_steps=20,
-            warmup_steps=4, eval_interval=10, eval_batches=2, log_interval=10, stories_mb=0.2, num_threads=1,
-            dropout=0.1, device="cpu")  # CPU semantics (bit-for-bit); the CUDA test at the end sets cuda
+TINY = dict(
+    d_model=32,
+    n_layer=2,
+    n_head=2,
+    d_ff=64,
+    block_size=32,
+    batch_size=4,
+    max_steps=20,
+    warmup_steps=4,
+    eval_interval=10,
+    eval_batches=2,
+    log_interval=10,
+    stories_mb=0.2,
+    num_threads=1,
+    dropout=0.1,
+    device="cpu",
+)  # CPU semantics (bit-for-bit); the CUDA test at the end sets cuda
 
 
 def cfg(data_dir, **kw):
@@ -43,6 +57,7 @@ def stop_at(step):
     def report(m):
         if m["step"] == step:
             raise Stop
+
     return report
 
 
@@ -89,7 +104,9 @@ def test_compiled_step_matches_eager_resumes_exactly_and_unfreezes(tmp_path, dat
     qk = {}
 
     def grab(m):
-        qk[m["step"]] = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)["model"]["transformer.h.0.attn.c_qk.weight"]
+        qk[m["step"]] = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)["model"][
+            "transformer.h.0.attn.c_qk.weight"
+        ]
 
     lines = []
     c = c.override({"compile": "default"})
@@ -112,6 +129,7 @@ def test_a_compiler_that_fails_falls_back_to_eager_and_says_why(tmp_path, data_d
     def broken(model, **kw):
         def fail(*a, **k):
             raise RuntimeError("no C++ compiler found")
+
         return fail
 
     monkeypatch.setattr(torch, "compile", broken)
@@ -159,8 +177,11 @@ def test_background_checkpoints_report_after_the_write_and_resume_exactly(tmp_pa
     c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15)
     train(c, tmp_path / "inline", log=lambda _: None, background=False)
     writers, real_save = [], checkpoint.save_checkpoint
-    monkeypatch.setattr(checkpoint, "save_checkpoint",
-                        lambda path, payload: (writers.append(threading.current_thread().name), real_save(path, payload)))
+    monkeypatch.setattr(
+        checkpoint,
+        "save_checkpoint",
+        lambda path, payload: (writers.append(threading.current_thread().name), real_save(path, payload)),
+    )
     seen = []
 
     def check(m):  # the report comes once latest.pt holds this very step
@@ -211,8 +232,12 @@ time.sleep(60)
 
 
 def test_a_kill_during_a_background_write_leaves_the_previous_latest_whole(tmp_path, data_dir):
-    p = subprocess.Popen([sys.executable, "-c", KILL_MID_WRITE, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    p = subprocess.Popen(
+        [sys.executable, "-c", KILL_MID_WRITE, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert p.stdout.readline().strip() == "writing"
         deadline = time.monotonic() + 60
@@ -247,9 +272,11 @@ def phase3_presets():
 @pytest.mark.parametrize("n,share", [(1, 1.0), (2, 0.5), (3, 0.3333), (4, 0.25)])
 def test_trials_per_gpu_asks_ray_for_a_share_of_one_gpu(n, share, monkeypatch, tmp_path):
     from oelm_ray.tune import recipe, resources
+
     PRESETS = phase3_presets()
     args = recipe.parser("phase3", PRESETS).parse_args(
-        ["--trials-per-gpu", str(n), "--no-wandb", "--storage", str(tmp_path)])
+        ["--trials-per-gpu", str(n), "--no-wandb", "--storage", str(tmp_path)]
+    )
     sw = recipe.build("phase3", PRESETS, args)
     monkeypatch.setattr(resources.ray, "cluster_resources", lambda: {"GPU": 1.0, "CPU": 8.0})
     res = resources.resources(sw)
@@ -261,6 +288,7 @@ def test_trials_per_gpu_asks_ray_for_a_share_of_one_gpu(n, share, monkeypatch, t
 
 def test_trials_per_gpu_refuses_nonsense(tmp_path):
     from oelm_ray.tune import recipe
+
     PRESETS = phase3_presets()
     for bad in (["--trials-per-gpu", "0"], ["--trials-per-gpu", "2", "--gpus-per-trial", "1"]):
         args = recipe.parser("phase3", PRESETS).parse_args(bad + ["--no-wandb", "--storage", str(tmp_path)])
@@ -277,8 +305,14 @@ def test_gpu_speed_smoke_runs_with_the_trainer_deps_only():
     """--smoke on CPU, with Ray, W&B, datasets, pandas and pyarrow unimportable (the GPU machine has none)."""
     block = "import sys, runpy; [sys.modules.__setitem__(m, None) for m in ('ray', 'wandb', 'datasets', 'pandas', 'pyarrow', 'optuna')]; "
     run = "sys.argv = ['gpu_speed.py', '--smoke']; runpy.run_path('benchmarks/gpu_speed.py', run_name='__main__')"
-    p = subprocess.run([sys.executable, "-c", block + run], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    p = subprocess.run(
+        [sys.executable, "-c", block + run],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     lines = p.stdout.splitlines()
     for method in ("baseline", "oelm_freeze"):
@@ -300,7 +334,9 @@ def test_gpu_speed_smoke_runs_with_the_trainer_deps_only():
 # CUDA only (CI has no GPU; a GPU session runs this with benchmarks/gpu_speed.py)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs, pinned copies, the side stream")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs, pinned copies, the side stream"
+)
 def test_cuda_fast_path_through_unfreeze_background_checkpoints_and_resume(tmp_path, data_dir, monkeypatch):
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15, device="cuda", dtype="fp32", num_threads=0)
@@ -439,8 +475,15 @@ class _FailInBackward(torch.autograd.Function):
         raise RuntimeError("aot_autograd: backward compile failed")
 
 
-@pytest.mark.parametrize("fail,where", [("backward", "in a training step"), ("second call", "in a training step"),
-                                        ("eval", "in evaluation"), ("after unfreeze", "in a training step")])
+@pytest.mark.parametrize(
+    "fail,where",
+    [
+        ("backward", "in a training step"),
+        ("second call", "in a training step"),
+        ("eval", "in evaluation"),
+        ("after unfreeze", "in a training step"),
+    ],
+)
 def test_a_compiler_failure_after_the_first_forward_falls_back_too(tmp_path, data_dir, monkeypatch, fail, where):
     FailingCompile.calls = 0
     monkeypatch.setattr(torch, "compile", lambda model, **kw: FailingCompile(model, fail, **kw))
@@ -470,11 +513,16 @@ def test_a_host_copy_keeps_the_tied_embedding_once(tmp_path):
     assert (tmp_path / "copy.pt").stat().st_size == pytest.approx((tmp_path / "live.pt").stat().st_size, rel=0.01)
 
 
-@pytest.mark.parametrize("capability,dtype", [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+@pytest.mark.parametrize(
+    "capability,dtype",
+    [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+)
 def test_auto_precision_is_bf16_only_where_the_gpu_has_it(monkeypatch, capability, dtype):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # V100 and T4 emulate it
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: True
+    )  # V100 and T4 emulate it
     monkeypatch.setattr(torch.version, "hip", None)
     assert resolve_device(make_config("medium-512"))[1] == dtype
     assert resolve_device(make_config("medium-512", dtype="bf16"))[1] == torch.bfloat16  # asked for: as asked

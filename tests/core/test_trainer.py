@@ -21,9 +21,22 @@ from oelm_ray.core.qkcheck import QKCheckError
 from oelm_ray.core.train_step import TrainStep
 from oelm_ray.core.trainer import RunExistsError, train
 
-TINY = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4, max_steps=40,
-            warmup_steps=4, eval_interval=10, eval_batches=2, log_interval=10, stories_mb=0.2, num_threads=1,
-            dropout=0.1)
+TINY = dict(
+    d_model=32,
+    n_layer=2,
+    n_head=2,
+    d_ff=64,
+    block_size=32,
+    batch_size=4,
+    max_steps=40,
+    warmup_steps=4,
+    eval_interval=10,
+    eval_batches=2,
+    log_interval=10,
+    stories_mb=0.2,
+    num_threads=1,
+    dropout=0.1,
+)
 
 
 def cfg(data_dir, **kw):
@@ -77,15 +90,18 @@ def _straight_and_cut(c, tmp_path, at: int):
     return straight, train(c, tmp_path / "cut", resume=True, log=quiet)
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("baseline", {}),
-    ("oelm_freeze", {"qk_unfreeze_step": 15, "qk_lr_mult": 0.5, "qk_freeze_layers": 1}),
-    ("oelm_freeze", {"qk_unfreeze_step": 20}),  # cut at the checkpoint of the unfreeze step itself
-    ("baseline", {"dtype": "fp16"}),  # fp16 autocast: the gradient scaler's state resumes too
-    ("oelm_freeze", {"qk_update_every": 5}),  # cut at step 20, right after an update step
-    ("oelm_freeze", {"qk_update_every": 3, "qk_freeze_layers": 1}),  # cut between two updates
-    ("oelm_freeze", {"lr_layer_decay": 0.7, "qk_unfreeze_step": 15}),  # per-layer groups, also the unfrozen Q/K's
-])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("baseline", {}),
+        ("oelm_freeze", {"qk_unfreeze_step": 15, "qk_lr_mult": 0.5, "qk_freeze_layers": 1}),
+        ("oelm_freeze", {"qk_unfreeze_step": 20}),  # cut at the checkpoint of the unfreeze step itself
+        ("baseline", {"dtype": "fp16"}),  # fp16 autocast: the gradient scaler's state resumes too
+        ("oelm_freeze", {"qk_update_every": 5}),  # cut at step 20, right after an update step
+        ("oelm_freeze", {"qk_update_every": 3, "qk_freeze_layers": 1}),  # cut between two updates
+        ("oelm_freeze", {"lr_layer_decay": 0.7, "qk_unfreeze_step": 15}),  # per-layer groups, also the unfrozen Q/K's
+    ],
+)
 def test_resume_is_bit_for_bit(tmp_path, data_dir, method, extra):
     c = cfg(data_dir, method=method, **extra)
     straight, resumed = _straight_and_cut(c, tmp_path, at=20)
@@ -95,7 +111,9 @@ def test_resume_is_bit_for_bit(tmp_path, data_dir, method, extra):
     untimed = lambda rows: [{k: v for k, v in r.items() if not k.endswith(("_s", "per_s"))} for r in rows]
     assert untimed(a) == untimed(b)  # losses, lr, tokens and the parameter counts (frozen at the start)
     assert resumed["best_val_ppl"] == straight["best_val_ppl"]
-    assert [resumed[k] for k in ("trainable_params", "frozen_param_count")] == [straight[k] for k in ("trainable_params", "frozen_param_count")]
+    assert [resumed[k] for k in ("trainable_params", "frozen_param_count")] == [
+        straight[k] for k in ("trainable_params", "frozen_param_count")
+    ]
     sa = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)["model"]
     sb = torch.load(tmp_path / "cut" / "latest.pt", weights_only=True)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -106,7 +124,9 @@ def test_partial_unfreeze_trains_qk_only_after_the_step(tmp_path, data_dir):
     snaps = {}
 
     def grab(m):
-        snaps[m["step"]] = torch.load(tmp_path / "latest.pt", weights_only=True)["model"]["transformer.h.0.attn.c_qk.weight"]
+        snaps[m["step"]] = torch.load(tmp_path / "latest.pt", weights_only=True)["model"][
+            "transformer.h.0.attn.c_qk.weight"
+        ]
 
     train(c, tmp_path, report=grab, log=quiet)
     assert torch.equal(snaps[10], snaps[20])  # frozen through step 20
@@ -149,18 +169,53 @@ def test_summary_and_metrics_files(tmp_path, data_dir):
     for key in ("step", "tokens", "train/loss", "val/loss", "val/ppl", "lr", "step_time_s", "tokens_per_s"):
         assert key in rows[0]
     assert rows[-1]["val/ppl"] == pytest.approx(math.exp(rows[-1]["val/loss"]))
-    for key in ("model_type", "init_method", "final_perplexity", "total_wall_time", "mean_step_time", "method",
-                "final_val_ppl", "best_val_ppl", "tokens_per_s", "trainable_params", "total_params", "frozen_params",
-                "status", "config"):
+    for key in (
+        "model_type",
+        "init_method",
+        "final_perplexity",
+        "total_wall_time",
+        "mean_step_time",
+        "method",
+        "final_val_ppl",
+        "best_val_ppl",
+        "tokens_per_s",
+        "trainable_params",
+        "total_params",
+        "frozen_params",
+        "status",
+        "config",
+    ):
         assert key in s
     assert (tmp_path / "best.pt").exists() and (tmp_path / "latest.pt").exists()
 
 
 def test_cli_train_and_resume(tmp_path, data_dir):
-    args = [sys.executable, "-m", "oelm_ray", "train", "--preset", "cpu", "--out-dir", str(tmp_path / "x"),
-            "--data-dir", data_dir, "--set", "method=oelm_freeze", "seed=0", "stories_mb=0.2", "d_model=32",
-            "n_layer=2", "n_head=2", "d_ff=64", "block_size=32", "batch_size=4", "warmup_steps=2", "eval_interval=5",
-            "eval_batches=1", "num_threads=1"]
+    args = [
+        sys.executable,
+        "-m",
+        "oelm_ray",
+        "train",
+        "--preset",
+        "cpu",
+        "--out-dir",
+        str(tmp_path / "x"),
+        "--data-dir",
+        data_dir,
+        "--set",
+        "method=oelm_freeze",
+        "seed=0",
+        "stories_mb=0.2",
+        "d_model=32",
+        "n_layer=2",
+        "n_head=2",
+        "d_ff=64",
+        "block_size=32",
+        "batch_size=4",
+        "warmup_steps=2",
+        "eval_interval=5",
+        "eval_batches=1",
+        "num_threads=1",
+    ]
     r = subprocess.run(args + ["--max-steps", "10"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "val ppl" in r.stdout
@@ -197,7 +252,9 @@ def test_val_loss_is_the_token_mean_over_what_val_tokens_says(tmp_path, data_dir
     model.load_state_dict(torch.load(tmp_path / "latest.pt", weights_only=True)["model"])
     with torch.no_grad():
         total = sum(
-            torch.nn.functional.cross_entropy(model.eval()(x)[0].reshape(-1, c.model.vocab_size), y.reshape(-1), reduction="sum").item()
+            torch.nn.functional.cross_entropy(
+                model.eval()(x)[0].reshape(-1, c.model.vocab_size), y.reshape(-1), reduction="sum"
+            ).item()
             for x, y in eval_batches(val, c)
         )
     assert row["val/loss"] == pytest.approx(total / want_tokens, rel=1e-5)
@@ -237,8 +294,11 @@ def test_checkpoint_interval_writes_latest_less_often_and_resume_redoes_the_rest
     latest_at = {}
 
     def record(m):
-        latest_at[m["step"]] = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)["step"] \
-            if (tmp_path / "straight" / "latest.pt").exists() else None
+        latest_at[m["step"]] = (
+            torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)["step"]
+            if (tmp_path / "straight" / "latest.pt").exists()
+            else None
+        )
 
     train(c, tmp_path / "straight", report=record, log=quiet)
     assert latest_at == {10: None, 20: 20, 30: 20, 40: 40}
@@ -259,7 +319,9 @@ def test_checkpoint_interval_writes_latest_less_often_and_resume_redoes_the_rest
     a = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in b] == [10, 20, 30, 40]  # step 30 redone once, not twice
-    untimed = lambda rows: [{k: v for k, v in r.items() if not k.endswith(("_s", "per_s")) and k != "warmup"} for r in rows]
+    untimed = lambda rows: [
+        {k: v for k, v in r.items() if not k.endswith(("_s", "per_s")) and k != "warmup"} for r in rows
+    ]
     assert untimed(a) == untimed(b)
     assert resumed["best_val_ppl"] == math.exp(min(r["val/loss"] for r in a))
     for name in ("latest.pt", "best.pt"):
@@ -281,6 +343,7 @@ def test_interval_speed_leaves_out_the_warmup_steps(tmp_path, data_dir, monkeypa
         calls.append(1)
         if len(calls) in slow:
             import time
+
             time.sleep(0.3)
         return real(self, x, y)
 
@@ -303,6 +366,8 @@ def test_summary_reports_trainable_frozen_and_total(tmp_path, data_dir):
     n_qk = 2 * 2 * 32 * 32  # n_layer x [W_q; W_k] x d_model^2
     assert s["frozen_param_count"] == n_qk and s["trainable_params"] + n_qk == s["total_params"]
     assert f"{s['trainable_params']:,} trainable + {n_qk:,} frozen = {s['total_params']:,} parameters" in lines[0]
+
+
 # ------------------------------------------------------------------------------------------------
 # bf16 autocast and torch.compile, on CPU: the paths a GPU run takes (dtype auto = bf16 on CUDA)
 
@@ -357,10 +422,29 @@ def test_compile_trains_and_resumes_bit_for_bit_on_cpu(tmp_path, data_dir):
 def test_medium_512_takes_an_optimizer_step_on_gpt2_tokens(tmp_path, gpt2_ranks):
     """The real Medium-512 (d_model 512, 6 layers, 8 heads, d_ff 2048, context 512, vocab 50257) on
     GPT-2 tokens: one optimizer step, on CPU. Only the batch is smaller than the research's (8)."""
-    c = make_config("medium-512", dataset="stories", stories_mb=0.3, gpt2_ranks=str(gpt2_ranks),
-                    data_dir=str(tmp_path / "data"), method="oelm_freeze", lr=1e-3, batch_size=2, max_steps=1,
-                    warmup_steps=0, eval_interval=1, eval_batches=1, log_interval=1, num_threads=2)
-    assert (c.model.d_model, c.model.n_layer, c.model.n_head, c.model.d_ff, c.model.block_size) == (512, 6, 8, 2048, 512)
+    c = make_config(
+        "medium-512",
+        dataset="stories",
+        stories_mb=0.3,
+        gpt2_ranks=str(gpt2_ranks),
+        data_dir=str(tmp_path / "data"),
+        method="oelm_freeze",
+        lr=1e-3,
+        batch_size=2,
+        max_steps=1,
+        warmup_steps=0,
+        eval_interval=1,
+        eval_batches=1,
+        log_interval=1,
+        num_threads=2,
+    )
+    assert (c.model.d_model, c.model.n_layer, c.model.n_head, c.model.d_ff, c.model.block_size) == (
+        512,
+        6,
+        8,
+        2048,
+        512,
+    )
     assert c.model.vocab_size == 50257 and c.data.tokenizer == "gpt2"
     meta = prepare(c.data, progress=False)
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
@@ -379,7 +463,11 @@ def test_medium_512_takes_an_optimizer_step_on_gpt2_tokens(tmp_path, gpt2_ranks)
     qk = [w for k, w in ckpt["model"].items() if ".attn.c_qk." in k]
     assert len(qk) == 6
     # the research's counts for OELM at Medium-512, as summary.json (what `oelm-ray train` writes) reports them
-    assert (summary["trainable_params"], summary["frozen_param_count"], summary["total_params"]) == (41_751_040, 3_145_728, 44_896_768)
+    assert (summary["trainable_params"], summary["frozen_param_count"], summary["total_params"]) == (
+        41_751_040,
+        3_145_728,
+        44_896_768,
+    )
     for w in qk:  # still the head-wise orthogonal init: each head's 64 rows orthonormal (a step would break it)
         heads = w.reshape(16, 64, 512)  # (2 * n_head, d_head, d_model): Q heads, then K heads
         assert torch.allclose(heads @ heads.transpose(1, 2), torch.eye(64).expand(16, 64, 64), atol=1e-5)
@@ -389,8 +477,15 @@ def test_medium_512_takes_an_optimizer_step_on_gpt2_tokens(tmp_path, gpt2_ranks)
 # the method's invariant, checked at every checkpoint
 
 
-@pytest.mark.parametrize("method,extra", [("baseline", {}), ("oelm_freeze", {}), ("oelm_random", {"qk_freeze_layers": 1}),
-                                          ("oelm_freeze", {"qk_unfreeze_step": 20})])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("baseline", {}),
+        ("oelm_freeze", {}),
+        ("oelm_random", {"qk_freeze_layers": 1}),
+        ("oelm_freeze", {"qk_unfreeze_step": 20}),
+    ],
+)
 def test_every_checkpoint_checks_the_qk_policy(tmp_path, data_dir, method, extra):
     summary = train(cfg(data_dir, method=method, **extra), tmp_path, log=quiet)
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -403,7 +498,9 @@ def test_qk_that_never_unfreeze_stop_the_run(tmp_path, data_dir, monkeypatch):
     real = GPT.set_qk_trainable
     monkeypatch.setattr(GPT, "set_qk_trainable", lambda self, unfrozen: real(self, False))
     reports = []
-    with pytest.raises(QKCheckError, match=r"at step 30: Q/K of block\(s\) 0, 1 should have trained but are bit-identical"):
+    with pytest.raises(
+        QKCheckError, match=r"at step 30: Q/K of block\(s\) 0, 1 should have trained but are bit-identical"
+    ):
         train(cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=20), tmp_path, report=reports.append, log=quiet)
     assert [m["step"] for m in reports] == [10, 20]  # step 30 is never reported, nor written
     assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] == 20
@@ -421,7 +518,9 @@ def test_frozen_qk_that_move_stop_the_run(tmp_path, data_dir, monkeypatch):
         return build_optimizer(model, c, device, qk_unfrozen=True)
 
     monkeypatch.setattr(trainer, "build_optimizer", leaky)  # the name `setup` calls
-    with pytest.raises(QKCheckError, match=r"at step 10: Q/K of block\(s\) 0, 1 should be frozen \(oelm_freeze\) but changed"):
+    with pytest.raises(
+        QKCheckError, match=r"at step 10: Q/K of block\(s\) 0, 1 should be frozen \(oelm_freeze\) but changed"
+    ):
         train(cfg(data_dir, method="oelm_freeze"), tmp_path, log=quiet)
     assert not (tmp_path / "latest.pt").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "qk_check_failed"
@@ -438,7 +537,9 @@ def test_periodic_qk_change_only_on_their_update_steps(tmp_path, data_dir):
     qk = {}
 
     def grab(m):
-        qk[m["step"]] = torch.load(tmp_path / "latest.pt", weights_only=True)["model"]["transformer.h.0.attn.c_qk.weight"]
+        qk[m["step"]] = torch.load(tmp_path / "latest.pt", weights_only=True)["model"][
+            "transformer.h.0.attn.c_qk.weight"
+        ]
 
     summary = train(c, tmp_path, report=grab, log=quiet)
     # updates after 5, 10, 15 steps (0-based steps 4, 9, 14): checkpoints after 3, 6, 9, 12, 15 steps
@@ -453,7 +554,9 @@ def test_periodic_qk_change_only_on_their_update_steps(tmp_path, data_dir):
 def test_periodic_qk_changed_between_updates_stop_the_run(tmp_path, data_dir, monkeypatch):
     from oelm_ray.core import trainer
 
-    monkeypatch.setattr(trainer, "qk_update_at", lambda step, c: True)  # the loop's: every step updates, whatever N says
+    monkeypatch.setattr(
+        trainer, "qk_update_at", lambda step, c: True
+    )  # the loop's: every step updates, whatever N says
     with pytest.raises(QKCheckError, match=r"at step 10: Q/K of block\(s\) 0, 1 should be frozen"):
         train(cfg(data_dir, method="oelm_freeze", qk_update_every=20, max_steps=40), tmp_path, log=quiet)
 
@@ -465,8 +568,14 @@ def test_layer_wise_learning_rates(tmp_path, data_dir):
     groups = {g["name"]: g for g in build_optimizer(model, c, torch.device("cpu")).param_groups}
     L = c.model.n_layer
     assert {n: g["lr_mult"] for n, g in groups.items()} == {
-        "decay.embed": 0.5**L, "decay.h0": 0.5, "decay.h1": 1.0, "no_decay.h0": 0.5, "no_decay.h1": 1.0,
-        "no_decay.top": 1.0, "qk.h1": 1.0}  # block 0's Q/K are frozen: in no group
+        "decay.embed": 0.5**L,
+        "decay.h0": 0.5,
+        "decay.h1": 1.0,
+        "no_decay.h0": 0.5,
+        "no_decay.h1": 1.0,
+        "no_decay.top": 1.0,
+        "qk.h1": 1.0,
+    }  # block 0's Q/K are frozen: in no group
     assert groups["decay.embed"]["params"][0] is model.lm_head.weight  # the tied embedding, once
     n_opt = sum(p.numel() for g in groups.values() for p in g["params"])
     assert n_opt == model.param_counts()["trainable"]
@@ -476,13 +585,16 @@ def test_layer_wise_learning_rates(tmp_path, data_dir):
     assert summary["lr_mults"]["decay.embed"] == 0.25 and summary["qk_check"] == "ok"
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(method="baseline", qk_update_every=10), "freezes no Q/K: drop qk_update_every"),
-    (dict(method="oelm_freeze", qk_update_every=10, qk_unfreeze_step=20), "two schedules for the same Q/K"),
-    (dict(method="oelm_freeze", qk_update_every=-1), "must be a whole number >= 0"),
-    (dict(lr_layer_decay=0), "lr_layer_decay=0.0 must be a number > 0"),
-    (dict(lr_layer_decay=-0.5), "lr_layer_decay=-0.5 must be a number > 0"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(method="baseline", qk_update_every=10), "freezes no Q/K: drop qk_update_every"),
+        (dict(method="oelm_freeze", qk_update_every=10, qk_unfreeze_step=20), "two schedules for the same Q/K"),
+        (dict(method="oelm_freeze", qk_update_every=-1), "must be a whole number >= 0"),
+        (dict(lr_layer_decay=0), "lr_layer_decay=0.0 must be a number > 0"),
+        (dict(lr_layer_decay=-0.5), "lr_layer_decay=-0.5 must be a number > 0"),
+    ],
+)
 def test_bad_next_experiment_settings_are_one_line(kw, msg):
     from oelm_ray.core.config import ConfigError
 

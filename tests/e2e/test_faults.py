@@ -16,16 +16,17 @@ import threading
 import time
 from pathlib import Path
 
-import faults  # tests/faults.py: a trainable that crashes once, at a given step
 import pandas as pd
 import pytest
-from helpers import PHASE3, final_log, losses, smoke
-from trial_files import state_files
 
 from oelm_ray import results
 from oelm_ray.core import experiments as E
 from oelm_ray.core.experiments import Experiment
 from oelm_ray.tune.sweep import Sweep, run
+
+import faults  # tests/faults.py: a trainable that crashes once, at a given step
+from helpers import PHASE3, final_log, losses, smoke
+from trial_files import state_files
 
 
 @pytest.mark.slow
@@ -45,10 +46,18 @@ def test_trial_sigkilled_at_a_random_step_resumes_bit_exact(tmp_path, ray_local,
     marker = tmp_path / "killed-once"
     fault = {"step": kill_at, "marker": str(marker), "kind": "kill"}
     twins = [Experiment(f"TWIN-{i}", "cpu", {"method": "oelm_freeze"}) for i in (1, 2)]
-    sw = Sweep("kill", twins, [0], str(tmp_path / "runs"), common=smoke(tmp_path, **extra),
-               # only TWIN-2 carries the fault: TWIN-1 is the uninterrupted reference
-               trainable=faults.trainable,
-               extra_config={"fault": tune.sample_from(lambda spec: fault if spec.config.trial["experiment"]["id"] == "TWIN-2" else None)})
+    sw = Sweep(
+        "kill",
+        twins,
+        [0],
+        str(tmp_path / "runs"),
+        common=smoke(tmp_path, **extra),
+        # only TWIN-2 carries the fault: TWIN-1 is the uninterrupted reference
+        trainable=faults.trainable,
+        extra_config={
+            "fault": tune.sample_from(lambda spec: fault if spec.config.trial["experiment"]["id"] == "TWIN-2" else None)
+        },
+    )
     run_dir = run(sw, report=False)
     assert marker.exists(), "the fault was never injected"
     clean = results.read_record(results.record_path(run_dir, twins[0].trial_name(0)))
@@ -120,13 +129,24 @@ def test_driver_sigkilled_mid_sweep_resumes_with_the_same_command(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}
     stale = {**env, "TUNE_GLOBAL_CHECKPOINT_S": "3600"}
-    cmd = [sys.executable, str(PHASE3), "--smoke-test", "--no-wandb", "--storage", str(tmp_path / "runs"),
-           "--seeds", "0,1,2", "--experiments", "CPU-01,CPU-02,CPU-03"]  # 9 trials
+    cmd = [
+        sys.executable,
+        str(PHASE3),
+        "--smoke-test",
+        "--no-wandb",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--seeds",
+        "0,1,2",
+        "--experiments",
+        "CPU-01,CPU-02,CPU-03",
+    ]  # 9 trials
     run_dir = tmp_path / "runs" / "phase3-smoke"
     ray_procs: dict[int, str] = {}
     try:
-        proc = subprocess.Popen(cmd, env=stale, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=stale, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         deadline = time.time() + 300
         done: dict[str, dict] = {}
         while time.time() < deadline and proc.poll() is None:
@@ -185,10 +205,14 @@ def test_node_death_moves_its_trial_to_another_node(tmp_path):
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # the shared local Ray; the next test that needs it starts it again
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False,
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
-    })
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": False,
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
+        },
+    )
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     try:
         cluster.wait_for_nodes()
@@ -205,8 +229,9 @@ def test_node_death_moves_its_trial_to_another_node(tmp_path):
             while time.time() < deadline:
                 recs = results.load_records(sw.run_dir)
                 # once both trials are past their second report, their first checkpoint is surely registered
-                if len(recs) == 2 and all(r.get("history") and r["history"][-1]["step"] >= 200 and r["status"] == "running"
-                                          for r in recs):
+                if len(recs) == 2 and all(
+                    r.get("history") and r["history"][-1]["step"] >= 200 and r["status"] == "running" for r in recs
+                ):
                     cluster.remove_node(workers[0], allow_graceful=False)  # both nodes are busy: one trial dies
                     removed.set()
                     return
@@ -227,9 +252,6 @@ def test_node_death_moves_its_trial_to_another_node(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
-
-
-
 
 
 @pytest.mark.slow

@@ -28,13 +28,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray_jobs import until_job_agent
 
 from oelm_ray.cluster.launcher import placeholders
 
+from ray_jobs import until_job_agent
+
 ROOT = Path(__file__).resolve().parents[2]
-TOOLS = {"sshd": "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client", "rsync": "rsync",
-         "unshare": "util-linux", "nsenter": "util-linux", "ip": "iproute2"}
+TOOLS = {
+    "sshd": "openssh-server",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "rsync": "rsync",
+    "unshare": "util-linux",
+    "nsenter": "util-linux",
+    "ip": "iproute2",
+}
 
 
 def _which(name: str) -> str | None:
@@ -51,9 +59,22 @@ class Namespace:
 
     def __init__(self):
         self.proc = subprocess.Popen(
-            ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--mount", "sh", "-c",
-             f"ip link set lo up && exec {sys.executable} -c '{REAPER}'"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                "unshare",
+                "--net",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--mount",
+                "sh",
+                "-c",
+                f"ip link set lo up && exec {sys.executable} -c '{REAPER}'",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.time() + 30
         self.pid = None
         while time.time() < deadline and self.pid is None and self.proc.poll() is None:
@@ -69,8 +90,13 @@ class Namespace:
     def run(self, cmd: list[str] | str, env: dict, cwd: Path, timeout: float, **kw) -> subprocess.CompletedProcess:
         cmd = ["sh", "-c", cmd] if isinstance(cmd, str) else cmd
         kw.setdefault("capture_output", "stdout" not in kw)
-        return subprocess.run(["nsenter", "-t", str(self.pid), "--net", "--pid", "--mount", f"--wd={cwd}", "--", *cmd],
-                              env=env, text=True, timeout=timeout, **kw)
+        return subprocess.run(
+            ["nsenter", "-t", str(self.pid), "--net", "--pid", "--mount", f"--wd={cwd}", "--", *cmd],
+            env=env,
+            text=True,
+            timeout=timeout,
+            **kw,
+        )
 
     def close(self):
         with contextlib.suppress(OSError):
@@ -113,11 +139,15 @@ def test_ray_up_exec_job_submit_status_down_over_real_ssh():
             env.pop(k, None)
         key = client / ".ssh" / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=60)
-        r = subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            ["ray", "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=120
+        )
         assert r.returncode == 0 and (client / ".ray" / "auth_token").is_file(), r.stdout + r.stderr
 
         # the server: sshd on 127.0.0.1:22 of the namespace, its own host key, home and temp dir
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True, timeout=60)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True, timeout=60
+        )
         shutil.copy(f"{key}.pub", d / "authorized_keys")
         server_env = {"HOME": server, "TMPDIR": base / "st", "OELM_VENV": sys.prefix}
         if os.environ.get("PYTHONPATH"):  # a developer's checkout shadowing an installed copy
@@ -127,16 +157,24 @@ def test_ray_up_exec_job_submit_status_down_over_real_ssh():
             f"HostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
             "UsePAM no\nStrictModes no\nSubsystem sftp internal-sftp\n"
-            f"SetEnv {' '.join(f'{k}={v}' for k, v in server_env.items())}\n")
+            f"SetEnv {' '.join(f'{k}={v}' for k, v in server_env.items())}\n"
+        )
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation dir
         ns = Namespace()
-        r = ns.run([_which("sshd"), "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")], env=env, cwd=base, timeout=60)
+        r = ns.run(
+            [_which("sshd"), "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")], env=env, cwd=base, timeout=60
+        )
         assert r.returncode == 0, r.stdout + r.stderr
 
         cfg = base / "cluster.yaml"
         cfg.write_text(_fill_placeholders((ROOT / "cluster.yaml").read_text(), user, key))
-        ok = subprocess.run([sys.executable, "-m", "oelm_ray", "check-cluster", "--strict", str(cfg)], env=env,
-                            capture_output=True, text=True, timeout=120)
+        ok = subprocess.run(
+            [sys.executable, "-m", "oelm_ray", "check-cluster", "--strict", str(cfg)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert ok.returncode == 0, ok.stderr
 
         def ray(*args, timeout=300, **kw):
@@ -144,7 +182,9 @@ def test_ray_up_exec_job_submit_status_down_over_real_ssh():
             log = base / "client.log"
             with open(log, "w") as f:
                 try:
-                    r = ns.run(["ray", *args], env={**env, **kw}, cwd=ROOT, timeout=timeout, stdout=f, stderr=subprocess.STDOUT)
+                    r = ns.run(
+                        ["ray", *args], env={**env, **kw}, cwd=ROOT, timeout=timeout, stdout=f, stderr=subprocess.STDOUT
+                    )
                     code = r.returncode
                 except subprocess.TimeoutExpired:
                     code = f"timed out after {timeout} s"
@@ -159,7 +199,9 @@ def test_ray_up_exec_job_submit_status_down_over_real_ssh():
         # the `ray` tool on the head runs in token mode
         code, out = ray("exec", str(cfg), "ray status")
         assert code == 0 and "AuthenticationError" not in out, out[-4000:]
-        assert re.search(r"(Active|Idle):\s*\n\s*1 local\.cluster\.node", out) and re.search(r"/\d+\.0 CPU", out), out[-3000:]
+        assert re.search(r"(Active|Idle):\s*\n\s*1 local\.cluster\.node", out) and re.search(r"/\d+\.0 CPU", out), out[
+            -3000:
+        ]
 
         # ... and that is what makes it work: without RAY_AUTH_MODE the same command is refused
         code, out = ray("exec", str(cfg), "env -u RAY_AUTH_MODE ray status")
@@ -168,9 +210,25 @@ def test_ray_up_exec_job_submit_status_down_over_real_ssh():
         # the README's job submission (over the dashboard on the head's loopback: the same loopback here)
         runs = server / "runs"
         t1 = time.time()
-        code, out = until_job_agent(lambda: ray(
-            "job", "submit", "--working-dir", ".", "--", "python", "sweeps/phase3.py", "--smoke-test", "--seeds", "0",
-            "--storage", str(runs), "--no-wandb", RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token"))
+        code, out = until_job_agent(
+            lambda: ray(
+                "job",
+                "submit",
+                "--working-dir",
+                ".",
+                "--",
+                "python",
+                "sweeps/phase3.py",
+                "--smoke-test",
+                "--seeds",
+                "0",
+                "--storage",
+                str(runs),
+                "--no-wandb",
+                RAY_ADDRESS="http://127.0.0.1:8265",
+                RAY_AUTH_MODE="token",
+            )
+        )
         t_job = time.time() - t1
         assert code == 0 and re.search(r"Job 'raysubmit_\w+' succeeded", out), out[-4000:]
 
@@ -181,15 +239,20 @@ def test_ray_up_exec_job_submit_status_down_over_real_ssh():
 
         # the doctor on the head: joins the cluster in token mode, sees no GPU here, exits 2
         code, out = ray("exec", str(cfg), f"oelm-ray doctor --storage {runs}; echo doctor exit $?")
-        assert "ok    Ray token mode: on" in out and re.search(r"Ray cluster: 1 node\(s\), \d+ CPUs, 0 GPUs", out), out[-3000:]
+        assert "ok    Ray token mode: on" in out and re.search(r"Ray cluster: 1 node\(s\), \d+ CPUs, 0 GPUs", out), out[
+            -3000:
+        ]
         assert "GPUs torch sees: none" in out and "doctor exit 2" in out, out[-3000:]
 
         code, out = ray("down", "-y", str(cfg))
         assert code == 0, out[-3000:]
         deadline = time.time() + 60
         while True:  # `ray stop` gives Ray's processes a grace period
-            left = [line.split()[1] for line in ns.run("ps -eo stat=,comm=", env=env, cwd=base, timeout=60).stdout.splitlines()
-                    if not line.startswith("Z")]
+            left = [
+                line.split()[1]
+                for line in ns.run("ps -eo stat=,comm=", env=env, cwd=base, timeout=60).stdout.splitlines()
+                if not line.startswith("Z")
+            ]
             if not {"raylet", "gcs_server"} & set(left) or time.time() > deadline:
                 break
             time.sleep(2)

@@ -10,18 +10,26 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import BENCH_SEARCHERS as S
-from helpers import ROOT
 
 from oelm_ray import results
 from oelm_ray.tune import search
+
+from helpers import BENCH_SEARCHERS as S
+from helpers import ROOT
 
 
 def run_recipe(name: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
     # RAY_ADDRESS=local: a Ray of its own, never a cluster some other process left running on this machine
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "RAY_ADDRESS": "local"}
-    cmd = [sys.executable, str(ROOT / "sweeps" / f"{name}.py"), "--smoke-test", "--no-wandb",
-           "--storage", str(tmp / "runs"), *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "sweeps" / f"{name}.py"),
+        "--smoke-test",
+        "--no-wandb",
+        "--storage",
+        str(tmp / "runs"),
+        *extra,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -39,19 +47,27 @@ def test_a_candidate_scores_the_same_in_a_plain_sweep_and_in_a_search(tmp_path, 
     common = {**{k: v for k, v in E.SMOKE.items() if k != "warmup_steps"}, "data_dir": str(tmp_path / "data")}
     space = search.Space(lrs=[3e-3, 1e-2], warmup_fracs=[0.1, 0.3])  # 4 candidates x 30 steps
     # both sides: one CPU per trial, so num_threads 1 (the trainable derives it from the trial's CPUs)
-    plain = Sweep(name="plain", experiments=[exp], seeds=[0], storage=str(tmp_path / "runs"), common=common,
-                  search=space.grid(30))
+    plain = Sweep(
+        name="plain", experiments=[exp], seeds=[0], storage=str(tmp_path / "runs"), common=common, search=space.grid(30)
+    )
     run(plain, report=False)
     base = Sweep(name="searched", experiments=[exp], seeds=[7], storage=str(tmp_path / "runs"), common=common)
     # sha-grid, rungs at 10 and 20 steps keeping half: trials pause and resume from their checkpoints;
     # sha-phase: the rung at 20 comes after the 10% warmup's lr is down to half its peak (step 17), so one rung, at
     # 10, keeping what 60% of the grid pays for ((72 - 40) // 20 = 1)
-    cell = search.search_cells(base, space, seed=1, train_seed=0, grace_frac=0.34, reduction_factor=2,
-                               budget_frac=0.6, planner=S.planner(kind))[0]
+    cell = search.search_cells(
+        base, space, seed=1, train_seed=0, grace_frac=0.34, reduction_factor=2, budget_frac=0.6, planner=S.planner(kind)
+    )[0]
 
     def curves(run_dir):
-        return {(r["config"]["train"]["lr"], r["config"]["train"]["warmup_steps"]): (r["seed"], r["config"]["train"]["num_threads"],
-                [(h["step"], h["val/loss"]) for h in r["history"]]) for r in results.load_records(run_dir)}
+        return {
+            (r["config"]["train"]["lr"], r["config"]["train"]["warmup_steps"]): (
+                r["seed"],
+                r["config"]["train"]["num_threads"],
+                [(h["step"], h["val/loss"]) for h in r["history"]],
+            )
+            for r in results.load_records(run_dir)
+        }
 
     grid, searched = curves(plain.run_dir), curves(cell["run"])
     assert len(grid) == len(searched) == 4
@@ -68,7 +84,8 @@ def test_a_candidate_scores_the_same_in_a_plain_sweep_and_in_a_search(tmp_path, 
     top2 = sorted(grid, key=lambda c: at(c, 10))[:2]
     winner = min(top2, key=lambda c: at(c, 20)) if kind == "sha-grid" else top2[0]
     assert {c: h[-1][0] for c, (_, _, h) in searched.items()} == {
-        c: 30 if c == winner else 20 if c in top2 and kind == "sha-grid" else 10 for c in grid}
+        c: 30 if c == winner else 20 if c in top2 and kind == "sha-grid" else 10 for c in grid
+    }
     assert (pick["lr"], pick["warmup_steps"]) == winner
 
 
@@ -92,7 +109,9 @@ def test_lr_warmup_smoke_finds_best_and_compares_again(lr_warmup_smoke):
         assert (final / f).exists(), f
     df = results.trials_frame(results.load_records(final))
     assert sorted(df.experiment_id) == ["CPU-01-best", "CPU-02-best"]  # phase 2: each at its own best
-    assert {(r.lr, r.warmup_steps) for r in df.itertuples()} == {(c["best"]["lr"], c["best"]["warmup_steps"]) for c in cells}
+    assert {(r.lr, r.warmup_steps) for r in df.itertuples()} == {
+        (c["best"]["lr"], c["best"]["warmup_steps"]) for c in cells
+    }
     assert "Learning-rate / warmup search" in proc.stdout and "share of grid" in proc.stdout
 
 
@@ -114,12 +133,28 @@ def test_partial_unfreeze_smoke(tmp_path):
     proc = run_recipe("partial_unfreeze", tmp_path, "--seeds", "0")
     run_dir = tmp_path / "runs" / "partial_unfreeze-smoke"
     df = results.trials_frame(results.load_records(run_dir))
-    assert sorted(df.experiment_id) == sorted(["CPU-01", "CPU-02", "PU-k1", "PU-unf0.25", "PU-unf0.50", "PU-unf0.75", "PU-mult0.1",
-                                               "PU-every10", "PU-lrd0.5", "PU-rand-unf0.25", "PU-rand-mult0.1",
-                                               "PU-orth-train", "PU-rand-train"])
+    assert sorted(df.experiment_id) == sorted(
+        [
+            "CPU-01",
+            "CPU-02",
+            "PU-k1",
+            "PU-unf0.25",
+            "PU-unf0.50",
+            "PU-unf0.75",
+            "PU-mult0.1",
+            "PU-every10",
+            "PU-lrd0.5",
+            "PU-rand-unf0.25",
+            "PU-rand-mult0.1",
+            "PU-orth-train",
+            "PU-rand-train",
+        ]
+    )
     assert set(df.status) == {"completed"} and df[df.method != "baseline"].meets_criterion.notna().all()
     assert set(df.qk_check) == {"ok"}  # every arm's Q/K followed its own rule (periodic ones included)
     md = (run_dir / "summary.md").read_text()
     assert "Trainable parameters vs baseline" in md
-    assert "| PU-rand-train | oelm_random |" in md and "isolates the Q/K init scale" in md  # a control row says what it isolates
+    assert (
+        "| PU-rand-train | oelm_random |" in md and "isolates the Q/K init scale" in md
+    )  # a control row says what it isolates
     assert "saved vs baseline" in proc.stdout

@@ -10,22 +10,37 @@ import sys
 import time
 from pathlib import Path
 
-import faults  # tests/faults.py: a trainable that crashes once, at a given step
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import ROOT, smoke_sweep
-from trial_files import state_files
 
 from oelm_ray import results
 from oelm_ray.core import experiments as E
 from oelm_ray.tune import recipe
 from oelm_ray.tune.sweep import Sweep, run
 
+import faults  # tests/faults.py: a trainable that crashes once, at a given step
+from helpers import ROOT, smoke_sweep
+from trial_files import state_files
+
 COLUMNS = [
-    "experiment_id", "dataset", "method", "seed", "lr", "warmup_steps", "max_steps", "best_val_ppl",
-    "final_val_ppl", "gap_vs_baseline_pct", "meets_criterion", "trainable_params", "total_params",
-    "tokens_per_s", "mean_step_time_s", "wall_time_s", "status",
+    "experiment_id",
+    "dataset",
+    "method",
+    "seed",
+    "lr",
+    "warmup_steps",
+    "max_steps",
+    "best_val_ppl",
+    "final_val_ppl",
+    "gap_vs_baseline_pct",
+    "meets_criterion",
+    "trainable_params",
+    "total_params",
+    "tokens_per_s",
+    "mean_step_time_s",
+    "wall_time_s",
+    "status",
 ]
 
 
@@ -57,12 +72,21 @@ def test_smoke_sweep_runs_the_matrix_and_writes_results(tmp_path, ray_local):
 @pytest.mark.slow
 def test_crashed_trial_resumes_from_checkpoint_with_identical_metrics(tmp_path, ray_local):
     one = [E.EMBEDDED["CPU-02"]]
-    clean = run(Sweep("clean", one, [0], str(tmp_path / "runs"), common={**E.SMOKE, "data_dir": str(tmp_path / "data")}),
-                report=False)
+    clean = run(
+        Sweep("clean", one, [0], str(tmp_path / "runs"), common={**E.SMOKE, "data_dir": str(tmp_path / "data")}),
+        report=False,
+    )
     marker = tmp_path / "crashed-once"
     faulty = run(
-        Sweep("faulty", one, [0], str(tmp_path / "runs"), common={**E.SMOKE, "data_dir": str(tmp_path / "data")},
-              trainable=faults.trainable, extra_config={"fault": {"step": 20, "marker": str(marker)}}),
+        Sweep(
+            "faulty",
+            one,
+            [0],
+            str(tmp_path / "runs"),
+            common={**E.SMOKE, "data_dir": str(tmp_path / "data")},
+            trainable=faults.trainable,
+            extra_config={"fault": {"step": 20, "marker": str(marker)}},
+        ),
         report=False,
     )
     assert marker.exists(), "the fault was never injected"
@@ -77,17 +101,27 @@ def test_crashed_trial_resumes_from_checkpoint_with_identical_metrics(tmp_path, 
 
 
 def _recipe(tmp_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "sweeps" / "phase3.py"), "--smoke-test", "--no-wandb",
-            "--storage", str(tmp_path / "runs"), *extra]
+    return [
+        sys.executable,
+        str(ROOT / "sweeps" / "phase3.py"),
+        "--smoke-test",
+        "--no-wandb",
+        "--storage",
+        str(tmp_path / "runs"),
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_with_the_same_command(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = _recipe(tmp_path, "--seeds", "0,1,2", "--experiments", "CPU-01,CPU-02,CPU-03")  # 9 trials: some unfinished at the interrupt
+    cmd = _recipe(
+        tmp_path, "--seeds", "0,1,2", "--experiments", "CPU-01,CPU-02,CPU-03"
+    )  # 9 trials: some unfinished at the interrupt
     run_dir = tmp_path / "runs" / "phase3-smoke"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     deadline = time.time() + 240
     done_before: set[str] = set()
     while time.time() < deadline:
@@ -120,9 +154,22 @@ def test_paper_recipe_smoke_on_cpu_through_gpt2_tokens(tmp_path, ray_local, gpt2
     too); `--experiments` keeps the TinyStories three, GPT-01..03, each with the paper's method and lr."""
     from helpers import phase3_presets as _phase3_presets
 
-    argv = ["--preset", "paper", "--smoke-test", "--gpus-per-trial", "0", "--set", "dataset=stories",
-            "--set", f"gpt2_ranks={gpt2_ranks}", "--experiments", "GPT-01,GPT-02,GPT-03", "--no-wandb",
-            "--storage", str(tmp_path / "runs")]
+    argv = [
+        "--preset",
+        "paper",
+        "--smoke-test",
+        "--gpus-per-trial",
+        "0",
+        "--set",
+        "dataset=stories",
+        "--set",
+        f"gpt2_ranks={gpt2_ranks}",
+        "--experiments",
+        "GPT-01,GPT-02,GPT-03",
+        "--no-wandb",
+        "--storage",
+        str(tmp_path / "runs"),
+    ]
     rc = recipe.main("phase3", _phase3_presets(), argv)
     assert rc == 0, capsys.readouterr().err[-3000:]
     run_dir = tmp_path / "runs" / "phase3-smoke"
@@ -143,4 +190,7 @@ def test_paper_recipe_smoke_on_cpu_through_gpt2_tokens(tmp_path, ray_local, gpt2
     assert np.fromfile(prepared / "train.bin", dtype=np.uint16).max() > 256
     # the frozen methods train fewer parameters than the baseline of the same (vocab 50257) model
     assert (df.total_params > 50257 * E.SMOKE["d_model"]).all()
-    assert (df.trainable_params[["GPT-02-oelm_freeze-s0", "GPT-03-oelm_random-s0"]] < df.trainable_params["GPT-01-baseline-s0"]).all()
+    assert (
+        df.trainable_params[["GPT-02-oelm_freeze-s0", "GPT-03-oelm_random-s0"]]
+        < df.trainable_params["GPT-01-baseline-s0"]
+    ).all()

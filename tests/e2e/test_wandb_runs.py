@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import faults  # tests/faults.py: a trainable that crashes once, at a given step
 import pytest
-from helpers import phase3_presets, steps_of
-
-PRESETS = phase3_presets()
-from wandb_files import read_finished  # tests/wandb_files.py: .wandb files read back
 
 from oelm_ray import results
 from oelm_ray.core import experiments as E
@@ -15,6 +10,12 @@ from oelm_ray.tune import recipe
 from oelm_ray.tune import wandb_logger as W
 from oelm_ray.tune import wandb_sync as WS
 from oelm_ray.tune.sweep import Sweep, run
+
+import faults  # tests/faults.py: a trainable that crashes once, at a given step
+from helpers import phase3_presets, steps_of
+from wandb_files import read_finished  # tests/wandb_files.py: .wandb files read back
+
+PRESETS = phase3_presets()
 
 
 @pytest.mark.slow
@@ -38,13 +39,33 @@ def test_smoke_sweep_without_key_logs_one_offline_run_per_trial(tmp_path, ray_lo
         assert (r["id"], r["name"], r["group"], r["job_type"]) == (rec["trial_id"], rec["name"], "phase3-smoke", method)
         assert r["project"] == "oelm-ray" and r["tags"] == ["stories", method, "seed=0", "protocol"]
         cfg = r["config"]
-        for k in ("method", "dataset", "lr", "warmup_steps", "max_steps", "seed", "qk_freeze_layers",
-                  "qk_unfreeze_step", "qk_lr_mult", "qk_random_std", "d_model", "n_layer", "n_head"):
+        for k in (
+            "method",
+            "dataset",
+            "lr",
+            "warmup_steps",
+            "max_steps",
+            "seed",
+            "qk_freeze_layers",
+            "qk_unfreeze_step",
+            "qk_lr_mult",
+            "qk_random_std",
+            "d_model",
+            "n_layer",
+            "n_head",
+        ):
             assert k in cfg, k
-        assert (cfg["experiment_id"], cfg["method"], cfg["d_model"], cfg["max_steps"]) == (rec["experiment_id"], method, 32, 30)
+        assert (cfg["experiment_id"], cfg["method"], cfg["d_model"], cfg["max_steps"]) == (
+            rec["experiment_id"],
+            method,
+            32,
+            30,
+        )
         assert cfg["role"] == "protocol" and cfg["qk_std"] == 0.02
         hist = [h for h in r["history"] if "val/ppl" in h]
-        assert [h["_step"] for h in hist] == [h["step"] for h in hist] == [10, 20, 30]  # the training step, not training_iteration
+        assert (
+            [h["_step"] for h in hist] == [h["step"] for h in hist] == [10, 20, 30]
+        )  # the training step, not training_iteration
         assert [h["val/ppl"] for h in hist] == pytest.approx([h["val/ppl"] for h in rec["history"]])
 
 
@@ -55,10 +76,17 @@ def test_retried_and_restored_trials_continue_their_run(tmp_path, ray_local, mon
     common = {**E.SMOKE, "data_dir": str(tmp_path / "data")}
 
     def sweep(name, fault=None, max_failures=2):
-        return Sweep(name, one, [0], str(tmp_path / "runs"), common=common, max_failures=max_failures,
-                     callbacks=[W.callback(project="p", group=name)],
-                     trainable=faults.trainable,
-                     extra_config={"fault": {"step": 20, "marker": str(tmp_path / f"{name}.crashed")}} if fault else {})
+        return Sweep(
+            name,
+            one,
+            [0],
+            str(tmp_path / "runs"),
+            common=common,
+            max_failures=max_failures,
+            callbacks=[W.callback(project="p", group=name)],
+            trainable=faults.trainable,
+            extra_config={"fault": {"step": 20, "marker": str(tmp_path / f"{name}.crashed")}} if fault else {},
+        )
 
     # crash at step 20, retried in the same Tuner from the step-10 checkpoint: one run, one history
     retried = run(sweep("retried", fault=True), report=False)

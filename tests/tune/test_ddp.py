@@ -30,7 +30,9 @@ RTOL = 1e-5
 
 
 def _cfg(tmp: Path, **kw):
-    return make_config("cpu", **{**SMOKE, "data_dir": str(tmp / "data"), "num_threads": 1, "max_steps": 20, "lr": 2e-3, **kw})
+    return make_config(
+        "cpu", **{**SMOKE, "data_dir": str(tmp / "data"), "num_threads": 1, "max_steps": 20, "lr": 2e-3, **kw}
+    )
 
 
 def _rank(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
@@ -90,8 +92,15 @@ def test_ddp_trial_in_a_sweep_matches_a_single_process_run(tmp_path, ray_local):
     ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         common = {**SMOKE, "max_steps": 20, "data_dir": str(tmp_path / "data"), "num_threads": 1}
-        sw = Sweep(name="ddp", experiments=[E.EMBEDDED["CPU-02"]], seeds=[0], storage=str(tmp_path / "runs"),
-                   common=common, workers_per_trial=2, max_failures=0)
+        sw = Sweep(
+            name="ddp",
+            experiments=[E.EMBEDDED["CPU-02"]],
+            seeds=[0],
+            storage=str(tmp_path / "runs"),
+            common=common,
+            workers_per_trial=2,
+            max_failures=0,
+        )
         run_dir = run(sw, report=False)
         assert sw.max_concurrent == 1  # 3 CPUs fit one trial (1 + 2 workers)
         rec = json.loads((run_dir / "trials" / "CPU-02-oelm_freeze-s0.json").read_text())

@@ -28,8 +28,9 @@ def _sweep(tmp: Path, name: str, datasets: dict[str, str], **kw) -> Sweep:
 
 
 def _stories_file(path: Path, n: int = 300) -> Path:
-    path.write_text("\n\n".join(f"Story {i}: the cat sat on the mat, then the dog ran to the park. " * 3
-                                for i in range(n)) + "\n")
+    path.write_text(
+        "\n\n".join(f"Story {i}: the cat sat on the mat, then the dog ran to the park. " * 3 for i in range(n)) + "\n"
+    )
     return path
 
 

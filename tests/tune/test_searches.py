@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import BENCH_SEARCHERS as S
-from helpers import load_module
 
 from oelm_ray import results, search_report
 from oelm_ray.core.config import ConfigError, make_config
 from oelm_ray.core.experiments import Experiment
 from oelm_ray.tune import search
+
+from helpers import BENCH_SEARCHERS as S
+from helpers import load_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -140,7 +141,9 @@ def test_sha_phase_decides_only_before_annealing_and_keeps_what_the_budget_pays_
             self.trial_id, self.status = f"t{i}", "RUNNING"
 
     trials = [T(i) for i in range(25)]
-    ctl = type("Ctl", (), {"get_trials": lambda self: trials, "stop_trial": lambda self, t: setattr(t, "status", "TERMINATED")})()
+    ctl = type(
+        "Ctl", (), {"get_trials": lambda self: trials, "stop_trial": lambda self, t: setattr(t, "status", "TERMINATED")}
+    )()
     for i, t in enumerate(trials[:24]):
         assert sched.on_trial_result(ctl, t, {"step": 60, "val/loss": float((7 * i) % 25)}) == "PAUSE"
         t.status = "PAUSED"
@@ -150,7 +153,11 @@ def test_sha_phase_decides_only_before_annealing_and_keeps_what_the_budget_pays_
         t.status = "RUNNING"
     kept = {t.trial_id for t in trials if t.status == "RUNNING"}
     assert kept == {f"t{i}" for i in range(25) if (7 * i) % 25 < 6}  # the best six at step 60 train to the end
-    assert all(sched.on_trial_result(ctl, t, {"step": 270, "val/loss": 0.0}) == "CONTINUE" for t in trials if t.status == "RUNNING")
+    assert all(
+        sched.on_trial_result(ctl, t, {"step": 270, "val/loss": 0.0}) == "CONTINUE"
+        for t in trials
+        if t.status == "RUNNING"
+    )
 
     # an exact tie at the rung (same warmup slope: the same curve so far) is broken by config, not by arrival
     def survivor(order):
@@ -159,7 +166,12 @@ def test_sha_phase_decides_only_before_annealing_and_keeps_what_the_budget_pays_
             t.config = {"trial": {"config": {"train": {"lr": 8e-3 * (1 + t.trial_id[1:].count("1"))}}}}
         tie = search.SyncHalving(2, [60], 2)
         tie.on_trial_result(ctl, ts[0], {"step": 60, "val/loss": 1.0})
-        return ts[1].trial_id if tie.on_trial_result(ctl, ts[1], {"step": 60, "val/loss": 1.0}) == "CONTINUE" else ts[0].trial_id
+        return (
+            ts[1].trial_id
+            if tie.on_trial_result(ctl, ts[1], {"step": 60, "val/loss": 1.0}) == "CONTINUE"
+            else ts[0].trial_id
+        )
+
     assert survivor([0, 1]) == survivor([1, 0]) == "t0"
 
     # resumed (the scheduler's state is not restored): only 10 of the 25 can still reach the rung; once nobody
@@ -185,11 +197,17 @@ def test_every_experiment_gets_its_own_search(tmp_path):
     assert len(names) == len(base.experiments)
     # a finished search is kept only if it is this search: another sweep under the name is refused
     space = search.Space(lrs=[1e-3], warmup_fracs=[0.1])
-    other = Sweep(name=search.cell_name(base, E.EMBEDDED["CPU-04"]), experiments=[E.EMBEDDED["CPU-03"]], seeds=[0],
-                  storage=str(tmp_path))
+    other = Sweep(
+        name=search.cell_name(base, E.EMBEDDED["CPU-04"]),
+        experiments=[E.EMBEDDED["CPU-03"]],
+        seeds=[0],
+        storage=str(tmp_path),
+    )
     write_json(other.run_dir / "sweep.json", other.identity())
     with pytest.raises(ConfigError, match="different sweep config"):
-        search.search_cells(Sweep(name="lw", experiments=[E.EMBEDDED["CPU-04"]], seeds=[1], storage=str(tmp_path)), space)
+        search.search_cells(
+            Sweep(name="lw", experiments=[E.EMBEDDED["CPU-04"]], seeds=[1], storage=str(tmp_path)), space
+        )
 
 
 def test_space_grid_and_cost_bookkeeping():
@@ -206,13 +224,25 @@ def test_space_grid_and_cost_bookkeeping():
     assert sched._time_attr == "step" and sched._max_t == 1000
 
     def rec(name, lr, steps, ppl, status):
-        hist = [{"step": s, "val/ppl": ppl + (steps - s) / 100, "trainable_params": 10} for s in range(200, steps + 1, 200)]
-        return {"name": name, "experiment_id": "CPU-01", "dataset": "stories", "method": "baseline", "seed": 0,
-                "config": {"train": {"lr": lr, "warmup_steps": 100, "max_steps": 1000}, "model": {}},
-                "status": status, "history": hist}
+        hist = [
+            {"step": s, "val/ppl": ppl + (steps - s) / 100, "trainable_params": 10} for s in range(200, steps + 1, 200)
+        ]
+        return {
+            "name": name,
+            "experiment_id": "CPU-01",
+            "dataset": "stories",
+            "method": "baseline",
+            "seed": 0,
+            "config": {"train": {"lr": lr, "warmup_steps": 100, "max_steps": 1000}, "model": {}},
+            "status": status,
+            "history": hist,
+        }
 
-    recs = [rec("a", 1e-3, 1000, 5.0, "completed"), rec("b", 2e-3, 200, 4.0, "stopped"),
-            rec("c", 4e-3, 1000, 4.5, "completed")]
+    recs = [
+        rec("a", 1e-3, 1000, 5.0, "completed"),
+        rec("b", 2e-3, 200, 4.0, "stopped"),
+        rec("c", 4e-3, 1000, 4.5, "completed"),
+    ]
     exp = Experiment("CPU-01", "cpu", {"method": "baseline"})
     cell = search_report.cell_summary(exp, recs, n_candidates=6, max_steps=1000, run_dir=Path("x"))
     # the stopped trial's early PPL is not a finished configuration: the best finished one wins
@@ -225,24 +255,49 @@ def test_search_png_is_a_heatmap_whose_marks_follow_the_data(tmp_path):
     from matplotlib.patches import Rectangle
 
     def cell(eid, pick, stopped):
-        tried = [{"trial": f"{lr}-{w}", "lr": lr, "warmup_steps": w, "steps": 60 if (lr, w) in stopped else 300,
-                  "best_val_ppl": 9.0 + lr * 100 + w / 100, "last_val_ppl": 9.5 + lr * 100 + w / 100,
-                  "status": "stopped" if (lr, w) in stopped else "completed"}
-                 for lr in (4e-3, 8e-3, 1.6e-2) for w in (30, 90)]
-        return {"experiment_id": eid, "dataset": "stories", "method": "baseline", "max_steps": 300, "trials": 6,
-                "stopped_early": len(stopped), "candidates": 6, "trial_steps": 1200, "grid_trial_steps": 1800,
-                "fraction_of_grid": 0.4, "tried": tried,
-                "best": {"trial": "x", "lr": pick[0], "warmup_steps": pick[1], "best_val_ppl": 9.0, "final_val_ppl": 9.0}}
+        tried = [
+            {
+                "trial": f"{lr}-{w}",
+                "lr": lr,
+                "warmup_steps": w,
+                "steps": 60 if (lr, w) in stopped else 300,
+                "best_val_ppl": 9.0 + lr * 100 + w / 100,
+                "last_val_ppl": 9.5 + lr * 100 + w / 100,
+                "status": "stopped" if (lr, w) in stopped else "completed",
+            }
+            for lr in (4e-3, 8e-3, 1.6e-2)
+            for w in (30, 90)
+        ]
+        return {
+            "experiment_id": eid,
+            "dataset": "stories",
+            "method": "baseline",
+            "max_steps": 300,
+            "trials": 6,
+            "stopped_early": len(stopped),
+            "candidates": 6,
+            "trial_steps": 1200,
+            "grid_trial_steps": 1800,
+            "fraction_of_grid": 0.4,
+            "tried": tried,
+            "best": {"trial": "x", "lr": pick[0], "warmup_steps": pick[1], "best_val_ppl": 9.0, "final_val_ppl": 9.0},
+        }
 
     cells = [cell("CPU-01", (8e-3, 90), {(4e-3, 30), (1.6e-2, 30)}), cell("CPU-04", (1.6e-2, 90), {(8e-3, 30)})]
     fig = search_report.search_figure(cells)
     for ax, c in zip(fig.axes, cells):  # the panels first, then their colour bars
         marks = {p.get_gid(): (p.get_x(), p.get_y()) for p in ax.patches if isinstance(p, Rectangle) and p.get_gid()}
-        stopped = {tuple(float(x) if "." in x else int(x) for x in g.split(" ")[1].split(",")) for g in marks if g.startswith("stopped")}
+        stopped = {
+            tuple(float(x) if "." in x else int(x) for x in g.split(" ")[1].split(","))
+            for g in marks
+            if g.startswith("stopped")
+        }
         assert stopped == {(t["lr"], t["warmup_steps"]) for t in c["tried"] if t["status"] == "stopped"}
         lrs, ws = [4e-3, 8e-3, 1.6e-2], [30, 90]
         pick = [xy for g, xy in marks.items() if g.startswith("pick")]
-        assert pick == [(ws.index(c["best"]["warmup_steps"]) - 0.5, lrs.index(c["best"]["lr"]) - 0.5)]  # framed where it is
+        assert pick == [
+            (ws.index(c["best"]["warmup_steps"]) - 0.5, lrs.index(c["best"]["lr"]) - 0.5)
+        ]  # framed where it is
         img = ax.images[0].get_array()
         assert img[lrs.index(1.6e-2), ws.index(90)] == pytest.approx(9.5 + 1.6 + 0.9)  # the last PPL reached
         assert any(t.get_text() == f"{9.5 + 0.4 + 0.3:.2f}\n@60" for t in ax.texts) == (c["experiment_id"] == "CPU-01")
@@ -261,8 +316,17 @@ def test_partial_unfreeze_variants_are_valid_and_named():
         exps = pu.PRESETS[preset]["experiments"]
         ids = [e.id for e in exps]
         assert ids[2:] == [f"PU-k{k}" for k in range(1, n_layer)] + [
-            "PU-unf0.25", "PU-unf0.50", "PU-unf0.75", "PU-mult0.1", "PU-every10", "PU-lrd0.5",
-            "PU-rand-unf0.25", "PU-rand-mult0.1", "PU-orth-train", "PU-rand-train"]
+            "PU-unf0.25",
+            "PU-unf0.50",
+            "PU-unf0.75",
+            "PU-mult0.1",
+            "PU-every10",
+            "PU-lrd0.5",
+            "PU-rand-unf0.25",
+            "PU-rand-mult0.1",
+            "PU-orth-train",
+            "PU-rand-train",
+        ]
         for e in exps:
             e.config(0)  # validates
     cfgs = {e.id: e.config(0) for e in pu.PRESETS["embedded"]["experiments"]}
@@ -292,7 +356,9 @@ def test_recipes_build_their_smoke_specs(tmp_path):
     from oelm_ray.tune import recipe
 
     pu = load_recipe("partial_unfreeze")
-    args = recipe.parser("partial_unfreeze", pu.PRESETS).parse_args(["--smoke-test", "--no-wandb", "--storage", str(tmp_path)])
+    args = recipe.parser("partial_unfreeze", pu.PRESETS).parse_args(
+        ["--smoke-test", "--no-wandb", "--storage", str(tmp_path)]
+    )
     sw = pu.at_run_size(recipe.build("partial_unfreeze", pu.PRESETS, args), args)
     unf = {e.id: e.config(0, **sw.common).train.qk_unfreeze_step for e in sw.experiments if e.id.startswith("PU-unf")}
     assert unf == {"PU-unf0.25": 8, "PU-unf0.50": 15, "PU-unf0.75": 22}  # fractions of the smoke run's 30 steps
@@ -309,19 +375,33 @@ def test_recipes_build_their_smoke_specs(tmp_path):
 
 def test_report_shows_params_saved_and_compute():
     def rec(eid, method, trainable, unfreeze=-1, status="completed", steps=30):
-        return {"name": f"{eid}-{method}-s0", "experiment_id": eid, "dataset": "stories", "method": method, "seed": 0,
-                "config": {"train": {"max_steps": 30, "qk_unfreeze_step": unfreeze}, "model": {}}, "status": status,
-                "history": [{"step": steps, "val/ppl": 10.0, "trainable_params": trainable}]}
+        return {
+            "name": f"{eid}-{method}-s0",
+            "experiment_id": eid,
+            "dataset": "stories",
+            "method": method,
+            "seed": 0,
+            "config": {"train": {"max_steps": 30, "qk_unfreeze_step": unfreeze}, "model": {}},
+            "status": status,
+            "history": [{"step": steps, "val/ppl": 10.0, "trainable_params": trainable}],
+        }
 
-    df = results.trials_frame([rec("B", "baseline", 100), rec("F", "oelm_freeze", 80),
-                               rec("U", "oelm_freeze", 80, unfreeze=15), rec("S", "oelm_freeze", 80, status="stopped", steps=10)])
+    df = results.trials_frame(
+        [
+            rec("B", "baseline", 100),
+            rec("F", "oelm_freeze", 80),
+            rec("U", "oelm_freeze", 80, unfreeze=15),
+            rec("S", "oelm_freeze", 80, status="stopped", steps=10),
+        ]
+    )
     text = results.summary_markdown(df, "t")
     assert "| stories | F | oelm_freeze | - | -1 | - | 80 | 20 (20.0%) | 100% |" in text
     assert "| stories | U | oelm_freeze | - | 15 | - | 80 | 20 (20.0%) | 50% |" in text
-    assert "Compute: 100 trial-steps over 4 trial(s) (1 stopped early by the scheduler); every trial to max_steps: 120." in text
+    assert (
+        "Compute: 100 trial-steps over 4 trial(s) (1 stopped early by the scheduler); every trial to max_steps: 120."
+        in text
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # slow: real sweeps on local Ray
-
-

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import smoke_sweep
 
 from oelm_ray import results
 from oelm_ray.core import experiments as E
@@ -22,6 +21,8 @@ from oelm_ray.tune import recipe
 from oelm_ray.tune.resources import resources
 from oelm_ray.tune.sweep import Sweep
 from oelm_ray.tune.trial import trial_device
+
+from helpers import smoke_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,10 +36,16 @@ def test_gpu_runs_never_fall_back_to_cpu_silently(tmp_path, ray_local):
     assert resources(smoke_sweep(tmp_path, "paper", require_gpus=True, gpus_per_trial=0)) == {"cpu": 1.0, "gpu": 0.0}
     assert resources(smoke_sweep(tmp_path, "embedded")) == {"cpu": 1.0, "gpu": 0.0}  # the CPU default stays CPU
     args = recipe.parser("phase3", {"paper": {}, "embedded": {}}).parse_args
-    assert recipe.build("phase3", {"paper": {"experiments": ["GPT-01"], "seeds": [0]}},
-                        args(["--preset", "paper", "--no-wandb", "--storage", str(tmp_path)])).require_gpus
-    assert not recipe.build("phase3", {"embedded": {"experiments": ["CPU-01"], "seeds": [0]}},
-                            args(["--no-wandb", "--storage", str(tmp_path)])).require_gpus
+    assert recipe.build(
+        "phase3",
+        {"paper": {"experiments": ["GPT-01"], "seeds": [0]}},
+        args(["--preset", "paper", "--no-wandb", "--storage", str(tmp_path)]),
+    ).require_gpus
+    assert not recipe.build(
+        "phase3",
+        {"embedded": {"experiments": ["CPU-01"], "seeds": [0]}},
+        args(["--no-wandb", "--storage", str(tmp_path)]),
+    ).require_gpus
 
 
 def test_trial_device_comes_from_rays_assignment():
@@ -93,7 +100,8 @@ def test_equal_values_are_one_sweep_however_spelled(tmp_path):
 
     def build(*sets):
         args = recipe.parser("phase3", presets).parse_args(
-            ["--smoke-test", "--no-wandb", "--storage", str(tmp_path), *[a for s in sets for a in ("--set", s)]])
+            ["--smoke-test", "--no-wandb", "--storage", str(tmp_path), *[a for s in sets for a in ("--set", s)]]
+        )
         return recipe.build("phase3", presets, args)
 
     a, b = build("lr=0.005", "compile=off"), build("lr=5e-3", "compile=false")
@@ -144,11 +152,11 @@ def test_bad_trial_config_is_caught_before_ray(tmp_path):
 
 def test_a_set_over_per_arm_values_is_said_in_the_sweeps_first_lines(tmp_path, monkeypatch, capsys):
     """--set lr / --max-steps on the paper rows: a warning per field, naming the arms and the values it replaces."""
-    from helpers import phase3_presets as _phase3_presets
-
     from oelm_ray.tune import sweep as S
 
-    def stop(address):
+    from helpers import phase3_presets as _phase3_presets
+
+    def stop(*_):
         raise ConfigError("stopped where Ray would start")
 
     monkeypatch.setattr(S, "connect", stop)
@@ -175,9 +183,11 @@ def test_a_search_recipe_refuses_a_set_of_what_it_searches(tmp_path, capsys):
     lw = runpy.run_path(str(ROOT / "sweeps" / "lr_warmup.py"))
     for field in ("lr=1e-3", "warmup_steps=10"):
         assert lw["main"](["--smoke-test", "--no-wandb", "--storage", str(tmp_path), "--set", field]) == 2
-        assert capsys.readouterr().err.strip() == \
-            "lr_warmup: error: this recipe searches lr and warmup_steps for each arm: drop --set lr / --set " \
+        assert (
+            capsys.readouterr().err.strip()
+            == "lr_warmup: error: this recipe searches lr and warmup_steps for each arm: drop --set lr / --set "
             "warmup_steps"
+        )
     assert not (tmp_path / "lr_warmup-smoke").exists()
 
 
@@ -186,25 +196,47 @@ def test_report_from_synthetic_records(tmp_path):
 
     def rec(name, method, seed, ppls, params, status="completed", lr=1e-3, qk_std=0.02, isolates=""):
         hist = [
-            {"step": 100 * (i + 1), "tokens": 1000 * (i + 1), "val/ppl": p, "val/loss": __import__("math").log(p),
-             "step_time_s": 0.1, "tokens_per_s": 1e4, "wall_time_s": 10.0 * (i + 1), "trainable_params": params,
-             "total_params": 1000, "val/tokens": 4096}
+            {
+                "step": 100 * (i + 1),
+                "tokens": 1000 * (i + 1),
+                "val/ppl": p,
+                "val/loss": __import__("math").log(p),
+                "step_time_s": 0.1,
+                "tokens_per_s": 1e4,
+                "wall_time_s": 10.0 * (i + 1),
+                "trainable_params": params,
+                "total_params": 1000,
+                "val/tokens": 4096,
+            }
             for i, p in enumerate(ppls)
         ]
-        return {"name": name, "experiment_id": name.split("-s")[0], "dataset": "stories", "method": method, "seed": seed,
-                "config": {"train": {"lr": lr, "warmup_steps": 10, "max_steps": 100 * len(ppls), "eval_batches": 0},
-                           "model": {"d_model": 64, "qk_random_std": qk_std}},
-                "status": status, "history": hist, "isolates": isolates}
+        return {
+            "name": name,
+            "experiment_id": name.split("-s")[0],
+            "dataset": "stories",
+            "method": method,
+            "seed": seed,
+            "config": {
+                "train": {"lr": lr, "warmup_steps": 10, "max_steps": 100 * len(ppls), "eval_batches": 0},
+                "model": {"d_model": 64, "qk_random_std": qk_std},
+            },
+            "status": status,
+            "history": hist,
+            "isolates": isolates,
+        }
 
     for r in [
-        rec("B-s0", "baseline", 0, [5.0, 4.0], 1000, lr=3e-4), rec("B-s1", "baseline", 1, [5.0, 4.4], 1000, lr=3e-4),
-        rec("F-s0", "oelm_freeze", 0, [5.0, 4.1], 900), rec("F-s1", "oelm_freeze", 1, [5.0, 4.84], 900),
+        rec("B-s0", "baseline", 0, [5.0, 4.0], 1000, lr=3e-4),
+        rec("B-s1", "baseline", 1, [5.0, 4.4], 1000, lr=3e-4),
+        rec("F-s0", "oelm_freeze", 0, [5.0, 4.1], 900),
+        rec("F-s1", "oelm_freeze", 1, [5.0, 4.84], 900),
         rec("R-s0", "oelm_random", 0, [6.0, 5.0, float("inf")], 900, status="diverged"),
         # controls: a better baseline at the frozen arms' rate must not become the reference
         rec("L-s0", "baseline", 0, [5.0, 3.9], 1000, isolates="learning rate"),
         rec("S-s0", "oelm_random", 0, [5.0, 4.52], 900, qk_std=0.0, isolates="init scale"),
         # a trial stopped by the Q/K check: what it reported before is no valid result
-        rec("Q-s0", "oelm_freeze", 0, [5.0, 3.0], 900, status="error") | {"qk_check": "Q/K check failed at step 300: x"},
+        rec("Q-s0", "oelm_freeze", 0, [5.0, 3.0], 900, status="error")
+        | {"qk_check": "Q/K check failed at step 300: x"},
     ]:
         results.write_record(run_dir, r)
     (run_dir / "sweep.json").write_text("{}")
@@ -221,7 +253,9 @@ def test_report_from_synthetic_records(tmp_path):
     assert df.loc["S-s0", "gap_vs_freeze_pct"] == pytest.approx(100 * (4.52 / 4.1 - 1))
     assert math.isnan(df.loc["F-s0", "gap_vs_freeze_pct"]) and df.loc["F-s0", "role"] == "protocol"
     # the config fields that differ between trials, with the scale-matched std resolved
-    assert df.loc["B-s0", "lr"] == 3e-4 and df.loc["S-s0", "qk_random_std"] == 64**-0.5 and df.loc["S-s0", "d_model"] == 64
+    assert (
+        df.loc["B-s0", "lr"] == 3e-4 and df.loc["S-s0", "qk_random_std"] == 64**-0.5 and df.loc["S-s0", "d_model"] == 64
+    )
     assert df.loc["B-s0", "val_tokens"] == 4096
     assert math.isnan(df.loc["Q-s0", "best_val_ppl"]) and df.loc["Q-s0", "qk_check"].startswith("Q/K check failed")
     assert df.loc["F-s0", "qk_check"] == "-"  # records from before the check: unknown, not failed
@@ -230,7 +264,9 @@ def test_report_from_synthetic_records(tmp_path):
     assert "| stories | F | protocol | oelm_freeze | 2 | 4.470 ± 0.523 | +6.2% ± 5.3 | 1/2 | 900 |" in md
     assert "whole validation split (4,096 tokens)" in md
     assert "| stories | L | baseline | 0.001 | - | 3.900 ± 0.000 | -2.5% ± 0.0 | -4.9% ± 0.0 | learning rate |" in md
-    assert "| stories | S | oelm_random | 0.001 | 0.125 | 4.520 ± 0.000 | +13.0% ± 0.0 | +10.2% ± 0.0 | init scale |" in md
+    assert (
+        "| stories | S | oelm_random | 0.001 | 0.125 | 4.520 ± 0.000 | +13.0% ± 0.0 | +10.2% ± 0.0 | init scale |" in md
+    )
     assert paths[2].stat().st_size > 1000
     status = results.status_table(run_dir, now=0)
     assert "F-s1" in status and "diverged" in status
@@ -258,8 +294,13 @@ def test_trial_device_on_a_node_with_logical_gpus(tmp_path):
     trains on cuda; a 0-GPU task on the same node trains on CPU. Its own Ray, in a subprocess."""
     ray_tmp = tempfile.mkdtemp(prefix="rg", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     try:
-        r = subprocess.run([sys.executable, "-c", _GPU_NODE_PROBE], env={**os.environ, "RAY_TMPDIR": ray_tmp},
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-c", _GPU_NODE_PROBE],
+            env={**os.environ, "RAY_TMPDIR": ray_tmp},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert r.returncode == 0, r.stderr[-3000:]

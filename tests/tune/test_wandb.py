@@ -10,10 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import phase3_presets, steps_of
-
-PRESETS = phase3_presets()
-from wandb_files import read_finished  # tests/wandb_files.py: .wandb files read back
 
 from oelm_ray import results
 from oelm_ray.core import experiments as E
@@ -22,6 +18,11 @@ from oelm_ray.tune import recipe
 from oelm_ray.tune import wandb_logger as W
 from oelm_ray.tune import wandb_sync as WS
 from oelm_ray.tune.trial import TrialSpec
+
+from helpers import phase3_presets, steps_of
+from wandb_files import read_finished  # tests/wandb_files.py: .wandb files read back
+
+PRESETS = phase3_presets()
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,8 +62,13 @@ def test_user_mode_and_stored_key_are_respected(no_key, monkeypatch):
 
 def test_recipe_builds_the_callback_unless_no_wandb(tmp_path, no_key):
     argv = ["--smoke-test", "--storage", str(tmp_path / "runs")]
-    assert [type(c) for c in recipe.build("phase3", PRESETS, recipe.parser("phase3", PRESETS).parse_args(argv)).callbacks] == [W.Callback]
-    assert recipe.build("phase3", PRESETS, recipe.parser("phase3", PRESETS).parse_args(argv + ["--no-wandb"])).callbacks == []
+    assert [
+        type(c) for c in recipe.build("phase3", PRESETS, recipe.parser("phase3", PRESETS).parse_args(argv)).callbacks
+    ] == [W.Callback]
+    assert (
+        recipe.build("phase3", PRESETS, recipe.parser("phase3", PRESETS).parse_args(argv + ["--no-wandb"])).callbacks
+        == []
+    )
     # --no-wandb also reaches the logger Tune restores with a resumed run: it decides its mode from WANDB_MODE
     # (a bad --set ends the recipe before any sweep starts; the mode is set by then)
     assert os.environ.get("WANDB_MODE") is None
@@ -87,11 +93,22 @@ class FakeTrial:
 
 
 def _result(it: int, step: int) -> dict:
-    return {"training_iteration": it, "step": step, "val/ppl": 100.0 / step, "trial_id": "trial_00000",
-            "hostname": "h", "node": "127.0.0.1", "done": False, "config": {"trial": {}}, "qk_check": "ok"}
+    return {
+        "training_iteration": it,
+        "step": step,
+        "val/ppl": 100.0 / step,
+        "trial_id": "trial_00000",
+        "hostname": "h",
+        "node": "127.0.0.1",
+        "done": False,
+        "config": {"trial": {}},
+        "qk_check": "ok",
+    }
 
 
-def test_callback_logs_at_the_training_step_and_a_restored_copy_adds_no_duplicates(tmp_path, no_key, monkeypatch, capsys):
+def test_callback_logs_at_the_training_step_and_a_restored_copy_adds_no_duplicates(
+    tmp_path, no_key, monkeypatch, capsys
+):
     t = FakeTrial(tmp_path)
     cb = W.callback(project="p", group="g")
     cb.setup()
@@ -121,7 +138,12 @@ def test_callback_logs_at_the_training_step_and_a_restored_copy_adds_no_duplicat
     first, second = read_finished(segs[0]), read_finished(segs[1])
     assert [h["step"] for h in first["history"]] == [h["_step"] for h in first["history"]] == [10, 20]
     assert (first["exit_code"], second["exit_code"]) == (1, 0)  # the errored attempt is marked failed
-    assert (first["id"], first["name"], first["group"], first["job_type"]) == ("trial_00000", t.name, "g", "oelm_freeze")
+    assert (first["id"], first["name"], first["group"], first["job_type"]) == (
+        "trial_00000",
+        t.name,
+        "g",
+        "oelm_freeze",
+    )
     assert first["config"]["lr"] == E.EMBEDDED["CPU-02"].config(0, **E.SMOKE).train.lr
     assert first["config"]["hostname"] == "h" and first["config"]["node"] == "127.0.0.1"
     assert not any("hostname" in h or "done" in h or "trial" in first["config"] for h in first["history"])
@@ -174,10 +196,20 @@ def test_sync_uploads_offline_runs_then_publishes_table_and_sweep(tmp_path, monk
         seg = run_dir / "wandb" / f"offline-run-20260101_000000-{tid}"
         seg.mkdir()
         (seg / f"run-{tid}.wandb").write_bytes(b":W&B")
-    recs = [{"name": f"CPU-0{i}-m-s0", "trial_id": f"a_0000{i - 1}", "experiment_id": f"CPU-0{i}", "seed": 0,
-             "method": m, "dataset": "stories", "config": {"model": {"method": m, "d_model": 32}, "train": {"lr": 1e-3}},
-             "status": "completed", "history": [{"step": 10, "tokens": 1280, "val/ppl": 9.0, "val/loss": 2.2, "step_time_s": 0.01}]}
-            for i, m in ((1, "baseline"), (2, "oelm_freeze"))]
+    recs = [
+        {
+            "name": f"CPU-0{i}-m-s0",
+            "trial_id": f"a_0000{i - 1}",
+            "experiment_id": f"CPU-0{i}",
+            "seed": 0,
+            "method": m,
+            "dataset": "stories",
+            "config": {"model": {"method": m, "d_model": 32}, "train": {"lr": 1e-3}},
+            "status": "completed",
+            "history": [{"step": 10, "tokens": 1280, "val/ppl": 9.0, "val/loss": 2.2, "step_time_s": 0.01}],
+        }
+        for i, m in ((1, "baseline"), (2, "oelm_freeze"))
+    ]
     for r in recs:
         results.write_record(run_dir, r)
     results.write_report(run_dir)
@@ -202,7 +234,7 @@ def test_sync_uploads_offline_runs_then_publishes_table_and_sweep(tmp_path, monk
     monkeypatch.setattr(wandb, "sweep", lambda cfg, **kw: sweeps.append((cfg, kw)) or "swp123")
     WS.sync(run_dir)
     assert calls and calls[0][2:6] == ["wandb", "sync", "--project", "proj"] and len(calls[0]) == 8
-    (cfg, kw), = sweeps
+    ((cfg, kw),) = sweeps
     assert kw["prior_runs"] == ["a_00000", "a_00001"] and kw["project"] == "proj"
     assert cfg["parameters"]["method"] == {"values": ["baseline", "oelm_freeze"]} and "d_model" not in cfg["parameters"]
     assert W.read_meta(run_dir)["sweep_id"] == "swp123"
@@ -214,5 +246,3 @@ def test_sync_uploads_offline_runs_then_publishes_table_and_sweep(tmp_path, monk
 
 # ------------------------------------------------------------------------------------------------
 # end to end on local Ray
-
-
