@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 
 from oelm_ray.core.checkpoint import host_copy, save_checkpoint  # noqa: E402
 from oelm_ray.core.config import make_config, parse_sets  # noqa: E402
+from oelm_ray.core.experiments import TINY_MODEL  # noqa: E402
 from oelm_ray.core.io import read_metrics  # noqa: E402
 from oelm_ray.core.model import GPT  # noqa: E402
 from oelm_ray.core.optim import build_optimizer  # noqa: E402
@@ -54,12 +55,7 @@ from oelm_ray.core.train_step import resolve_device  # noqa: E402
 from oelm_ray.core.trainer import train  # noqa: E402
 
 SMOKE = dict(
-    d_model=32,
-    n_layer=2,
-    n_head=2,
-    d_ff=64,
-    block_size=32,
-    batch_size=4,
+    **TINY_MODEL,
     vocab_size=257,
     dropout=0.1,
     tokenizer="bytes",

@@ -11,6 +11,7 @@ import torch
 from oelm_ray.core import data
 from oelm_ray.core import experiments as E
 from oelm_ray.core.config import make_config
+from oelm_ray.core.experiments import TINY_MODEL
 from oelm_ray.tune import wandb_sync as WS
 from oelm_ray.tune.sweep import Sweep
 
@@ -23,12 +24,7 @@ LOSS_KEYS = ("step", "tokens", "train/loss", "val/loss", "val/ppl", "lr")
 # a tiny `oelm-ray train` run, as config overrides and as the same command line
 TINY = dict(
     stories_mb=0.3,
-    d_model=32,
-    n_layer=2,
-    n_head=2,
-    d_ff=64,
-    block_size=32,
-    batch_size=4,
+    **TINY_MODEL,
     max_steps=10,
     warmup_steps=2,
     eval_interval=10,
@@ -114,3 +110,12 @@ def steps_of(run_dir: Path, trial_id: str) -> list[int]:
         if WS.offline_run_id(seg) == trial_id:
             out += [h["_step"] for h in read_finished(seg)["history"] if "val/ppl" in h]
     return out
+
+
+# the partial-unfreezing recipe's arms after its per-depth PU-k<k> rows, in order
+PU_ARMS = ["PU-unf0.25", "PU-unf0.50", "PU-unf0.75", "PU-mult0.1", "PU-every10", "PU-lrd0.5",
+           "PU-rand-unf0.25", "PU-rand-mult0.1", "PU-orth-train", "PU-rand-train"]  # fmt: skip
+
+# a tiny training run (the tiny model, 40 steps, dropout on: RNG in every step)
+TINY_RUN = dict(**TINY_MODEL, max_steps=40, warmup_steps=4, eval_interval=10, eval_batches=2, log_interval=10,
+                stories_mb=0.2, num_threads=1, dropout=0.1)  # fmt: skip

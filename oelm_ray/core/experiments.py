@@ -120,14 +120,12 @@ EMBEDDED["CPU-04"] = Experiment("CPU-04", "cpu", {"method": "oelm_random", "qk_r
 
 REGISTRY = {**PAPER, **CONTROLS, **EMBEDDED}
 
+# the tiny model of the smoke tests, the selftest and the test suite
+TINY_MODEL = dict(d_model=32, n_layer=2, n_head=2, d_ff=64, block_size=32, batch_size=4)
+
 # what --smoke-test shrinks every trial to: a few seconds each, every code path still runs
 SMOKE = dict(
-    d_model=32,
-    n_layer=2,
-    n_head=2,
-    d_ff=64,
-    block_size=32,
-    batch_size=4,
+    **TINY_MODEL,
     max_steps=30,
     warmup_steps=5,
     eval_interval=10,

@@ -37,6 +37,7 @@ import torch
 from .batches import Batches, Sampler, eval_batches
 from .config import Config, ConfigError, make_config
 from .data import Prepared
+from .experiments import TINY_MODEL
 from .io import read_metrics
 from .model import GPT
 from .optim import build_optimizer
@@ -45,12 +46,7 @@ from .train_step import TrainStep, resolve_compile, resolve_device
 from .trainer import train
 
 CHECK_CPU = dict(
-    d_model=32,
-    n_layer=2,
-    n_head=2,
-    d_ff=64,
-    block_size=32,
-    batch_size=4,
+    **TINY_MODEL,
     vocab_size=257,
     tokenizer="bytes",
     num_threads=0,

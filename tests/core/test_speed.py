@@ -25,24 +25,10 @@ from oelm_ray.core.io import DiskFullError, read_metrics
 from oelm_ray.core.train_step import resolve_compile, resolve_device
 from oelm_ray.core.trainer import train
 
+from helpers import TINY_RUN
+
 ROOT = Path(__file__).resolve().parents[2]
-TINY = dict(
-    d_model=32,
-    n_layer=2,
-    n_head=2,
-    d_ff=64,
-    block_size=32,
-    batch_size=4,
-    max_steps=20,
-    warmup_steps=4,
-    eval_interval=10,
-    eval_batches=2,
-    log_interval=10,
-    stories_mb=0.2,
-    num_threads=1,
-    dropout=0.1,
-    device="cpu",
-)  # CPU semantics (bit-for-bit); the CUDA test at the end sets cuda
+TINY = dict(TINY_RUN, max_steps=20, device="cpu")  # CPU semantics (bit-for-bit); the CUDA test at the end sets cuda
 
 
 def cfg(data_dir, **kw):

@@ -21,22 +21,9 @@ from oelm_ray.core.qkcheck import QKCheckError
 from oelm_ray.core.train_step import TrainStep
 from oelm_ray.core.trainer import RunExistsError, train
 
-TINY = dict(
-    d_model=32,
-    n_layer=2,
-    n_head=2,
-    d_ff=64,
-    block_size=32,
-    batch_size=4,
-    max_steps=40,
-    warmup_steps=4,
-    eval_interval=10,
-    eval_batches=2,
-    log_interval=10,
-    stories_mb=0.2,
-    num_threads=1,
-    dropout=0.1,
-)
+from helpers import TINY_RUN
+
+TINY = dict(TINY_RUN)
 
 
 def cfg(data_dir, **kw):

@@ -14,7 +14,7 @@ from oelm_ray.core.experiments import Experiment
 from oelm_ray.tune import search
 
 from helpers import BENCH_SEARCHERS as S
-from helpers import load_module
+from helpers import PU_ARMS, load_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -315,18 +315,7 @@ def test_partial_unfreeze_variants_are_valid_and_named():
     for preset, n_layer in (("embedded", 2), ("paper", 6)):
         exps = pu.PRESETS[preset]["experiments"]
         ids = [e.id for e in exps]
-        assert ids[2:] == [f"PU-k{k}" for k in range(1, n_layer)] + [
-            "PU-unf0.25",
-            "PU-unf0.50",
-            "PU-unf0.75",
-            "PU-mult0.1",
-            "PU-every10",
-            "PU-lrd0.5",
-            "PU-rand-unf0.25",
-            "PU-rand-mult0.1",
-            "PU-orth-train",
-            "PU-rand-train",
-        ]
+        assert ids[2:] == [f"PU-k{k}" for k in range(1, n_layer)] + PU_ARMS
         for e in exps:
             e.config(0)  # validates
     cfgs = {e.id: e.config(0) for e in pu.PRESETS["embedded"]["experiments"]}
