@@ -41,7 +41,7 @@ from .io import UserError, append_metrics, read_metrics, truncate_metrics, write
 from .model import GPT
 from .optim import build_optimizer, lr_at, qk_unfrozen_at, qk_unfrozen_in, qk_update_at
 from .qkcheck import QKCheckError, check_qk, qk_digests
-from .train_step import GUARDED_STEPS, TrainStep, resolve_device
+from .train_step import Interval, TrainStep, resolve_device
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -288,68 +288,7 @@ def _distributed() -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------
-# the training interval and its evaluation
-
-
-WARMUP_STEPS = GUARDED_STEPS  # the steps after a (re)compile: compiling, recording CUDA graphs
-"""Steps after the start of a process and after every (re)compile that an interval's speed leaves
-out: they compile the step and record its CUDA graphs (seconds each on a GPU), or warm the allocator."""
-
-
-class Interval:
-    """The training since the last evaluation: losses summed on the device, step count, timing.
-
-    Its speed is steady-state: the clock of `step_time` starts after the first `WARMUP_STEPS` steps
-    of a process (and again after a recompile, `rewarm`), with one device sync there. An interval
-    that ends inside its warm-up is timed over all its steps and says so (`warmup`).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.loss_sum = torch.zeros((), device=device)
-        self.steps = 0
-        self.start = time.perf_counter()
-        self.rewarm()
-
-    def rewarm(self) -> None:
-        """The next WARMUP_STEPS steps compile or warm up: leave them out of the timing."""
-        self.untimed = self.steps + WARMUP_STEPS
-        self.timed_start = None
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss  # no host sync
-        self.steps += 1
-        if self.steps == self.untimed:  # warm-up done: the steady-state clock starts once its work has run
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.timed_start = time.perf_counter()
-
-    @property
-    def warmup(self) -> bool:
-        """Whether this interval's timing includes warm-up steps (it ended before they were over)."""
-        return self.timed_start is None or self.steps == self.untimed
-
-    def step_time(self) -> float:
-        """Seconds per step, steady-state: warm-up steps left out (all steps where `warmup`)."""
-        if self.warmup:
-            return self.seconds() / self.steps
-        return (time.perf_counter() - self.timed_start) / (self.steps - self.untimed)
-
-    def mean_loss(self, world: int) -> float:
-        if world > 1:  # the global batch's mean loss, as one process would see it
-            torch.distributed.all_reduce(self.loss_sum)
-            self.loss_sum /= world
-        return self.loss_sum.item() / self.steps
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start
-
-    def reset(self) -> None:
-        self.loss_sum.zero_()
-        self.untimed = max(0, self.untimed - self.steps)  # a warm-up this interval did not finish goes on
-        self.steps = 0
-        self.start = time.perf_counter()
-        self.timed_start = None if self.untimed else self.start
+# evaluation, checkpoint, summary
 
 
 def evaluate(run: Run, interval: Interval, train_loss: float, lr: float) -> dict[str, Any]:
