@@ -22,6 +22,9 @@ from oelm_ray.core import experiments
 from oelm_ray.core.config import ConfigError
 from oelm_ray.tune import recipe, search
 
+# every preset's search: searcher seed 0, trials trained with seed 0, one rung at 20% keeping a quarter, 40% budget
+HALVING = dict(search_seed=0, train_seed=0, grace_frac=0.2, reduction_factor=4, budget_frac=0.4)
+
 PRESETS = {
     # 4 lrs (4e-3 ... 3.2e-2, doubling) x 4 warmups (10-90% of the 500 steps) = 16 candidates per method: at 300
     # steps benchmarks/search_efficiency.py's bests sit at lr 8e-3 ... 3.2e-2 and warmup 60-99% on every arm.
@@ -29,11 +32,7 @@ PRESETS = {
     "embedded": dict(
         experiments=list(experiments.EMBEDDED),
         seeds=[1, 2],
-        search_seed=0,
-        train_seed=0,
-        grace_frac=0.2,
-        reduction_factor=4,
-        budget_frac=0.4,
+        **HALVING,
         space=search.Space(lrs=search.log_spaced(4e-3, 3.2e-2, 4), warmup_fracs=[0.1, 0.3, 0.6, 0.9]),
     ),
     # doubling lrs around the research's 3e-4 / 1e-3; warmups 1% (theirs) to 30% (the research's "longer warmup"
@@ -41,11 +40,7 @@ PRESETS = {
     "paper": dict(
         experiments=["GPT-01", "GPT-02", "GPT-03"],
         seeds=[1, 2, 3],
-        search_seed=0,
-        train_seed=0,
-        grace_frac=0.2,
-        reduction_factor=4,
-        budget_frac=0.4,
+        **HALVING,
         space=search.Space(lrs=search.log_spaced(1e-4, 3.2e-3, 6), warmup_fracs=[0.01, 0.03, 0.1, 0.3]),
     ),
 }
