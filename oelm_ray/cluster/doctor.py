@@ -305,7 +305,7 @@ def _bounded(fn: Callable[[], None], timeout: float) -> str | None:
 
 
 def checks(f: Facts, storage: Path, data_dir: Path, env: dict | None = None) -> list[tuple[str, Result]]:
-    from ..tune.wandb_logger import has_key
+    from ..tune.wandb_key import has_key
 
     env = os.environ if env is None else env
     home = Path(env.get("HOME", str(Path.home())))

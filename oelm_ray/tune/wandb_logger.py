@@ -23,10 +23,8 @@ offline runs (`oelm-ray sync RUN`) and adds the W&B sweep view and the results t
 from __future__ import annotations
 
 import json
-import netrc
 import os
 import urllib.error
-from collections.abc import Mapping
 from numbers import Number
 from pathlib import Path
 from typing import Any
@@ -38,31 +36,13 @@ from ray.tune.logger import LoggerCallback
 from ..core.config import ConfigError
 from ..core.io import url_reachable, write_json, write_text
 from .trial import trial_of
+from .wandb_key import DEFAULT_HOST, has_key
 
-DEFAULT_HOST = "https://api.wandb.ai"
 META = "oelm-ray.json"  # under <run>/wandb/: project, entity, group, mode (read by wandb_sync)
 STEPS_DIR = "last-step"  # under <run>/wandb/: the last training step logged per trial id
 
 # ------------------------------------------------------------------------------------------------
 # mode: online, offline or disabled, decided on the driver when the sweep starts
-
-
-def has_key(env: Mapping[str, str] | None = None) -> bool:
-    """True when an API key is configured: WANDB_API_KEY (or an identity token file), or the netrc
-    entry `wandb login` writes ($NETRC, else ~/.netrc or ~/_netrc) for the W&B host; no network.
-
-    env: the environment to read (default os.environ; its HOME is the home folder)."""
-    env = os.environ if env is None else env
-    if env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    host = urlsplit(env.get("WANDB_BASE_URL") or DEFAULT_HOST).netloc
-    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
-    path = env.get("NETRC") or next((p for p in (home / ".netrc", home / "_netrc") if p.exists()), home / ".netrc")
-    try:
-        creds = netrc.netrc(str(Path(path).expanduser())).authenticators(host)
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return bool(creds and creds[2])
 
 
 def resolve_mode() -> tuple[str, str]:

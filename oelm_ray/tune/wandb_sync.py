@@ -21,7 +21,8 @@ import wandb
 
 from ..core.config import ConfigError
 from ..core.io import write_json
-from .wandb_logger import META, has_key, read_meta
+from .wandb_key import has_key
+from .wandb_logger import META, read_meta
 
 
 def offline_runs(run_dir: str | os.PathLike) -> list[Path]:

@@ -187,7 +187,7 @@ def test_cli_doctor_on_this_cpu_machine_says_no_gpu_and_exits_2(tmp_path):
 
 
 def test_doctor_finds_a_wandb_key_exactly_where_the_sweep_does(tmp_path):
-    from oelm_ray.tune.wandb_logger import has_key
+    from oelm_ray.tune.wandb_key import has_key
 
     home = tmp_path / "home"
     home.mkdir()
@@ -257,3 +257,16 @@ def test_doctor_joins_a_running_head_with_its_token(token_head, tmp_path):
     )
     assert "FAIL  Ray cluster: 1 node(s), 2 CPUs, 0 GPUs" in r.stdout, r.stdout + r.stderr[-2000:]
     assert r.returncode == 2 and wall < 20, f"{wall:.1f}s"  # no GPUs here: not ready, but it joined in time
+
+
+def test_doctor_checks_the_wandb_key_without_importing_wandb_or_ray(tmp_path):
+    # the doctor runs where W&B or Ray is missing (it reports that): its checks must not import them
+    code = (
+        "import sys; from pathlib import Path; from oelm_ray.cluster import doctor as D; "
+        "f = D.Facts(ray_version='2.60.0', resources={'CPU': 2.0}, nodes=1); "
+        f"D.checks(f, Path({str(tmp_path)!r}), Path({str(tmp_path / 'data')!r}), {{'HOME': {str(tmp_path)!r}}}); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'wandb'}))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
