@@ -258,11 +258,11 @@ def gather(
         f.ray_version = ray.__version__
     except ImportError:
         return f
-    from ..tune.resources import CONNECT_TIMEOUT_S, ClusterUnreachable, join
+    from ..tune.resources import CONNECT_TIMEOUT_S, ClusterUnreachable, join, running_cluster
 
-    address = address or os.environ.get("RAY_ADDRESS") or "auto"  # auto: the cluster `ray start` left running here
+    address = running_cluster(address)
     try:
-        join(address, connect_timeout or CONNECT_TIMEOUT_S, quiet=True)
+        join(address, CONNECT_TIMEOUT_S if connect_timeout is None else connect_timeout, quiet=True)
     except ClusterUnreachable as e:  # none, dead, unreachable, silent, refusing the token: what and what to do
         f.cluster_error, f.cluster_fix = e.what, e.fix
         return f

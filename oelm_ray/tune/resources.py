@@ -42,6 +42,12 @@ class ClusterUnreachable(ConfigError):
         self.what, self.fix = what, fix
 
 
+def running_cluster(address: str | None) -> str:
+    """The cluster a tool that inspects one means: `address`, else RAY_ADDRESS, else "auto" (the one
+    `ray start` left running on this node); never a new local Ray, unlike a sweep."""
+    return address or os.environ.get("RAY_ADDRESS") or "auto"
+
+
 def connect(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """Join a running cluster (address or RAY_ADDRESS) or start a local Ray that listens on 127.0.0.1 only."""
     _check_timeout(timeout)

@@ -14,7 +14,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..core import selftest
-from .resources import connect
+from .resources import connect, running_cluster
 
 
 @ray.remote(max_retries=0)
@@ -41,7 +41,7 @@ def run_on_cluster(
     print_line=print,
 ) -> bool:
     """Run the checks on every GPU (or CPU-only node) of the cluster; print one line per check. True if all passed."""
-    connect(address)
+    connect(running_cluster(address))  # the cluster running here, never a Ray of its own
     refs: dict = {}
     for node in ray.nodes():
         if not node.get("Alive"):

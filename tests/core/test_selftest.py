@@ -79,3 +79,22 @@ def test_selftest_on_a_cluster_runs_a_task_per_node_and_times_out_with_a_line(ra
         "127.0.0.1 cpu: selftest      FAIL  no answer within 0.5s (a hung GPU or a node without free "
         "resources: `ray status`)"
     ]
+
+
+def test_selftest_on_a_cluster_joins_the_one_running_here_not_a_ray_of_its_own(monkeypatch):
+    from oelm_ray.tune import selftest as cluster_selftest
+
+    asked = []
+
+    def stop(address, *_):
+        asked.append(address)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(cluster_selftest, "connect", stop)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for address, env, want in ((None, None, "auto"), (None, "10.0.0.1:6379", "10.0.0.1:6379"), ("h:1", None, "h:1")):
+        if env:
+            monkeypatch.setenv("RAY_ADDRESS", env)
+        with pytest.raises(RuntimeError, match="stop"):
+            cluster_selftest.run_on_cluster(address)
+        assert asked.pop() == want
