@@ -473,6 +473,9 @@ class _Build:
             ok = True
         finally:
             if self.pool is not None:
+                if not ok:  # a worker may be stuck (the chunk timeout): end them rather than wait on it
+                    for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+                        proc.kill()
                 self.pool.shutdown(wait=True, cancel_futures=True)
             self.meter.close(ok)
             files = {f"{s}.bin": w.close() for s, w in self.writers.items()}

@@ -289,8 +289,11 @@ def _ddp_resources(sweep: Sweep, workers: int, have: dict) -> dict[str, Any]:
     return {"cpu": 1.0, "gpu": 0.0, "ddp": {"workers": workers, "cpus_per_worker": cpw, "gpus_per_worker": gpw}}
 
 
+PROBE_TIMEOUT_S = 60.0
+
+
 def probe_nodes(path: str) -> list[tuple[str, bool]]:
-    """(node address, whether `path` exists there) from a task pinned to each live node."""
+    """(node address, whether `path` exists there) from a task pinned to each live node, within PROBE_TIMEOUT_S."""
 
     @ray.remote(num_cpus=0)
     def sees(path: str) -> tuple[str, bool]:
@@ -303,7 +306,13 @@ def probe_nodes(path: str) -> list[tuple[str, bool]]:
         ).remote(path)
         for n in nodes
     ]
-    return ray.get(refs, timeout=60)
+    try:
+        return ray.get(refs, timeout=PROBE_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise ConfigError(
+            f"{len(nodes)} node(s) were asked whether they see {Path(path).parent} and not all answered within "
+            f"{PROBE_TIMEOUT_S:g}s: a node without a free worker or a hung one (`ray status` on the head)"
+        ) from None
 
 
 def is_uri(storage: str) -> bool:

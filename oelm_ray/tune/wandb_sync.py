@@ -60,6 +60,9 @@ def finish_sweep(run_dir: str | os.PathLike, project: str | None = None) -> None
         print(f"W&B: could not add the sweep view / results table ({e}); `oelm-ray sync {run_dir}` retries", flush=True)
 
 
+SYNC_TIMEOUT_S = 3600.0  # one `wandb sync` of a sweep's offline runs, at most
+
+
 def sync(run_dir: str | os.PathLike, project: str | None = None) -> None:
     """Upload a sweep's offline runs (`wandb sync`), then add its W&B sweep view and results table."""
     run_dir = Path(run_dir)
@@ -78,7 +81,14 @@ def sync(run_dir: str | os.PathLike, project: str | None = None) -> None:
             cmd[4:4] = ["--entity", meta["entity"]]
         env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
         print(f"W&B: uploading {len(runs)} offline run folder(s) to {project!r}", flush=True)
-        if subprocess.run(cmd, env=env).returncode != 0:
+        try:
+            rc = subprocess.run(cmd, env=env, timeout=SYNC_TIMEOUT_S).returncode
+        except subprocess.TimeoutExpired:
+            raise ConfigError(
+                f"`wandb sync` of {run_dir / 'wandb'} did not finish within {SYNC_TIMEOUT_S:g}s (a stalled upload?): "
+                "run `oelm-ray sync` again (run folders already synced are skipped)"
+            ) from None
+        if rc != 0:
             raise ConfigError(
                 f"`wandb sync` failed for {run_dir / 'wandb'}: see its messages above; run `oelm-ray sync` again"
             )
@@ -93,8 +103,8 @@ def publish(run_dir: Path, project: str, entity: str | None, group: str, mode: s
 
     run_dir = Path(run_dir)
     parquet = run_dir / "trials.parquet"
-    df = pd.read_parquet(parquet) if parquet.exists() else results.trials_frame(results.load_records(run_dir))
     records = results.load_records(run_dir)
+    df = pd.read_parquet(parquet) if parquet.exists() else results.trials_frame(records)
     ids = [r["trial_id"] for r in records if r.get("trial_id")]
     meta = read_meta(run_dir) or {}
     report = wandb.init(

@@ -371,3 +371,12 @@ def test_join_gives_up_on_a_ray_init_that_blocks_past_the_timeout(monkeypatch):
         for connect, address in ((R.join, "127.0.0.1:1"), (R.connect, None)):
             with pytest.raises(ConfigError, match="--connect-timeout .* must be a number of seconds > 0"):
                 connect(address, timeout=bad)
+
+
+def test_a_node_that_does_not_answer_the_storage_probe_is_one_line(ray_local, tmp_path, monkeypatch):
+    from oelm_ray.core.config import ConfigError
+    from oelm_ray.tune import resources as R
+
+    monkeypatch.setattr(R, "PROBE_TIMEOUT_S", 1e-6)  # no task answers that fast
+    with pytest.raises(ConfigError, match=r"1 node\(s\) were asked whether they see .* not all answered within 1e-06s"):
+        R.probe_nodes(str(tmp_path / "x"))

@@ -657,3 +657,20 @@ def test_prepare_speed_smoke(tmp_path, gpt2_ranks):
     assert all(float(r[2]) > 0 and int(r[3]) > 0 for r in rows.values())
     assert re.search(r"ratio ours/nanogpt \(median tokens/s\): [\d.]+", p.stdout), p.stdout
     assert not work.exists()
+
+
+def test_a_stuck_tokenizer_worker_ends_the_build_within_the_chunk_timeout(tmp_path, monkeypatch):
+    """A worker that never returns its chunk: the build fails with the timeout's one message, soon after
+    the timeout, instead of waiting on the stuck process while it shuts the pool down."""
+    import stuck_worker
+
+    monkeypatch.setattr(data, "BATCH_CHARS", 20_000)
+    monkeypatch.setattr(data, "POOL_AFTER_CHARS", 20_000)
+    monkeypatch.setattr(data, "CHUNK_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(data, "_encode_in_worker", stuck_worker.encode)
+    _stories_parquet(tmp_path / "c.parquet", 200_000)
+    cfg = small_cfg(tmp_path, dataset=str(tmp_path / "c.parquet"), val_fraction=0.1)
+    t = time.monotonic()
+    with pytest.raises(DataError, match="a tokenizer worker took over 3.0 s on one chunk"):
+        data.prepare(cfg, progress=False, workers=1)
+    assert time.monotonic() - t < 60, "waited on the stuck worker"

@@ -7,6 +7,7 @@ import os
 import pickle
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,15 @@ def test_sync_uploads_offline_runs_then_publishes_table_and_sweep(tmp_path, monk
     assert len(report) == 1
     rows = read_finished(report[0])["history"]
     assert rows and rows[0]["trials/_type"] == "table-file" and rows[0]["trials/nrows"] == 2
+    # a `wandb sync` that hangs ends in one line within its timeout
+    monkeypatch.setattr(WS, "SYNC_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(
+        WS.subprocess,
+        "run",
+        lambda cmd, *a, **kw: real_run([sys.executable, "-c", "import time; time.sleep(30)"], **kw),
+    )
+    with pytest.raises(ConfigError, match=r"`wandb sync` of .* did not finish within 0.5s"):
+        WS.sync(run_dir)
 
 
 # ------------------------------------------------------------------------------------------------
