@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batches import Batches, Sampler, eval_batches
+from .batches import Batches, Sampler, eval_batches, scored_tokens
 from .config import Config, ConfigError, make_config
 from .data import Prepared
 from .experiments import TINY_MODEL
@@ -279,7 +279,7 @@ class SelfTest:
     def whole_split_eval(self) -> Check:
         cfg = self.config(eval_batches=0)
         val = [(x.to(self.device), y.to(self.device)) for x, y in eval_batches(self.data.val, cfg)]
-        tokens = sum(y.numel() for _, y in val)
+        tokens = scored_tokens(val)
         step = self._step(cfg, self.mode)
         compiled = step.val_loss(val, tokens)
         eager = self._step(cfg, "off").val_loss(val, tokens)  # the same init (seed 0)

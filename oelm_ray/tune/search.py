@@ -279,14 +279,14 @@ class SyncHalving(FIFOScheduler):
         return f"Synchronous successive halving: rungs {self.rungs}, {kept}, {self.n} trials."
 
 
-def budget(sw: Sweep, exp: Experiment) -> tuple[int, int]:
-    """(max_steps, the step grid of its rungs) of an experiment under the sweep's common overrides.
+def budget(sw: Sweep, exp: Experiment) -> tuple[int, int, float]:
+    """(max_steps, the step grid of its rungs, min_lr_frac) of an experiment under the sweep's common overrides.
 
     The grid is the checkpoint steps (`checkpoint_every`: the eval interval unless checkpoint_interval
     is larger), so a trial paused at a rung resumes from a latest.pt of that very step.
     """
     cfg = _one_config(sw, exp)
-    return cfg.train.max_steps, cfg.train.checkpoint_every
+    return cfg.train.max_steps, cfg.train.checkpoint_every, cfg.train.min_lr_frac
 
 
 def _one_config(sw: Sweep, exp: Experiment):
@@ -355,7 +355,7 @@ def search_cells(
     """
     out = []
     for exp in base.experiments:
-        max_steps, eval_interval = budget(base, exp)
+        max_steps, eval_interval, min_lr_frac = budget(base, exp)
         domains = space.domains(max_steps)
         n, alg, scheduler = planner(
             space,
@@ -365,7 +365,7 @@ def search_cells(
             grace_frac,
             reduction_factor,
             budget_frac,
-            _one_config(base, exp).train.min_lr_frac,
+            min_lr_frac,
         )
         cell = dataclasses.replace(
             base,
