@@ -96,8 +96,6 @@ def trainable(config: dict) -> None:
         with open(out / "train.log", "a") as logf:
             logf.write(f"{time.strftime('%H:%M:%S')} {failed}\n")
         raise DataError(failed)
-    prepare(cfg.data, progress=False)  # idempotent: verifies the copy the sweep prepared
-    data = load_prepared(cfg.data)
     node, gpu = ray.util.get_node_ip_address(), os.environ.get("CUDA_VISIBLE_DEVICES", "-") or "-"
     node_id = ray.get_runtime_context().get_node_id()[:12]  # tells apart nodes that share an address
 
@@ -112,18 +110,18 @@ def trainable(config: dict) -> None:
                 checkpoint=tune.Checkpoint.from_directory(ckpt_dir),
             )
 
-    if resume and finished(out):
-        # Tune's experiment state was older than the trial (a killed driver): the run is complete, so
-        # report what Tune has not heard of and leave its files (train.log, summary.json, ...) as they are
-        for metrics in read_metrics(out / "metrics.jsonl"):
-            if metrics["step"] > known_step:
-                report(metrics)
-        return
     if resume:
         # evaluations the state holds but Tune never heard of (the trial died between writing its
-        # state and reporting, or Tune's experiment state is older): report them first, in order
-        for metrics in replayed(read_metrics(out / "metrics.jsonl"), known_step, cfg.train):
+        # state and reporting, or Tune's experiment state is older): report them first, in order. A
+        # complete run (a killed driver's stale state started it again) reports them all and stops
+        # there, leaving its files (train.log, summary.json, ...) as they are
+        rows, done = read_metrics(out / "metrics.jsonl"), finished(out)
+        for metrics in [r for r in rows if r["step"] > known_step] if done else replayed(rows, known_step, cfg.train):
             report(metrics)
+        if done:
+            return
+    prepare(cfg.data, progress=False)  # idempotent: verifies the copy the sweep prepared
+    data = load_prepared(cfg.data)
 
     with open(out / "train.log", "a") as logf:  # the research's training.log; `oelm-ray status` is the live view
 
