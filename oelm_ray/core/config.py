@@ -197,14 +197,13 @@ class TrainConfig:
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "eval_interval", "log_interval"):
             _positive(name, getattr(self, name))
-        if not isinstance(self.eval_batches, int) or isinstance(self.eval_batches, bool) or self.eval_batches < 0:
-            raise ConfigError(
-                f"eval_batches={self.eval_batches!r} must be a whole number >= 0 (0 = the whole validation split)"
-            )
-        for name, zero in (("eval_batch_size", "batch_size"), ("checkpoint_interval", "every evaluation")):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"{name}={v!r} must be a whole number >= 0 (0 = {zero})")
+        for name, zero in (
+            ("eval_batches", "the whole validation split"),
+            ("eval_batch_size", "batch_size"),
+            ("checkpoint_interval", "every evaluation"),
+            ("qk_update_every", "off"),
+        ):
+            _whole(name, getattr(self, name), zero)
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ConfigError(f"lr={self.lr} must be a finite number > 0")
         if not 0 <= self.warmup_steps < self.max_steps:
@@ -227,12 +226,6 @@ class TrainConfig:
             raise ConfigError(f"qk_unfreeze_step={self.qk_unfreeze_step} must be -1 (never) or a step >= 1")
         if not self.qk_lr_mult > 0:
             raise ConfigError(f"qk_lr_mult={self.qk_lr_mult} must be > 0")
-        if (
-            not isinstance(self.qk_update_every, int)
-            or isinstance(self.qk_update_every, bool)
-            or self.qk_update_every < 0
-        ):
-            raise ConfigError(f"qk_update_every={self.qk_update_every!r} must be a whole number >= 0 (0 = off)")
         if not (self.lr_layer_decay > 0 and math.isfinite(self.lr_layer_decay)):
             raise ConfigError(
                 f"lr_layer_decay={self.lr_layer_decay} must be a number > 0 (1 = one rate for all blocks)"
@@ -541,6 +534,11 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 def _positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{name}={value!r} must be a whole number > 0")
+
+
+def _whole(name: str, value: Any, zero_means: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{name}={value!r} must be a whole number >= 0 (0 = {zero_means})")
 
 
 _TRUE = {"1", "true", "yes", "on"}
