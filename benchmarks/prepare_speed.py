@@ -156,13 +156,13 @@ def measure(method: str, corpus: Path, out: Path, workers: int, ranks: str, cach
     out_log, err_log = out.parent / f"{method}.stdout", out.parent / f"{method}.stderr"
     t0 = time.perf_counter()
     with open(out_log, "w") as so, open(err_log, "w") as se:
-        proc = subprocess.Popen(cmd, env=env, stdout=so, stderr=se, text=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=so, stderr=se, text=True, start_new_session=True)
     try:
         peak_sum, peak_one = _watch(proc, method, t0, timeout)
-    finally:  # interrupted (Ctrl-C, SIGTERM, --timeout): the child goes too
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    finally:  # interrupted (Ctrl-C, SIGTERM, --timeout): the child and the workers it forked go too
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     seconds = time.perf_counter() - t0
     stdout, stderr = out_log.read_text(), err_log.read_text()
     out_log.unlink()
@@ -224,12 +224,11 @@ def main() -> None:
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated run still cleans up its child
-
-    if args.child:
+    if args.child:  # keeps SIGTERM's default: the worker pools it forks are terminated with it
         fn = child_ours if args.child == "ours" else child_nanogpt
         print(json.dumps({"tokens": fn(Path(args.corpus), Path(args.out), args.workers, args.gpt2_ranks)}), flush=True)
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated run still cleans up its child
 
     from oelm_ray.core.config import DataConfig
     from oelm_ray.core.data import _cores, get_tokenizer

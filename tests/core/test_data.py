@@ -640,6 +640,8 @@ def test_prepare_speed_smoke(tmp_path, gpt2_ranks):
             str(gpt2_ranks),
             "--work",
             str(work),
+            "--timeout",
+            "300",
         ],
         cwd=root,
         capture_output=True,
