@@ -28,7 +28,6 @@ variant at oelm_freeze's (same dataset). The run is then named <name>-tuned unle
 
 import argparse
 import dataclasses
-import sys
 
 from oelm_ray.core import experiments as E
 from oelm_ray.core.config import ConfigError, make_config
@@ -144,12 +143,24 @@ def at_run_size(sw, args, best: str | None = None):
     return sw
 
 
+def options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--best",
+        default=None,
+        metavar="BEST_JSON",
+        help="train each arm at the lr and warmup that sweeps/lr_warmup.py found (its best.json): the baseline "
+        "at the baseline's, the freeze and the PU- variants at oelm_freeze's; the run is named <name>-tuned",
+    )
+
+
 def main(argv=None) -> int:
-    pre = argparse.ArgumentParser(add_help=False)  # --best is this recipe's own; the rest are every recipe's
-    pre.add_argument("--best", default=None)
-    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
     return recipe.main(
-        "partial_unfreeze", PRESETS, rest, customize=lambda sw, args: at_run_size(sw, args, known.best), doc=__doc__
+        "partial_unfreeze",
+        PRESETS,
+        argv,
+        customize=lambda sw, args: at_run_size(sw, args, args.best),
+        doc=__doc__,
+        options=options,
     )
 
 

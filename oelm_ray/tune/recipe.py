@@ -22,7 +22,13 @@ from ..core.io import UserError
 Presets = dict[str, dict[str, Any]]
 
 
-def parser(name: str, presets: Presets, doc: str | None = None) -> argparse.ArgumentParser:
+def parser(
+    name: str,
+    presets: Presets,
+    doc: str | None = None,
+    options: Callable[[argparse.ArgumentParser], Any] | None = None,
+) -> argparse.ArgumentParser:
+    """Every recipe's options; `options(ap)` adds the recipe's own."""
     ap = C.ArgumentParser(
         prog=f"sweeps/{name}.py",
         description=doc,
@@ -72,6 +78,8 @@ def parser(name: str, presets: Presets, doc: str | None = None) -> argparse.Argu
     )
     ap.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     ap.add_argument("--wandb-project", default="oelm-ray", help="W&B project")
+    if options is not None:
+        options(ap)
     return ap
 
 
@@ -225,13 +233,15 @@ def main(
     argv: list[str] | None = None,
     customize: Callable[[Any, argparse.Namespace], Any] | None = None,
     doc: str | None = None,
+    options: Callable[[argparse.ArgumentParser], Any] | None = None,
 ) -> int:
-    """Parse the recipe's arguments, run the sweep (or resume it), write the report.
+    """Parse the recipe's arguments (every recipe's, plus what `options(ap)` adds), run the sweep (or
+    resume it), write the report. `customize(sweep, args)` may change the Sweep before it runs.
 
     Every option and config value is checked before Ray starts: a bad one is one line and exit 2."""
     from . import sweep as S
 
-    args = parser(name, presets, doc).parse_args(argv)
+    args = parser(name, presets, doc, options).parse_args(argv)
     if args.no_wandb:  # also for the W&B logger that Tune restores with a resumed run (it decides its mode at start)
         os.environ["WANDB_MODE"] = "disabled"
     try:

@@ -341,6 +341,19 @@ def test_partial_unfreeze_takes_each_arms_searched_lr(tmp_path):
         pu.tuned(pu.PRESETS["embedded"]["experiments"], str(best), {})
 
 
+def test_partial_unfreeze_best_is_in_its_help_and_checked_before_ray(tmp_path, capsys):
+    pu = load_recipe("partial_unfreeze")
+    with pytest.raises(SystemExit):
+        pu.main(["--help"])
+    assert "--best BEST_JSON" in capsys.readouterr().out
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"rows": []}))
+    assert pu.main(["--best", str(best), "--no-wandb", "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"partial_unfreeze: error: --best {best}: not a best.json"), err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_recipes_build_their_smoke_specs(tmp_path):
     from oelm_ray.tune import recipe
 
