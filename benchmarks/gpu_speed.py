@@ -45,11 +45,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's oelm_ray, installed or not
 
 from oelm_ray.core.checkpoint import host_copy, save_checkpoint  # noqa: E402
-from oelm_ray.core.config import make_config, parse_sets  # noqa: E402
+from oelm_ray.core.config import make_config  # noqa: E402
 from oelm_ray.core.experiments import TINY_MODEL  # noqa: E402
 from oelm_ray.core.io import read_metrics  # noqa: E402
 from oelm_ray.core.model import GPT  # noqa: E402
 from oelm_ray.core.optim import build_optimizer  # noqa: E402
+from oelm_ray.core.options import parse_sets  # noqa: E402
 from oelm_ray.core.selftest import synthetic_data  # noqa: E402
 from oelm_ray.core.train_step import resolve_device  # noqa: E402
 from oelm_ray.core.trainer import train  # noqa: E402

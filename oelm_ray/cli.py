@@ -14,18 +14,19 @@ import sys
 from pathlib import Path
 
 from .core import config as C
+from .core import options as O
 from .core.io import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter  # descriptions and epilogs keep their line breaks
-    ap = C.ArgumentParser(prog="oelm-ray", description=__doc__, formatter_class=raw)
+    ap = O.ArgumentParser(prog="oelm-ray", description=__doc__, formatter_class=raw)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def command(name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=raw)
 
-    p = command("prepare", "tokenize a corpus into train.bin / val.bin / meta.json", C.fields_help(("data",)))
+    p = command("prepare", "tokenize a corpus into train.bin / val.bin / meta.json", O.fields_help(("data",)))
     p.add_argument(
         "--preset", default="cpu", help=f"preset whose data settings are the defaults ({', '.join(C.PRESETS)})"
     )
@@ -38,14 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tokenizer processes (default: the usable cores; 0: tokenize in this process)",
     )
-    C.add_set_arguments(p, ("data_dir",))
+    O.add_set_arguments(p, ("data_dir",))
 
-    p = command("train", "train one model (no Ray)", C.fields_help())
+    p = command("train", "train one model (no Ray)", O.fields_help())
     p.add_argument("--preset", default="cpu", help=f"config preset: {', '.join(C.PRESETS)}")
     p.add_argument("--out-dir", required=True, help="folder for metrics.jsonl, latest.pt, best.pt, summary.json")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/latest.pt")
     p.add_argument("--no-prepare", action="store_true", help="fail instead of preparing missing data")
-    C.add_set_arguments(p)
+    O.add_set_arguments(p)
 
     p = command("status", "table of a sweep's trials (works while it runs)")
     p.add_argument("run", nargs="?", default=None, help="run folder or name (default: the newest under --storage)")
@@ -112,7 +113,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "prepare":
         from .core.data import prepare
 
-        cfg = C.make_config(args.preset, C.parse_sets(args, sections=("data",)))
+        cfg = C.make_config(args.preset, O.parse_sets(args, sections=("data",)))
         meta = prepare(
             cfg.data, force=args.force, workers=args.workers, log=lambda line: print(line, file=sys.stderr, flush=True)
         )
@@ -122,7 +123,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .core.data import load_prepared, prepare
         from .core.trainer import train
 
-        cfg = C.make_config(args.preset, C.parse_sets(args))
+        cfg = C.make_config(args.preset, O.parse_sets(args))
         data = load_prepared(cfg.data) if args.no_prepare else None
         if data is None:
             prepare(cfg.data)

@@ -4,7 +4,7 @@ import re
 import sys
 from pathlib import Path
 
-from oelm_ray.core.config import options_markdown
+from oelm_ray.core.options import options_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_layers_import_what_the_readme_says():
     import subprocess
 
     code = (
-        "import sys; import oelm_ray.results, oelm_ray.search_report, oelm_ray.cli, oelm_ray.core.config, "
+        "import sys; import oelm_ray.results, oelm_ray.search_report, oelm_ray.cli, oelm_ray.core.config, oelm_ray.core.options, "
         "oelm_ray.core.experiments, oelm_ray.cluster.doctor, oelm_ray.cluster.launcher, oelm_ray.cluster.torch_build; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'wandb'}))"
     )

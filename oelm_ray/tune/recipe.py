@@ -14,8 +14,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..core import config as C
 from ..core import experiments as E
+from ..core import options as O
 from ..core.config import ConfigError
 from ..core.io import UserError
 
@@ -29,10 +29,10 @@ def parser(
     options: Callable[[argparse.ArgumentParser], Any] | None = None,
 ) -> argparse.ArgumentParser:
     """Every recipe's options; `options(ap)` adds the recipe's own."""
-    ap = C.ArgumentParser(
+    ap = O.ArgumentParser(
         prog=f"sweeps/{name}.py",
         description=doc,
-        epilog=C.fields_help(),
+        epilog=O.fields_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
@@ -44,7 +44,7 @@ def parser(
     )
     ap.add_argument("--seeds", default=None, help="comma-separated seeds, the seed axis (default: the preset's)")
     ap.add_argument("--experiments", default=None, help="comma-separated experiment ids to run (default: the preset's)")
-    C.add_set_arguments(ap, defaults={"data_dir": "<storage>/data"})
+    O.add_set_arguments(ap, defaults={"data_dir": "<storage>/data"})
     ap.add_argument("--storage", default="runs", help="folder (shared on a cluster) or URI for the run and its results")
     ap.add_argument("--name", default=None, help=f"run name (default: {name}-<preset>); the same name resumes")
     ap.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
@@ -183,7 +183,7 @@ def build(name: str, presets: Presets, args: argparse.Namespace, **extra: Any):
     if args.experiments:
         want = [i.strip() for i in args.experiments.split(",")]
         exps = [e for e in exps if e.id in want]
-    sets = C.parse_sets(args)
+    sets = O.parse_sets(args)
     if "seed" in sets:
         raise ConfigError(f"--set seed={sets['seed']}: a sweep's seeds are its seed axis: use --seeds {sets['seed']}")
     if sets.get("data_dir") == "":

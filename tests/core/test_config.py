@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from oelm_ray.core import config as C
+from oelm_ray.core import options as O
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +32,7 @@ def test_flat_overrides_coerce_cli_strings():
 
 def test_every_field_has_a_docstring():
     for cls in C.section_classes().values():
-        docs = C.field_docs(cls)
+        docs = O.field_docs(cls)
         missing = [f for f in cls.__dataclass_fields__ if not docs.get(f)]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
 
@@ -125,7 +126,7 @@ def test_a_value_is_the_same_however_it_arrives():
 
     from oelm_ray.core.experiments import Experiment
 
-    cli = C.make_config("cpu", C.parse_sets(["lr=5e-3", "max_steps=300", "method=oelm_freeze", "compile=false"]))
+    cli = C.make_config("cpu", O.parse_sets(["lr=5e-3", "max_steps=300", "method=oelm_freeze", "compile=false"]))
     py = C.make_config("cpu", {"lr": 0.005, "max_steps": 300, "method": "oelm_freeze", "compile": "off"})
     ray = C.Config.from_dict(
         json.loads(
@@ -191,7 +192,7 @@ SET_ERRORS = [
 @pytest.mark.parametrize("items,message", SET_ERRORS, ids=[m[:30] for _, m in SET_ERRORS])
 def test_a_bad_set_is_one_error_naming_the_field_and_its_type(items, message):
     with pytest.raises(C.ConfigError) as e:
-        C.parse_sets(items)
+        O.parse_sets(items)
     assert message in str(e.value)
 
 
@@ -199,16 +200,16 @@ def test_aliases_are_set_and_conflict_with_it():
     import argparse
 
     ap = argparse.ArgumentParser()
-    C.add_set_arguments(ap)
-    assert C.parse_sets(ap.parse_args(["--max-steps", "20", "--set", "lr=1e-3", "d-model=32"])) == {
+    O.add_set_arguments(ap)
+    assert O.parse_sets(ap.parse_args(["--max-steps", "20", "--set", "lr=1e-3", "d-model=32"])) == {
         "lr": 1e-3,
         "d_model": 32,
         "max_steps": 20,
     }
     with pytest.raises(C.ConfigError, match="--max-steps 20 and --set max_steps=30 set the same field: keep one"):
-        C.parse_sets(ap.parse_args(["--max-steps", "20", "--set", "max_steps=30"]))
+        O.parse_sets(ap.parse_args(["--max-steps", "20", "--set", "max_steps=30"]))
     with pytest.raises(C.ConfigError, match="lr: not a data field; this command reads only those"):
-        C.parse_sets(["lr=1e-3"], sections=("data",))
+        O.parse_sets(["lr=1e-3"], sections=("data",))
 
 
 def test_a_field_spelled_as_a_flag_is_told_the_spelling(capsys):

@@ -182,13 +182,14 @@ def test_load_missing_names_the_prepare_command_that_builds_it(tmp_path):
 
     from oelm_ray import cli
     from oelm_ray.core import config as C
+    from oelm_ray.core.options import parse_sets
 
     cfg = small_cfg(tmp_path, stories_seed=7)
     with pytest.raises(DataError, match="oelm-ray prepare --set dataset=stories tokenizer=bytes stories_mb=0.2 ") as e:
         data.load_prepared(cfg)
     hint = shlex.split(str(e.value).split("`")[1])
     args = cli.build_parser().parse_args(hint[1:])
-    assert data.prepared_dir(C.make_config(args.preset, C.parse_sets(args, ("data",))).data) == data.prepared_dir(cfg)
+    assert data.prepared_dir(C.make_config(args.preset, parse_sets(args, ("data",))).data) == data.prepared_dir(cfg)
 
 
 def test_corrupted_truncated_and_foreign(tmp_path):
