@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,9 +20,16 @@ if TYPE_CHECKING:
 WEIGHTS = ("format", "config", "step", "tokens", "model")
 """What best.pt keeps of latest.pt's entries (with its `val_loss`)."""
 
+STALL_S = 600.0
+"""A checkpoint write that hands no byte to its file for this long is given up (CheckpointStallError)."""
+
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable or from another model; the message says what to do."""
+
+
+class CheckpointStallError(UserError, OSError):
+    """A checkpoint write that made no progress for STALL_S (stalled storage); the previous file is whole."""
 
 
 def checkpoint_files(run: Run, val_loss: float, latest: bool) -> list[tuple[Path, dict]]:
@@ -65,7 +73,20 @@ def checkpoint_files(run: Run, val_loss: float, latest: bool) -> list[tuple[Path
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
-    atomic_write(path, lambda f: torch.save(payload, f))
+    """Write `payload` to `path` atomically. On a CheckpointWriter's thread, every byte written (and the
+    final fsync) counts as its progress, and a write the writer gave up on stops there and keeps the old file."""
+    progress = getattr(_writing, "progress", None)
+    if progress is None:
+        atomic_write(path, lambda f: torch.save(payload, f))
+        return
+
+    def write(f) -> None:
+        torch.save(payload, _Counted(f, progress))
+        f.flush()
+        os.fsync(f.fileno())  # here, not only in atomic_write: a write given up on meanwhile is not renamed
+        progress.advance(0)
+
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: str | os.PathLike, expect_config: dict | None = None) -> dict:
@@ -136,8 +157,48 @@ def host_copy(obj: Any) -> Any:
     return out
 
 
+_writing = threading.local()  # .progress: the _Progress of the save a CheckpointWriter thread is doing
+
+
+class _Progress:
+    """How far one save got: the file it is writing, bytes handed to it, when it last moved, the error it
+    ended with; `given_up` (set by the waiting thread) makes the next write or the final fsync raise
+    instead of finishing."""
+
+    def __init__(self, path: Path):
+        self.path, self.bytes, self.last, self.given_up = path, 0, time.monotonic(), False
+        self.error: BaseException | None = None
+
+    def advance(self, n: int) -> None:
+        if self.given_up:
+            raise CheckpointStallError(f"the write of {self.path} was given up after it stalled")
+        self.bytes += n
+        self.last = time.monotonic()
+
+    def start(self, path: Path) -> None:
+        self.path, self.bytes = path, 0
+        self.advance(0)
+
+
+class _Counted:
+    """The file object torch.save writes to, counting what it writes into a _Progress."""
+
+    def __init__(self, f, progress: _Progress):
+        self.f, self.progress = f, progress
+
+    def write(self, data) -> int:
+        self.progress.advance(0)
+        n = self.f.write(data)
+        self.progress.advance(memoryview(data).nbytes if n is None else n)
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 class CheckpointWriter:
-    """Writes checkpoints through `save_checkpoint` (atomic), inline or in one background thread.
+    """Writes checkpoints through `save_checkpoint` (atomic) in a thread of its own, waited for at once
+    (inline) or in the background.
 
     In the background, `save(files, after)` starts writing and returns at once; the payloads must be
     host copies (`host_copy`). Writes never overlap: a second `save` first waits for the one in flight.
@@ -145,34 +206,42 @@ class CheckpointWriter:
     thread once every file of its save is on disk: from `poll()` (cheap, call it every step) or
     `wait()`. A crash mid-write leaves the previous complete file (plus a temp file), never a torn one;
     an error in the thread (a full disk) is raised by the next poll, save or wait.
+
+    No wait blocks on stalled storage for good: a write that hands no byte to its file for STALL_S
+    (a hung NFS mount) is given up, and `wait` raises CheckpointStallError naming the file. A slow write
+    that keeps moving is waited for however long it takes.
     """
 
-    def __init__(self, background: bool):
+    def __init__(self, background: bool, log: Callable[[str], None] | None = None):
         self.background = background
+        self.log = log  # hears a write that `close` gives up on
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._progress: _Progress | None = None
         self._after: Callable[[], None] | None = None
 
     def save(self, files: list[tuple[Path, dict]], after: Callable[[], None] | None = None) -> None:
         """Write `files`, then run `after`; with no files, `after` runs at once (after the write in flight)."""
         self.wait()
-        if not self.background or not files:
-            for path, payload in files:
-                save_checkpoint(path, payload)
+        if not files:
             if after is not None:
                 after()
             return
+        progress = _Progress(files[0][0])
 
         def write() -> None:
+            _writing.progress = progress
             try:
                 for path, payload in files:
+                    progress.start(path)
                     save_checkpoint(path, payload)
             except BaseException as e:  # raised on the training thread by poll/wait
-                self._error = e
+                progress.error = e
 
-        self._after = after
+        self._after, self._progress = after, progress
         self._thread = threading.Thread(target=write, name="checkpoint-writer", daemon=True)
         self._thread.start()
+        if not self.background:
+            self.wait()
 
     @property
     def busy(self) -> bool:
@@ -184,19 +253,44 @@ class CheckpointWriter:
             self.wait()
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is on disk, then raise its error or run its `after`."""
+        """Block until the save in flight (if any) is on disk, then raise its error or run its `after`;
+        raise CheckpointStallError if it makes no progress for STALL_S."""
         if self._thread is None:
             return
-        self._thread.join()
-        self._thread, after, self._after = None, self._after, None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+        stalled = self._join()
+        error = self._progress.error
+        self._thread, self._progress, after, self._after = None, None, self._after, None
+        if stalled:
+            raise CheckpointStallError(stalled)
+        if error is not None:
+            raise error
         if after is not None:
             after()
 
     def close(self) -> None:
-        """Join a save in flight without running its `after` (the run is ending with an error)."""
+        """Join a save in flight without running its `after` (the run is ending with an error); one that
+        stalls for STALL_S is given up, with a line to `log`."""
         if self._thread is not None:
-            self._thread.join()
-        self._thread, self._after, self._error = None, None, None
+            stalled = self._join()
+            if stalled and self.log is not None:
+                self.log(stalled)
+        self._thread, self._progress, self._after = None, None, None
+
+    def _join(self) -> str | None:
+        """Join the writer thread in slices; give its save up once it made no progress for STALL_S, and
+        return then the one-line message saying so (else None)."""
+        thread, progress = self._thread, self._progress
+        while True:
+            idle = time.monotonic() - progress.last
+            thread.join(min(5.0, max(0.01, STALL_S - idle)))
+            if not thread.is_alive():
+                return None
+            idle = time.monotonic() - progress.last
+            if idle >= STALL_S:
+                progress.given_up = True
+                return (
+                    f"writing checkpoint {progress.path} made no progress for {idle:.0f}s "
+                    f"({progress.bytes:,} bytes written): is its storage ({progress.path.parent}) stalled or "
+                    f"unreachable (a hung NFS mount, a server down)? The previous {progress.path.name} is untouched: "
+                    "once the storage answers, a retry (or --resume) continues from it"
+                )

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime
 import hashlib
 import json
 import multiprocessing
 import os
 import shlex
 import shutil
+import socket
+import sys
 import tempfile
 import threading
 import time
@@ -57,6 +60,7 @@ COMMIT_SECONDS = 5.0  # how often a build records what it has done (a killed bui
 LOG_SECONDS = 30.0  # how often `log` gets a progress line
 RETRY_DELAYS = (2.0, 4.0, 8.0)  # seconds before each retry of a failing stream (consecutive failures)
 CHUNK_TIMEOUT_S = 600.0  # one chunk's tokenizing in a worker, at most
+WAIT_LOG_S = 300.0  # how often a prepare waiting for another process's build lock says it still waits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,18 +205,52 @@ def prepare(
 
 @contextlib.contextmanager
 def _locked(out: Path, log: Callable[[str], None] | None) -> Iterator[None]:
-    """Hold out's build lock; `log` hears when another process holds it (and this one waits for it)."""
-    lock = FileLock(str(out) + ".lock")
+    """Hold out's build lock, with who holds it (host, pid, since when, command) in `<out>.lock.json`
+    meanwhile. Where another process holds it, this one waits as long as that build takes, and `log`
+    hears who that is, then again every WAIT_LOG_S."""
+    lock, holder = FileLock(str(out) + ".lock"), Path(str(out) + ".lock.json")
     try:
         lock.acquire(timeout=0)
     except Timeout:
+        t0, who = time.monotonic(), _holder(holder)
         if log:
-            log(f"prepare {out.name}: another process is preparing it (lock {lock.lock_file}): waiting for it")
-        lock.acquire()
+            log(
+                f"prepare {out.name}: another process{f' ({who})' if who else ''} is preparing it "
+                f"(lock {lock.lock_file}): waiting for it"
+            )
+        while True:
+            try:
+                lock.acquire(timeout=WAIT_LOG_S)
+                break
+            except Timeout:
+                if log:
+                    who = _holder(holder) or "another process"
+                    log(
+                        f"prepare {out.name}: still waiting for it ({fmt_secs(time.monotonic() - t0)} so far; held by {who})"
+                    )
     try:
+        since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        who = {"host": socket.gethostname(), "pid": os.getpid(), "since": since, "command": shlex.join(sys.argv)}
+        try:
+            write_json(holder, {**who, "corpus": out.name})
+        except OSError:  # who holds the lock only makes the waiters' lines clearer
+            pass
         yield
     finally:
+        holder.unlink(missing_ok=True)
         lock.release()
+
+
+def _holder(path: Path) -> str:
+    """Who holds a build lock, from its `.lock.json` ('pid 123 on host h, since 14:02 UTC'); '' where there is
+    none (a version that writes none holds it) or it cannot be read."""
+    try:
+        who = json.loads(path.read_text())
+        since = datetime.datetime.fromisoformat(who["since"]).astimezone(datetime.timezone.utc)
+        today = since.date() == datetime.datetime.now(datetime.timezone.utc).date()
+        return f"pid {who['pid']} on host {who['host']}, since {since.strftime('%H:%M' if today else '%Y-%m-%d %H:%M')} UTC"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
 
 
 def check_source(cfg: DataConfig) -> None:

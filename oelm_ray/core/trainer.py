@@ -216,7 +216,7 @@ def setup(
         val_set,
         scored_tokens(val_set),
         counts,
-        CheckpointWriter(background),
+        CheckpointWriter(background, log),
         qk_init,
         **state,
     )

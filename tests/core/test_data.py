@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -175,6 +176,63 @@ def test_prepare_idempotent(tmp_path):
     data.prepare(cfg, progress=False)
     assert time.perf_counter() - t0 < 0.5
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == mtimes
+
+
+HOLD_THE_LOCK = """
+import sys
+from pathlib import Path
+from oelm_ray.core.data import _locked
+with _locked(Path(sys.argv[1]), None):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_prepare_waiting_for_another_processs_lock_says_who_holds_it_and_repeats(tmp_path, monkeypatch):
+    """Another process holds the corpus's build lock: it records who it is beside the lock; the waiting
+    prepare names it, says every WAIT_LOG_S that it still waits, builds once the lock is free, and leaves no
+    record behind."""
+    cfg = small_cfg(tmp_path)
+    out = data.prepared_dir(cfg)
+    out.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        record = json.loads(Path(f"{out}.lock.json").read_text())
+        assert record["pid"] == holder.pid and record["host"] == socket.gethostname() and record["corpus"] == out.name
+        assert "-c" in record["command"] and record["since"].endswith("+00:00")
+        monkeypatch.setattr(data, "WAIT_LOG_S", 0.3)
+        lines, result = [], {}
+        waiter = threading.Thread(
+            target=lambda: result.update(meta=data.prepare(cfg, progress=False, log=lines.append))
+        )
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while sum("still waiting" in line for line in lines) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not out.exists() and waiter.is_alive()
+    finally:
+        holder.communicate("release\n", timeout=30)
+    waiter.join(60)
+    since = record["since"][11:16]
+    who = f"pid {holder.pid} on host {socket.gethostname()}, since {since} UTC"
+    assert lines[0] == (
+        f"prepare {out.name}: another process ({who}) is preparing it (lock {out}.lock): waiting for it"
+    )
+    still = [line for line in lines[1:] if "still waiting" in line]
+    assert len(still) >= 3 and all(
+        re.fullmatch(rf"prepare {out.name}: still waiting for it \(0m0\ds so far; held by {re.escape(who)}\)", line)
+        for line in still
+    )
+    assert result["meta"]["train_tokens"] > 0 and out.exists()
+    assert not Path(f"{out}.lock.json").exists()
 
 
 def test_load_missing_names_the_prepare_command_that_builds_it(tmp_path):

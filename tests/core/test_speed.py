@@ -6,20 +6,23 @@ a GPU: `benchmarks/gpu_speed.py` checks them there. Everything else runs here on
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from oelm_ray.core import checkpoint
 from oelm_ray.core.batches import Batches, Sampler
-from oelm_ray.core.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
+from oelm_ray.core.checkpoint import CheckpointStallError, CheckpointWriter, load_checkpoint, save_checkpoint
 from oelm_ray.core.config import ConfigError, make_config
 from oelm_ray.core.io import DiskFullError, read_metrics
 from oelm_ray.core.train_step import resolve_compile, resolve_device
@@ -156,10 +159,6 @@ def test_batches_stage_ahead_and_their_state_is_the_one_before_the_staged_batch(
 
 
 def test_background_checkpoints_report_after_the_write_and_resume_exactly(tmp_path, data_dir, monkeypatch):
-    import threading
-
-    from oelm_ray.core import checkpoint
-
     c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15)
     train(c, tmp_path / "inline", log=lambda _: None, background=False)
     writers, real_save = [], checkpoint.save_checkpoint
@@ -202,6 +201,77 @@ def test_background_write_error_surfaces_and_keeps_the_old_file(tmp_path, monkey
     monkeypatch.undo()
     assert ran == [] and load_checkpoint(path)["step"] == 1
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("background", [True, False])
+@pytest.mark.timeout(60)
+def test_a_stalled_checkpoint_write_is_given_up_with_one_line(tmp_path, monkeypatch, background):
+    """A write that stops moving (stalled storage) ends the wait after STALL_S, inline or in the background,
+    with one line naming the file; the previous latest.pt stays, and the stuck write, once it moves again,
+    stops instead of replacing it. `close` gives such a write up too, with that line to its log."""
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"model": {}, "config": {}, "step": 1})
+    monkeypatch.setattr(checkpoint, "STALL_S", 0.5)
+    storage = threading.Event()
+
+    def stalls(obj, f):
+        f.write(b"x" * 1000)
+        storage.wait(30)  # the NFS server is away
+        f.write(b"y" * 1000)
+
+    monkeypatch.setattr(torch, "save", stalls)
+    w, ran = CheckpointWriter(background), []
+    t0 = time.monotonic()
+    with pytest.raises(CheckpointStallError) as e:
+        w.save([(path, {"model": {}, "config": {}, "step": 2})], after=lambda: ran.append(1))
+        w.wait()
+    assert time.monotonic() - t0 < 0.5 + 3
+    msg = str(e.value)
+    assert "\n" not in msg and f"writing checkpoint {path} made no progress for" in msg
+    assert "1,000 bytes written" in msg and "is its storage" in msg and "previous latest.pt is untouched" in msg
+    assert ran == []
+    w.close()  # nothing in flight any more: returns at once
+
+    lines, bg = [], CheckpointWriter(background=True, log=lambda line: lines.append(line))
+    bg.save([(tmp_path / "best.pt", {"model": {}, "config": {}, "step": 2})], after=lambda: ran.append(2))
+    t0 = time.monotonic()
+    bg.close()
+    assert time.monotonic() - t0 < 0.5 + 3 and ran == []
+    assert len(lines) == 1 and f"writing checkpoint {tmp_path / 'best.pt'} made no progress" in lines[0]
+
+    storage.set()  # the storage is back: the given-up writes stop at their next byte and leave no temp file
+    deadline = time.monotonic() + 10
+    while list(tmp_path.glob(".*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    monkeypatch.undo()
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "best.pt").exists()
+    assert load_checkpoint(path)["step"] == 1
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_slow_checkpoint_write_that_keeps_moving_is_waited_for(tmp_path, monkeypatch, background):
+    """Slow storage is not stalled storage: a write that takes 3x STALL_S but hands bytes over every 0.2 s
+    completes, and its `after` runs."""
+    path, real_save = tmp_path / "latest.pt", torch.save
+    monkeypatch.setattr(checkpoint, "STALL_S", 0.5)
+
+    def slow(obj, f):
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        data, pieces = buf.getvalue(), 8
+        for i in range(pieces):
+            f.write(data[i * len(data) // pieces : (i + 1) * len(data) // pieces])
+            time.sleep(0.2)
+
+    monkeypatch.setattr(torch, "save", slow)
+    w, ran = CheckpointWriter(background), []
+    t0 = time.monotonic()
+    w.save([(path, {"model": {"w": torch.arange(100.0)}, "config": {}, "step": 2})], after=lambda: ran.append(1))
+    w.wait()
+    assert time.monotonic() - t0 > 3 * 0.5 and ran == [1]
+    monkeypatch.undo()
+    ck = load_checkpoint(path)
+    assert ck["step"] == 2 and torch.equal(ck["model"]["w"], torch.arange(100.0))
 
 
 KILL_MID_WRITE = r"""
