@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from .checkpoint import rng_state, set_rng_state
 from .config import Config, ConfigError
 from .model import GPT
 from .optim import is_qk_unfrozen_group, qk_unfrozen_groups
@@ -194,14 +195,14 @@ class TrainStep:
         if not self.unproven:
             loss = self._forward_backward(x, y)
         else:  # just (re)compiled: a compiler that fails here leaves nothing half-done
-            rng = _rng_state(self.device)
+            rng = rng_state(self.device)
             try:
                 loss = self._forward_backward(x, y)
                 self.unproven -= 1
             except Exception as e:
                 self._compiler_failed("in a training step", e)
                 self.optimizer.zero_grad(set_to_none=True)
-                _set_rng_state(self.device, rng)  # the eager redo draws the same dropout masks
+                set_rng_state(rng, self.device)  # the eager redo draws the same dropout masks
                 self.mode = None
                 self._build()
                 loss = self._forward_backward(x, y)
@@ -252,16 +253,6 @@ class TrainStep:
                 m = self.compiled if self.eval_compiled and x.shape == main_shape else self.raw
                 total += self._forward(m, x, y, reduction="sum")
         return total.item()
-
-
-def _rng_state(device: torch.device) -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(device: torch.device, state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

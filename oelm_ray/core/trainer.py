@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .batches import Batches, Sampler, eval_batches, scored_tokens
-from .checkpoint import CheckpointWriter, checkpoint_files, load_checkpoint
+from .checkpoint import CheckpointWriter, checkpoint_files, load_checkpoint, set_rng_state
 from .config import Config, ConfigError
 from .data import Prepared, load_prepared
 from .io import UserError, append_metrics, read_metrics, truncate_metrics, write_json
@@ -190,9 +190,7 @@ def setup(
     if ckpt is not None:
         trainer.load_state(ckpt)
         batches.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        set_rng_state(ckpt["rng"], device)
     if rank == 0:
         truncate_metrics(out / "metrics.jsonl", step)
     val_set = [(x.to(device), y.to(device)) for x, y in val_set]
