@@ -11,6 +11,7 @@ import torch
 
 from .checkpoint import rng_state, set_rng_state
 from .config import Config, ConfigError
+from .io import one_line
 from .model import GPT
 from .optim import is_qk_unfrozen_group, qk_unfrozen_groups
 
@@ -186,8 +187,8 @@ class TrainStep:
 
     def _compiler_failed(self, where: str, e: Exception) -> None:
         self.log(
-            f"torch.compile(mode={self.mode!r}) failed {where} ({type(e).__name__}: "
-            f"{(str(e).splitlines() or [''])[0][:200]}): {'training' if where == 'in a training step' else 'evaluating'} eager"
+            f"torch.compile(mode={self.mode!r}) failed {where} ({one_line(e, typed=True)}): "
+            f"{'training' if where == 'in a training step' else 'evaluating'} eager"
         )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
