@@ -13,7 +13,7 @@ from .checkpoint import rng_state, set_rng_state
 from .config import Config, ConfigError
 from .io import one_line
 from .model import GPT
-from .optim import is_qk_unfrozen_group, qk_unfrozen_groups
+from .optim import group_kind, qk_unfrozen_groups, qk_unfrozen_in
 
 
 def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
@@ -122,9 +122,7 @@ class TrainStep:
             self.compiled = self.raw
         self.model = _ddp(self.compiled, self.device) if self.world > 1 else self.compiled
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.periodic = [
-            p for g in self.optimizer.param_groups if g["name"].startswith("qk_periodic") for p in g["params"]
-        ]
+        self.periodic = [p for g in self.optimizer.param_groups if group_kind(g) == "qk_periodic" for p in g["params"]]
         self.unproven = GUARDED_STEPS if self.mode else 0
         self.eval_compiled, self.eval_proven = self.mode is not None and not self.eval_failed, False
 
@@ -159,7 +157,7 @@ class TrainStep:
     @property
     def qk_unfrozen(self) -> bool:
         """Whether the policy's frozen Q/K have joined the optimizer (`unfreeze_qk`, or a resumed run's groups)."""
-        return any(is_qk_unfrozen_group(g) for g in self.optimizer.param_groups)
+        return qk_unfrozen_in(self.optimizer.param_groups)
 
     def unfreeze_qk(self) -> None:
         """Frozen Q/K train from now on: they join the optimizer, and the step is compiled afresh."""

@@ -182,7 +182,7 @@ def setup(
         }
         log(f"resumed from {out / 'latest.pt'} at step {state['step']}")
     step = state.get("step", 0)
-    unfrozen = ckpt is not None and qk_unfrozen_in(ckpt["optimizer"])
+    unfrozen = ckpt is not None and qk_unfrozen_in(ckpt["optimizer"]["param_groups"])
     if unfrozen:
         model.set_qk_trainable(True)
     model.to(device)
