@@ -102,7 +102,6 @@ class TrainStep:
         self.tensor_lr = bool(optimizer.defaults.get("fused"))  # fused AdamW takes lr as a device tensor
         self._set_lr_types()
         self.eval_failed = False  # a compiled evaluation failed once: evaluations run eager from then on
-        self.qk_update = True  # qk_update_every: whether this step updates the periodic Q/K (the loop sets it)
         self._build()
         self.describe = (
             f"training step: {'torch.compile(mode=' + repr(self.mode) + ')' if self.mode else 'eager'} ({why})"
@@ -124,7 +123,12 @@ class TrainStep:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.periodic = [p for g in self.optimizer.param_groups if group_kind(g) == "qk_periodic" for p in g["params"]]
         self.unproven = GUARDED_STEPS if self.mode else 0
-        self.eval_compiled, self.eval_proven = self.mode is not None and not self.eval_failed, False
+        self.eval_proven = False  # whether a compiled evaluation has run since this build
+
+    @property
+    def eval_compiled(self) -> bool:
+        """Whether evaluations run compiled: the step is compiled and no compiled evaluation has failed."""
+        return self.mode is not None and not self.eval_failed
 
     def _set_lr_types(self) -> None:
         """lr as a device tensor (fused AdamW on CUDA) or a float, whatever a new group or a loaded state held."""
@@ -159,13 +163,15 @@ class TrainStep:
         """Whether the policy's frozen Q/K have joined the optimizer (`unfreeze_qk`, or a resumed run's groups)."""
         return qk_unfrozen_in(self.optimizer.param_groups)
 
-    def unfreeze_qk(self) -> None:
-        """Frozen Q/K train from now on: they join the optimizer, and the step is compiled afresh."""
+    def unfreeze_qk(self, interval: Interval) -> None:
+        """Frozen Q/K train from now on: they join the optimizer, the step is compiled afresh, and the
+        training `interval` leaves the next steps (compiling) out of its timing."""
         self.raw.set_qk_trainable(True)
         for group in qk_unfrozen_groups(self.raw, self.cfg):
             self.optimizer.add_param_group(group)
         self._set_lr_types()
         self._build()  # also rebuilds DDP, which fixes its parameter set when built
+        interval.rewarm()
 
     def _forward(
         self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
@@ -189,8 +195,11 @@ class TrainStep:
             f"{'training' if where == 'in a training step' else 'evaluating'} eager"
         )
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on (x, y); returns the loss (on the device, detached)."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, qk_update: bool = True) -> torch.Tensor:
+        """One optimizer step on (x, y); returns the loss (on the device, detached).
+
+        `qk_update` (qk_update_every): whether this step updates the periodic Q/K (`optim.qk_update_at`).
+        """
         if not self.unproven:
             loss = self._forward_backward(x, y)
         else:  # just (re)compiled: a compiler that fails here leaves nothing half-done
@@ -205,7 +214,7 @@ class TrainStep:
                 self.mode = None
                 self._build()
                 loss = self._forward_backward(x, y)
-        if self.periodic and not self.qk_update:
+        if self.periodic and not qk_update:
             # not an update step: the periodic Q/K's gradients are dropped before clipping, so AdamW skips
             # them (moments and step count stand still) and the clip norm is over what updates
             for p in self.periodic:
@@ -237,7 +246,7 @@ class TrainStep:
                     return total / val_tokens
                 except Exception as e:
                     self._compiler_failed("in evaluation", e)
-                    self.eval_compiled, self.eval_failed = False, True
+                    self.eval_failed = True
             return self._score(val_set) / val_tokens
         finally:
             self.model.train()

@@ -82,19 +82,19 @@ def train(
     try:
         while run.step < t.max_steps:
             if qk_unfrozen_at(run.step, cfg) and not run.trainer.qk_unfrozen:
-                run.trainer.unfreeze_qk()
-                interval.rewarm()  # the step recompiles
+                run.trainer.unfreeze_qk(interval)  # the step is rebuilt: the interval's timing warms up again
                 log(
                     f"step {run.step}: Q/K unfrozen in {len(cfg.model.frozen_qk_layers)} block(s)"
                     + ("; the training step is compiled afresh" if run.trainer.mode else "")
                 )
             lr = lr_at(run.step, cfg)
             run.trainer.set_lr(lr)
-            run.trainer.qk_update = qk_update_at(run.step, cfg)
+            qk_update = qk_update_at(run.step, cfg)
             x, y = run.batches.next()
-            interval.add(run.trainer(x, y))
-            if run.trainer.periodic and run.trainer.qk_update:  # what the Q/K check holds them to until the next update
-                run.qk_since_update = [p.detach().clone() for p in run.trainer.periodic]
+            interval.add(run.trainer(x, y, qk_update))
+            if qk_update and run.trainer.periodic:  # what the Q/K check holds them to until the next update
+                with torch.no_grad():
+                    torch._foreach_copy_(run.qk_since_update, run.trainer.periodic)
             run.writer.poll()  # a background checkpoint that has landed: its report goes out now
             run.step += 1
             run.tokens += run.tok_per_step
@@ -219,7 +219,7 @@ def setup(
         **state,
     )
     if trainer.periodic:  # as loaded: the checkpoint's own Q/K check found them as their last update left them
-        run.qk_since_update = [p.detach().clone() for p in trainer.periodic]
+        run.qk_since_update = [p.detach().clone() for p in trainer.periodic]  # the loop copies each update into it
     return run
 
 
