@@ -166,7 +166,7 @@ def setup(
     qk_init = qk_digests(model.qk_params().values())  # a resumed run checks against the digest its first process took
     if t.qk_update_every:  # periodic Q/K get a gradient every step; the step drops it where it is no update step
         model.set_qk_trainable(True)
-    counts = model.param_counts()  # as the run starts (Q/K frozen), also when it resumes after an unfreeze
+    counts = model.param_counts()  # the run's figures, as `finish` says: before any unfreeze, periodic Q/K trainable
     batches = Batches(Sampler(data.train, cfg.model.block_size, t.batch_size, seed=t.seed), device, rank, world)
     val_set = eval_batches(data.val, cfg)
     state: dict[str, Any] = {}
@@ -238,7 +238,7 @@ class Run:
     batches: Batches
     val_set: list[tuple[torch.Tensor, torch.Tensor]]  # on the device, scored in this order
     val_tokens: int  # targets an evaluation scores
-    counts: dict[str, int]  # trainable / frozen / total parameters at setup: the run's figures
+    counts: dict[str, int]  # trainable / frozen / total parameters, as `setup` counts them (see `finish`)
     writer: CheckpointWriter
     qk_init: list[str]  # each block's Q/K digest at init (qkcheck), kept in every checkpoint
     qk_check: str = "not checked yet"  # the last checkpoint's Q/K check: "ok", or what failed
@@ -350,6 +350,11 @@ def finish(run: Run, status: str, report: Report | None, log: Callable[[str], No
     steady-state step times (`step_time_s`: compiling and warm-up steps left out) weighted by their
     steps; `train_time_s` is the wall time spent training, warm-up included, and `warmup_s` what
     the warm-up steps cost beyond steady state.
+
+    Parameters (here and in every metrics row): `trainable_params` are those the optimizer updates from
+    the first step: periodic Q/K (`qk_update_every`, updated every N-th step) count as trainable; Q/K
+    that unfreeze at `qk_unfreeze_step` count as frozen, also in a process resumed after the unfreeze
+    (`frozen_params` names what is still frozen at the end).
     """
     cfg, t = run.cfg, run.cfg.train
     wall = run.wall()
