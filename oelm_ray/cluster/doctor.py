@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.io import DeadlineExceeded, call_within
+from ..core.io import DeadlineExceeded, call_within, one_line
 from . import torch_build
 
 Result = tuple  # (ok: bool | None, line: str, fix: str)
@@ -300,7 +300,7 @@ def _bounded(fn: Callable[[], None], timeout: float) -> str | None:
     except DeadlineExceeded:
         return f"timed out after {timeout:g}s"
     except Exception as e:
-        return " ".join(str(e).split())[:160] or type(e).__name__
+        return one_line(e, 160)
     return None
 
 

@@ -51,10 +51,7 @@ def checkpoint_files(run: Run, val_loss: float, latest: bool) -> list[tuple[Path
         "model": run.model.state_dict(),
         **run.trainer.state_dict(),  # optimizer (and fp16's gradient scaler)
         "sampler": run.batches.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None,
-        },
+        "rng": rng_state(run.device),
         "best_val_loss": min(run.best_val, val_loss),
         "qk_init": run.qk_init,
         "elapsed_s": run.wall(),
@@ -70,6 +67,18 @@ def checkpoint_files(run: Run, val_loss: float, latest: bool) -> list[tuple[Path
     if latest:
         files.append((run.out / "latest.pt", payload))
     return files
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:
+    """The CPU generator's state and, on CUDA, the device's: {"torch", "cuda"}, as latest.pt keeps it."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict[str, torch.Tensor | None], device: torch.device) -> None:
+    """Restore what `rng_state` took; a CUDA state is restored on CUDA only (a CPU run's has none)."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:

@@ -1,5 +1,5 @@
-"""The small I/O helpers everything shares: the user-error base class, atomic writes, a run's metrics
-file, a TCP probe, a call with a deadline. No torch: the Ray side and the reports read metrics files
+"""The small I/O helpers everything shares: the user-error base class, an error as one line, atomic
+writes, a run's metrics file, a TCP probe, a call with a deadline. No torch: the Ray side and the reports read metrics files
 without it.
 
 One of each, so that a fix (fsync the directory, keep the old file on a full disk) lands everywhere.
@@ -23,6 +23,16 @@ class UserError(Exception):
     """Bad input, missing data, a run in the way: the CLI and the recipes print the message as one
     line and exit 2 (a traceback means a bug). ConfigError, DataError, CheckpointError and
     RunExistsError derive from it."""
+
+
+def one_line(e: BaseException, limit: int | None = 200, typed: bool = False) -> str:
+    """An exception's message as one line: whitespace and newlines collapsed to single spaces, cut after
+    `limit` characters (None: whole); `typed` puts its type's name first ("OSError: ..."). An empty
+    message is the type's name alone."""
+    text = " ".join(str(e).split())[:limit]
+    if not text:
+        return type(e).__name__
+    return f"{type(e).__name__}: {text}" if typed else text
 
 
 class DiskFullError(UserError, OSError):

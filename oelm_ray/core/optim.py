@@ -94,18 +94,18 @@ def qk_unfrozen_groups(model: GPT, cfg: Config) -> list[dict]:
     )
 
 
-def qk_unfrozen_in(optimizer_state: dict) -> bool:
-    """Whether a saved optimizer state holds the unfrozen Q/K's groups.
+def group_kind(group: dict) -> str:
+    """An optimizer group's kind (`build_optimizer`): its name without lr_layer_decay's layer (`qk_periodic.h1`)."""
+    return str(group.get("name", "")).split(".")[0]
+
+
+def qk_unfrozen_in(param_groups: list[dict]) -> bool:
+    """Whether these optimizer groups (live, or a saved state's) hold the unfrozen Q/K's.
 
     The checkpoint of step `qk_unfreeze_step` is written before the loop unfreezes (at the top of the
     next step), so the step number alone does not say; the optimizer's own groups do.
     """
-    return any(is_qk_unfrozen_group(g) for g in optimizer_state["param_groups"])
-
-
-def is_qk_unfrozen_group(group: dict) -> bool:
-    """Whether an optimizer group is one the unfrozen Q/K joined (`qk_unfrozen_groups`)."""
-    return str(group.get("name", "")).split(".")[0] == "qk_unfrozen"
+    return any(group_kind(g) == "qk_unfrozen" for g in param_groups)
 
 
 def qk_unfrozen_at(step: int, cfg: Config) -> bool:

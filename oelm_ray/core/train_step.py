@@ -9,9 +9,11 @@ from collections.abc import Callable
 
 import torch
 
+from .checkpoint import rng_state, set_rng_state
 from .config import Config, ConfigError
+from .io import one_line
 from .model import GPT
-from .optim import is_qk_unfrozen_group, qk_unfrozen_groups
+from .optim import group_kind, qk_unfrozen_groups, qk_unfrozen_in
 
 
 def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
@@ -100,7 +102,6 @@ class TrainStep:
         self.tensor_lr = bool(optimizer.defaults.get("fused"))  # fused AdamW takes lr as a device tensor
         self._set_lr_types()
         self.eval_failed = False  # a compiled evaluation failed once: evaluations run eager from then on
-        self.qk_update = True  # qk_update_every: whether this step updates the periodic Q/K (the loop sets it)
         self._build()
         self.describe = (
             f"training step: {'torch.compile(mode=' + repr(self.mode) + ')' if self.mode else 'eager'} ({why})"
@@ -120,11 +121,14 @@ class TrainStep:
             self.compiled = self.raw
         self.model = _ddp(self.compiled, self.device) if self.world > 1 else self.compiled
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.periodic = [
-            p for g in self.optimizer.param_groups if g["name"].startswith("qk_periodic") for p in g["params"]
-        ]
+        self.periodic = [p for g in self.optimizer.param_groups if group_kind(g) == "qk_periodic" for p in g["params"]]
         self.unproven = GUARDED_STEPS if self.mode else 0
-        self.eval_compiled, self.eval_proven = self.mode is not None and not self.eval_failed, False
+        self.eval_proven = False  # whether a compiled evaluation has run since this build
+
+    @property
+    def eval_compiled(self) -> bool:
+        """Whether evaluations run compiled: the step is compiled and no compiled evaluation has failed."""
+        return self.mode is not None and not self.eval_failed
 
     def _set_lr_types(self) -> None:
         """lr as a device tensor (fused AdamW on CUDA) or a float, whatever a new group or a loaded state held."""
@@ -157,15 +161,17 @@ class TrainStep:
     @property
     def qk_unfrozen(self) -> bool:
         """Whether the policy's frozen Q/K have joined the optimizer (`unfreeze_qk`, or a resumed run's groups)."""
-        return any(is_qk_unfrozen_group(g) for g in self.optimizer.param_groups)
+        return qk_unfrozen_in(self.optimizer.param_groups)
 
-    def unfreeze_qk(self) -> None:
-        """Frozen Q/K train from now on: they join the optimizer, and the step is compiled afresh."""
+    def unfreeze_qk(self, interval: Interval) -> None:
+        """Frozen Q/K train from now on: they join the optimizer, the step is compiled afresh, and the
+        training `interval` leaves the next steps (compiling) out of its timing."""
         self.raw.set_qk_trainable(True)
         for group in qk_unfrozen_groups(self.raw, self.cfg):
             self.optimizer.add_param_group(group)
         self._set_lr_types()
         self._build()  # also rebuilds DDP, which fixes its parameter set when built
+        interval.rewarm()
 
     def _forward(
         self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
@@ -185,27 +191,30 @@ class TrainStep:
 
     def _compiler_failed(self, where: str, e: Exception) -> None:
         self.log(
-            f"torch.compile(mode={self.mode!r}) failed {where} ({type(e).__name__}: "
-            f"{(str(e).splitlines() or [''])[0][:200]}): {'training' if where == 'in a training step' else 'evaluating'} eager"
+            f"torch.compile(mode={self.mode!r}) failed {where} ({one_line(e, typed=True)}): "
+            f"{'training' if where == 'in a training step' else 'evaluating'} eager"
         )
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on (x, y); returns the loss (on the device, detached)."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, qk_update: bool = True) -> torch.Tensor:
+        """One optimizer step on (x, y); returns the loss (on the device, detached).
+
+        `qk_update` (qk_update_every): whether this step updates the periodic Q/K (`optim.qk_update_at`).
+        """
         if not self.unproven:
             loss = self._forward_backward(x, y)
         else:  # just (re)compiled: a compiler that fails here leaves nothing half-done
-            rng = _rng_state(self.device)
+            rng = rng_state(self.device)
             try:
                 loss = self._forward_backward(x, y)
                 self.unproven -= 1
             except Exception as e:
                 self._compiler_failed("in a training step", e)
                 self.optimizer.zero_grad(set_to_none=True)
-                _set_rng_state(self.device, rng)  # the eager redo draws the same dropout masks
+                set_rng_state(rng, self.device)  # the eager redo draws the same dropout masks
                 self.mode = None
                 self._build()
                 loss = self._forward_backward(x, y)
-        if self.periodic and not self.qk_update:
+        if self.periodic and not qk_update:
             # not an update step: the periodic Q/K's gradients are dropped before clipping, so AdamW skips
             # them (moments and step count stand still) and the clip norm is over what updates
             for p in self.periodic:
@@ -237,7 +246,7 @@ class TrainStep:
                     return total / val_tokens
                 except Exception as e:
                     self._compiler_failed("in evaluation", e)
-                    self.eval_compiled, self.eval_failed = False, True
+                    self.eval_failed = True
             return self._score(val_set) / val_tokens
         finally:
             self.model.train()
@@ -252,16 +261,6 @@ class TrainStep:
                 m = self.compiled if self.eval_compiled and x.shape == main_shape else self.raw
                 total += self._forward(m, x, y, reduction="sum")
         return total.item()
-
-
-def _rng_state(device: torch.device) -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(device: torch.device, state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .batches import Batches, Sampler, eval_batches, scored_tokens
-from .checkpoint import CheckpointWriter, checkpoint_files, load_checkpoint
+from .checkpoint import CheckpointWriter, checkpoint_files, load_checkpoint, set_rng_state
 from .config import Config, ConfigError
 from .data import Prepared, load_prepared
 from .io import UserError, append_metrics, read_metrics, truncate_metrics, write_json
@@ -82,19 +82,19 @@ def train(
     try:
         while run.step < t.max_steps:
             if qk_unfrozen_at(run.step, cfg) and not run.trainer.qk_unfrozen:
-                run.trainer.unfreeze_qk()
-                interval.rewarm()  # the step recompiles
+                run.trainer.unfreeze_qk(interval)  # the step is rebuilt: the interval's timing warms up again
                 log(
                     f"step {run.step}: Q/K unfrozen in {len(cfg.model.frozen_qk_layers)} block(s)"
                     + ("; the training step is compiled afresh" if run.trainer.mode else "")
                 )
             lr = lr_at(run.step, cfg)
             run.trainer.set_lr(lr)
-            run.trainer.qk_update = qk_update_at(run.step, cfg)
+            qk_update = qk_update_at(run.step, cfg)
             x, y = run.batches.next()
-            interval.add(run.trainer(x, y))
-            if run.trainer.periodic and run.trainer.qk_update:  # what the Q/K check holds them to until the next update
-                run.qk_since_update = [p.detach().clone() for p in run.trainer.periodic]
+            interval.add(run.trainer(x, y, qk_update))
+            if qk_update and run.trainer.periodic:  # what the Q/K check holds them to until the next update
+                with torch.no_grad():
+                    torch._foreach_copy_(run.qk_since_update, run.trainer.periodic)
             run.writer.poll()  # a background checkpoint that has landed: its report goes out now
             run.step += 1
             run.tokens += run.tok_per_step
@@ -166,7 +166,7 @@ def setup(
     qk_init = qk_digests(model.qk_params().values())  # a resumed run checks against the digest its first process took
     if t.qk_update_every:  # periodic Q/K get a gradient every step; the step drops it where it is no update step
         model.set_qk_trainable(True)
-    counts = model.param_counts()  # as the run starts (Q/K frozen), also when it resumes after an unfreeze
+    counts = model.param_counts()  # the run's figures, as `finish` says: before any unfreeze, periodic Q/K trainable
     batches = Batches(Sampler(data.train, cfg.model.block_size, t.batch_size, seed=t.seed), device, rank, world)
     val_set = eval_batches(data.val, cfg)
     state: dict[str, Any] = {}
@@ -182,7 +182,7 @@ def setup(
         }
         log(f"resumed from {out / 'latest.pt'} at step {state['step']}")
     step = state.get("step", 0)
-    unfrozen = ckpt is not None and qk_unfrozen_in(ckpt["optimizer"])
+    unfrozen = ckpt is not None and qk_unfrozen_in(ckpt["optimizer"]["param_groups"])
     if unfrozen:
         model.set_qk_trainable(True)
     model.to(device)
@@ -190,9 +190,7 @@ def setup(
     if ckpt is not None:
         trainer.load_state(ckpt)
         batches.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        set_rng_state(ckpt["rng"], device)
     if rank == 0:
         truncate_metrics(out / "metrics.jsonl", step)
     val_set = [(x.to(device), y.to(device)) for x, y in val_set]
@@ -221,7 +219,7 @@ def setup(
         **state,
     )
     if trainer.periodic:  # as loaded: the checkpoint's own Q/K check found them as their last update left them
-        run.qk_since_update = [p.detach().clone() for p in trainer.periodic]
+        run.qk_since_update = [p.detach().clone() for p in trainer.periodic]  # the loop copies each update into it
     return run
 
 
@@ -240,7 +238,7 @@ class Run:
     batches: Batches
     val_set: list[tuple[torch.Tensor, torch.Tensor]]  # on the device, scored in this order
     val_tokens: int  # targets an evaluation scores
-    counts: dict[str, int]  # trainable / frozen / total parameters at setup: the run's figures
+    counts: dict[str, int]  # trainable / frozen / total parameters, as `setup` counts them (see `finish`)
     writer: CheckpointWriter
     qk_init: list[str]  # each block's Q/K digest at init (qkcheck), kept in every checkpoint
     qk_check: str = "not checked yet"  # the last checkpoint's Q/K check: "ok", or what failed
@@ -352,6 +350,11 @@ def finish(run: Run, status: str, report: Report | None, log: Callable[[str], No
     steady-state step times (`step_time_s`: compiling and warm-up steps left out) weighted by their
     steps; `train_time_s` is the wall time spent training, warm-up included, and `warmup_s` what
     the warm-up steps cost beyond steady state.
+
+    Parameters (here and in every metrics row): `trainable_params` are those the optimizer updates from
+    the first step: periodic Q/K (`qk_update_every`, updated every N-th step) count as trainable; Q/K
+    that unfreeze at `qk_unfreeze_step` count as frozen, also in a process resumed after the unfreeze
+    (`frozen_params` names what is still frozen at the end).
     """
     cfg, t = run.cfg, run.cfg.train
     wall = run.wall()

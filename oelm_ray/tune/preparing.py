@@ -37,7 +37,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..core.config import DataConfig
 from ..core.data import check_source, fmt_secs, prepare, prepared_dir
-from ..core.io import UserError, write_json
+from ..core.io import UserError, one_line, write_json
 
 READY, FAILED, PREPARING = "ready", "failed", "preparing"
 QUIET_S = 600.0  # a prepare task silent this long gets a "still preparing" line on the driver
@@ -210,9 +210,8 @@ def _like_the_driver() -> dict:
 
 def _one_line(e: BaseException) -> str:
     cause = getattr(e, "cause", None) or e  # a RayTaskError carries the task's own exception
-    text = str(cause).strip().splitlines()
-    first = text[0] if text else ""
-    return first if isinstance(cause, UserError) else f"{type(cause).__name__}: {first}"
+    user = isinstance(cause, UserError)  # its message says what to fix: whole, without the type
+    return one_line(cause, limit=None if user else 200, typed=not user)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from ..core.config import ConfigError
-from ..core.io import DeadlineExceeded, call_within, tcp_error
+from ..core.io import DeadlineExceeded, call_within, one_line, tcp_error
 
 if TYPE_CHECKING:
     from .sweep import Sweep
@@ -118,7 +118,7 @@ def join(address: str, timeout: float = CONNECT_TIMEOUT_S, quiet: bool = False) 
         ) from None
     except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
         raise ClusterUnreachable(
-            f"could not join the Ray cluster at {target} ({_one_line(e)})", f"{_CHECK_HEAD}? {_TOKEN_FIX}"
+            f"could not join the Ray cluster at {target} ({one_line(e)})", f"{_CHECK_HEAD}? {_TOKEN_FIX}"
         ) from None
 
 
@@ -180,7 +180,7 @@ def _ask_gcs(target: str, timeout: float) -> None:
         ) from None
     except Exception as e:  # anything else that speaks HTTP/2 but is no GCS
         raise ClusterUnreachable(
-            f"the server at {target} answers but not as a Ray cluster ({_one_line(e)})",
+            f"the server at {target} answers but not as a Ray cluster ({one_line(e)})",
             "pass the head's GCS address (port 6379 by default)",
         ) from None
 
@@ -232,10 +232,6 @@ class _DropMessage(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.start)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200] or type(e).__name__
 
 
 def resources(sweep: Sweep) -> dict[str, float]:

@@ -14,6 +14,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..core import selftest
+from ..core.io import one_line
 from .resources import connect, running_cluster
 
 
@@ -69,7 +70,7 @@ def run_on_cluster(
         try:
             where, rows = ray.get(ref, timeout=10)
         except Exception as e:  # the task raised, or its worker died
-            print_line(f"{where}: selftest      FAIL  {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            print_line(f"{where}: selftest      FAIL  {one_line(e, 300, typed=True)}")
             ok = False
             continue
         lines, passed = selftest.render(where, [selftest.Check(*r) for r in rows])

@@ -326,13 +326,13 @@ def test_interval_speed_leaves_out_the_warmup_steps(tmp_path, data_dir, monkeypa
     real = TrainStep.__call__
     calls = []
 
-    def step(self, x, y):
+    def step(self, x, y, *rest):
         calls.append(1)
         if len(calls) in slow:
             import time
 
             time.sleep(0.3)
-        return real(self, x, y)
+        return real(self, x, y, *rest)
 
     monkeypatch.setattr(TrainStep, "__call__", step)
     s = train(cfg(data_dir, max_steps=20), tmp_path, log=quiet)
