@@ -109,14 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "prepare":
         from .core.data import prepare
 
         cfg = C.make_config(args.preset, O.parse_sets(args, sections=("data",)))
-        meta = prepare(
-            cfg.data, force=args.force, workers=args.workers, log=lambda line: print(line, file=sys.stderr, flush=True)
-        )
+        meta = prepare(cfg.data, force=args.force, workers=args.workers, log=_to_stderr)
         print(f"prepared {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens")
         return 0
     if args.cmd == "train":
@@ -125,8 +127,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         cfg = C.make_config(args.preset, O.parse_sets(args))
         data = load_prepared(cfg.data) if args.no_prepare else None
-        if data is None:
-            prepare(cfg.data)
+        if data is None:  # prepares what is missing, saying what `oelm-ray prepare` says (a held lock, progress)
+            prepare(cfg.data, log=_to_stderr)
         train(cfg, Path(args.out_dir), resume=args.resume, data=data)
         return 0
     if args.cmd in ("status", "report"):

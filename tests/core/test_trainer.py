@@ -176,6 +176,21 @@ def test_summary_and_metrics_files(tmp_path, data_dir):
     assert (tmp_path / "best.pt").exists() and (tmp_path / "latest.pt").exists()
 
 
+def test_cli_train_says_what_prepare_says_while_it_prepares_the_corpus(tmp_path, monkeypatch, capsys):
+    """`oelm-ray train` on a corpus not yet prepared builds it with `oelm-ray prepare`'s lines on stderr
+    (progress, a held lock, a resume), not silently."""
+    from oelm_ray import cli
+    from oelm_ray.core import data
+
+    monkeypatch.setattr(data, "LOG_SECONDS", 0.0)  # a line at every chunk and a summary for this tiny build
+    tiny = ["stories_mb=0.2", "d_model=32", "n_layer=2", "n_head=2", "d_ff=64", "block_size=32", "batch_size=4"]
+    tiny += ["warmup_steps=1", "eval_interval=2", "eval_batches=1", "num_threads=1"]
+    argv = ["train", "--out-dir", str(tmp_path / "x"), "--data-dir", str(tmp_path / "data"), "--max-steps", "2"]
+    assert cli.main([*argv, "--set", *tiny]) == 0
+    err = capsys.readouterr().err
+    assert "prepare stories-0.2mb-s1234-bytes: 384 documents" in err and ", done in " in err, err
+
+
 def test_cli_train_and_resume(tmp_path, data_dir):
     args = [
         sys.executable,
