@@ -97,7 +97,7 @@ def child_nanogpt(corpus: Path, out: Path, workers: int, ranks: str) -> int:
     from datasets import load_dataset
 
     from oelm_ray.core.config import DataConfig
-    from oelm_ray.core.data import get_tokenizer
+    from oelm_ray.core.prepared import get_tokenizer
 
     enc = get_tokenizer(DataConfig(tokenizer="gpt2", gpt2_ranks=ranks))  # = tiktoken.get_encoding("gpt2")
     files = sorted(str(p) for p in (corpus / "data").glob("train-*.parquet"))
@@ -231,7 +231,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated run still cleans up its child
 
     from oelm_ray.core.config import DataConfig
-    from oelm_ray.core.data import _cores, get_tokenizer
+    from oelm_ray.core.data import _cores
+    from oelm_ray.core.prepared import get_tokenizer
 
     get_tokenizer(DataConfig(tokenizer="gpt2", gpt2_ranks=args.gpt2_ranks))  # a missing ranks file fails here
     workers = args.workers or _cores()

@@ -23,9 +23,10 @@ import torch
 
 from oelm_ray.core.batches import Sampler
 from oelm_ray.core.config import METHODS, make_config
-from oelm_ray.core.data import load_prepared, prepare
+from oelm_ray.core.data import prepare
 from oelm_ray.core.model import GPT
 from oelm_ray.core.optim import build_optimizer, lr_at
+from oelm_ray.core.prepared import load_prepared
 from oelm_ray.core.train_step import resolve_device
 from oelm_ray.core.trainer import train
 

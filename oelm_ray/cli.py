@@ -122,7 +122,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"prepared {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens")
         return 0
     if args.cmd == "train":
-        from .core.data import load_prepared, prepare
+        from .core.data import prepare
+        from .core.prepared import load_prepared
         from .core.trainer import train
 
         cfg = C.make_config(args.preset, O.parse_sets(args))

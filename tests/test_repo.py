@@ -43,6 +43,7 @@ def test_layers_import_what_the_readme_says():
         "config.py",
         "model.py",
         "data.py",
+        "prepared.py",
         "batches.py",
         "optim.py",
         "train_step.py",

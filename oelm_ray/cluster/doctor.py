@@ -288,7 +288,7 @@ def gather(
 
 def _load_gpt2() -> None:
     from ..core.config import DataConfig
-    from ..core.data import get_tokenizer
+    from ..core.prepared import get_tokenizer
 
     get_tokenizer(DataConfig(tokenizer="gpt2", gpt2_ranks=os.environ.get("OELM_GPT2_RANKS", "")))
 

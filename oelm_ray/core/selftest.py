@@ -36,11 +36,11 @@ import torch
 
 from .batches import Batches, Sampler, eval_batches, scored_tokens
 from .config import Config, ConfigError, make_config
-from .data import Prepared
 from .experiments import TINY_MODEL
 from .io import read_metrics
 from .model import GPT
 from .optim import build_optimizer
+from .prepared import Prepared
 from .qkcheck import qk_digests
 from .train_step import TrainStep, resolve_compile, resolve_device
 from .trainer import train

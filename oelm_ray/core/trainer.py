@@ -36,10 +36,10 @@ import torch
 from .batches import Batches, Sampler, eval_batches, scored_tokens
 from .checkpoint import CheckpointWriter, checkpoint_files, load_checkpoint, set_rng_state
 from .config import Config, ConfigError
-from .data import Prepared, load_prepared
 from .io import UserError, append_metrics, read_metrics, truncate_metrics, write_json
 from .model import GPT
 from .optim import build_optimizer, lr_at, qk_unfrozen_at, qk_unfrozen_in, qk_update_at
+from .prepared import Prepared, load_prepared
 from .qkcheck import QKCheckError, check_qk, qk_digests
 from .train_step import Interval, TrainStep, resolve_device
 

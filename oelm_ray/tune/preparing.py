@@ -36,8 +36,9 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..core.config import DataConfig
-from ..core.data import check_source, fmt_secs, prepare, prepared_dir
+from ..core.data import check_source, fmt_secs, prepare
 from ..core.io import UserError, one_line, write_json
+from ..core.prepared import prepared_dir
 
 READY, FAILED, PREPARING = "ready", "failed", "preparing"
 QUIET_S = 600.0  # a prepare task silent this long gets a "still preparing" line on the driver

@@ -79,7 +79,8 @@ def trial_of(config: dict) -> TrialSpec:
 def trainable(config: dict) -> None:
     """Ray Tune function trainable around `trainer.train` (runs inside the trial's actor)."""
     from ..core.corpora import DataError
-    from ..core.data import load_prepared, prepare
+    from ..core.data import prepare
+    from ..core.prepared import load_prepared
     from ..core.trainer import train
     from .preparing import corpus_failure
 

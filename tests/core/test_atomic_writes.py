@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from oelm_ray import results
-from oelm_ray.core import data
+from oelm_ray.core import data, prepared
 from oelm_ray.core.checkpoint import load_checkpoint, save_checkpoint
 from oelm_ray.core.config import make_config
 from oelm_ray.core.io import DiskFullError, atomic_write
@@ -116,8 +116,8 @@ def test_four_processes_prepare_one_verified_copy(tmp_path):
         p.join(240)
         assert p.exitcode == 0
     root = tmp_path / "data"
-    out = data.prepared_dir(cfg)
+    out = prepared.prepared_dir(cfg)
     assert [f.name for f in root.iterdir() if f.is_dir()] == [out.name]
     assert not [f.name for f in root.iterdir() if ".tmp" in f.name], "temp leftovers"
     assert sorted(f.name for f in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
-    data.verify_prepared(out, "full", tokenizer=cfg.tokenizer)
+    prepared.verify_prepared(out, "full", tokenizer=cfg.tokenizer)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from oelm_ray.core import corpora, data
+from oelm_ray.core import corpora, data, prepared
 from oelm_ray.core.config import DataConfig
 from oelm_ray.core.corpora import DataError
 from oelm_ray.core.stories import generate_stories, split_seed
@@ -32,8 +32,8 @@ def small_cfg(tmp_path: Path, **kw) -> DataConfig:
 
 def decoded_docs(cfg: DataConfig, split: str) -> list[str]:
     """Decode a prepared split back into documents, splitting at end-of-text."""
-    p = data.load_prepared(cfg, verify="full")
-    enc = data.get_tokenizer(cfg)
+    p = prepared.load_prepared(cfg, verify="full")
+    enc = prepared.get_tokenizer(cfg)
     tokens = np.asarray(getattr(p, split), dtype=np.int64)
     ends = np.flatnonzero(tokens == enc.eot_token)
     assert len(ends) and ends[-1] == len(tokens) - 1, "every document ends with end-of-text"
@@ -81,7 +81,7 @@ def test_val_stories_unseen(tmp_path):
 
 
 def test_bytes_tokenizer_roundtrip():
-    enc = data.get_tokenizer(DataConfig(tokenizer="bytes"))
+    enc = prepared.get_tokenizer(DataConfig(tokenizer="bytes"))
     text = "héllo wörld ✓ 日本語 🙂\n\n\ttabs  and <|endoftext|> as text"
     toks = enc.encode_ordinary(text)
     assert toks == list(text.encode())
@@ -97,14 +97,14 @@ def _fake_ranks(path: Path) -> Path:
 def test_gpt2_ranks_wrong_hash(tmp_path, monkeypatch):
     fake = _fake_ranks(tmp_path / "gpt2.tiktoken")
     with pytest.raises(DataError, match="sha256"):
-        data.get_tokenizer(DataConfig(tokenizer="gpt2", gpt2_ranks=str(fake)))
+        prepared.get_tokenizer(DataConfig(tokenizer="gpt2", gpt2_ranks=str(fake)))
     monkeypatch.setenv("OELM_GPT2_RANKS", str(tmp_path / "missing.tiktoken"))
     with pytest.raises(DataError, match="does not exist"):
-        data.get_tokenizer(DataConfig(tokenizer="gpt2"))
+        prepared.get_tokenizer(DataConfig(tokenizer="gpt2"))
 
 
 def test_gpt2_real_ranks(tmp_path, gpt2_ranks):
-    enc = data.get_tokenizer(DataConfig(tokenizer="gpt2", gpt2_ranks=str(gpt2_ranks)))
+    enc = prepared.get_tokenizer(DataConfig(tokenizer="gpt2", gpt2_ranks=str(gpt2_ranks)))
     assert enc.n_vocab == 50257 and enc.eot_token == 50256
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert enc.decode(enc.encode_ordinary("Hello world")) == "Hello world"
@@ -122,10 +122,10 @@ def test_prepare_stories_roundtrip(tmp_path):
     cfg = small_cfg(tmp_path)
     meta = data.prepare(cfg, progress=False)
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 257 and meta["eot_token"] == 256
-    assert data.prepared_dir(cfg).name == "stories-0.2mb-s1234-bytes"
+    assert prepared.prepared_dir(cfg).name == "stories-0.2mb-s1234-bytes"
     for split in ("train", "val"):
         assert decoded_docs(cfg, split) == expected_docs(cfg, split)
-    p = data.load_prepared(cfg)
+    p = prepared.load_prepared(cfg)
     assert len(p.train) == meta["train_tokens"] and len(p.val) == meta["val_tokens"]
     assert p.vocab_size == 257 and p.train.dtype == np.uint16
     assert 200_000 <= meta["train_tokens"] - meta["train_docs"] < 202_000  # bytes of text
@@ -136,7 +136,7 @@ def test_prepare_max_train_tokens(tmp_path):
     cfg = small_cfg(tmp_path, max_train_tokens=5000)
     meta = data.prepare(cfg, progress=False)
     assert meta["train_tokens"] == 5000 and meta["val_tokens"] > 100_000
-    assert data.prepared_dir(cfg).name.endswith("-max5000-bytes")
+    assert prepared.prepared_dir(cfg).name.endswith("-max5000-bytes")
 
 
 def _write_local(path: Path, docs: list[str]) -> None:
@@ -158,7 +158,7 @@ def test_prepare_local_file_roundtrip(tmp_path, suffix):
     assert meta["train_docs"] == 90 and meta["val_docs"] == 10
     assert decoded_docs(cfg, "train") == docs[:90]
     assert decoded_docs(cfg, "val") == docs[90:]
-    assert data.prepared_dir(cfg).name.startswith("corpus-")
+    assert prepared.prepared_dir(cfg).name.startswith("corpus-")
 
 
 def test_local_file_missing(tmp_path):
@@ -170,7 +170,7 @@ def test_local_file_missing(tmp_path):
 def test_prepare_idempotent(tmp_path):
     cfg = small_cfg(tmp_path)
     data.prepare(cfg, progress=False)
-    out = data.prepared_dir(cfg)
+    out = prepared.prepared_dir(cfg)
     mtimes = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
     t0 = time.perf_counter()
     data.prepare(cfg, progress=False)
@@ -194,7 +194,7 @@ def test_a_prepare_waiting_for_another_processs_lock_says_who_holds_it_and_repea
     prepare names it, says every WAIT_LOG_S that it still waits, builds once the lock is free, and leaves no
     record behind."""
     cfg = small_cfg(tmp_path)
-    out = data.prepared_dir(cfg)
+    out = prepared.prepared_dir(cfg)
     out.parent.mkdir(parents=True)
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_THE_LOCK, str(out)],
@@ -244,16 +244,18 @@ def test_load_missing_names_the_prepare_command_that_builds_it(tmp_path):
 
     cfg = small_cfg(tmp_path, stories_seed=7)
     with pytest.raises(DataError, match="oelm-ray prepare --set dataset=stories tokenizer=bytes stories_mb=0.2 ") as e:
-        data.load_prepared(cfg)
+        prepared.load_prepared(cfg)
     hint = shlex.split(str(e.value).split("`")[1])
     args = cli.build_parser().parse_args(hint[1:])
-    assert data.prepared_dir(C.make_config(args.preset, parse_sets(args, ("data",))).data) == data.prepared_dir(cfg)
+    assert prepared.prepared_dir(C.make_config(args.preset, parse_sets(args, ("data",))).data) == prepared.prepared_dir(
+        cfg
+    )
 
 
 def test_corrupted_truncated_and_foreign(tmp_path):
     cfg = small_cfg(tmp_path)
     data.prepare(cfg, progress=False)
-    out = data.prepared_dir(cfg)
+    out = prepared.prepared_dir(cfg)
     train = out / "train.bin"
     good = train.read_bytes()
 
@@ -261,28 +263,28 @@ def test_corrupted_truncated_and_foreign(tmp_path):
     flipped[len(good) // 2] ^= 0xFF
     train.write_bytes(bytes(flipped))
     with pytest.raises(DataError, match="checksum"):
-        data.load_prepared(cfg)
+        prepared.load_prepared(cfg)
     with pytest.raises(DataError, match="delete"):
         data.prepare(cfg, progress=False)  # never silently overwrite
-    data.load_prepared(cfg, verify="none")  # sizes still match
+    prepared.load_prepared(cfg, verify="none")  # sizes still match
 
     train.write_bytes(good[:-2])
     with pytest.raises(DataError, match="truncated"):
-        data.load_prepared(cfg, verify="none")
+        prepared.load_prepared(cfg, verify="none")
 
     train.write_bytes(good)
     meta_path = out / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "tokenizer": "gpt2"}))
     with pytest.raises(DataError, match="tokenizer"):
-        data.load_prepared(cfg)
+        prepared.load_prepared(cfg)
 
     meta_path.write_text("{not json")
     with pytest.raises(DataError, match="unreadable"):
-        data.load_prepared(cfg)
+        prepared.load_prepared(cfg)
 
     data.prepare(cfg, progress=False, force=True)
-    data.load_prepared(cfg, verify="full")
+    prepared.load_prepared(cfg, verify="full")
     assert [f.name for f in (tmp_path / "data").iterdir() if f.is_dir()] == [out.name]
 
 
@@ -290,13 +292,13 @@ def test_quick_verify_samples_large_files(tmp_path, monkeypatch):
     cfg = small_cfg(tmp_path)
     data.prepare(cfg, progress=False)
     # pretend the files are huge: quick mode then checks only the sampled chunks
-    monkeypatch.setattr(data, "QUICK_FULL_HASH_BYTES", 1)
-    train = data.prepared_dir(cfg) / "train.bin"
+    monkeypatch.setattr(prepared, "QUICK_FULL_HASH_BYTES", 1)
+    train = prepared.prepared_dir(cfg) / "train.bin"
     raw = bytearray(train.read_bytes())
     raw[0] ^= 0xFF  # the first chunk is always sampled
     train.write_bytes(bytes(raw))
     with pytest.raises(DataError, match="checksum"):
-        data.load_prepared(cfg, verify="quick")
+        prepared.load_prepared(cfg, verify="quick")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +333,7 @@ def test_hub_dir_openwebtext_holds_out_val(tmp_path):
     train, val = decoded_docs(cfg, "train"), decoded_docs(cfg, "val")
     assert sorted(train + val) == sorted(docs) and not set(train) & set(val)
     assert 45 <= len(val) <= 55
-    assert data.prepared_dir(cfg).name == "openwebtext-val0.1-bytes"
+    assert prepared.prepared_dir(cfg).name == "openwebtext-val0.1-bytes"
 
 
 def test_hub_dir_wikitext_articles(tmp_path):
@@ -417,16 +419,16 @@ def reference_prepare(cfg: DataConfig) -> dict:
     batches of data.BATCH_CHARS characters): sha256 of each split's bytes and its counts."""
     import hashlib
 
-    enc, src, limit = data.get_tokenizer(cfg), corpora.corpus(cfg), cfg.max_train_tokens
-    dtype = data.token_dtype(enc.n_vocab)
-    out = {s: hashlib.sha256() for s in data.SPLITS}
-    tokens, docs = dict.fromkeys(data.SPLITS, 0), dict.fromkeys(data.SPLITS, 0)
+    enc, src, limit = prepared.get_tokenizer(cfg), corpora.corpus(cfg), cfg.max_train_tokens
+    dtype = prepared.token_dtype(enc.n_vocab)
+    out = {s: hashlib.sha256() for s in prepared.SPLITS}
+    tokens, docs = dict.fromkeys(prepared.SPLITS, 0), dict.fromkeys(prepared.SPLITS, 0)
 
     def full() -> bool:
         return bool(limit) and tokens["train"] >= limit
 
     def flush(batch):
-        for split in data.SPLITS:
+        for split in prepared.SPLITS:
             texts = [t for s, t in batch if s == split]
             if texts and not (split == "train" and full()):
                 flat = [x for t in texts for x in enc.encode_ordinary(t) + [enc.eot_token]]
@@ -454,9 +456,9 @@ def reference_prepare(cfg: DataConfig) -> dict:
 
 def built(meta: dict) -> dict:
     return {
-        "sha256": {s: meta["files"][f"{s}.bin"]["sha256"] for s in data.SPLITS},
-        "tokens": {s: meta[f"{s}_tokens"] for s in data.SPLITS},
-        "docs": {s: meta[f"{s}_docs"] for s in data.SPLITS},
+        "sha256": {s: meta["files"][f"{s}.bin"]["sha256"] for s in prepared.SPLITS},
+        "tokens": {s: meta[f"{s}_tokens"] for s in prepared.SPLITS},
+        "docs": {s: meta[f"{s}_docs"] for s in prepared.SPLITS},
     }
 
 
@@ -499,7 +501,7 @@ def test_parallel_build_matches_serial_reference(tmp_path, monkeypatch, gpt2_ran
     cfg = small_cfg(tmp_path, **kw)
     meta = data.prepare(cfg, progress=False, workers=2)
     assert built(meta) == reference_prepare(cfg)
-    assert data.verify_prepared(data.prepared_dir(cfg), "full", tokenizer=tokenizer)
+    assert prepared.verify_prepared(prepared.prepared_dir(cfg), "full", tokenizer=tokenizer)
     if case.endswith("max"):
         assert meta["train_tokens"] == kw["max_train_tokens"]
 
@@ -555,7 +557,7 @@ def test_killed_prepare_resumes_to_identical_files(tmp_path, source):
     whole = small_cfg(tmp_path, dataset=dataset, hub_dir=hub_dir, val_fraction=0.1)
     want = built(data.prepare(whole, progress=False))
     cfg = DataConfig(dataset=dataset, hub_dir=hub_dir, data_dir=str(tmp_path / "killed"), val_fraction=0.1)
-    out = data.prepared_dir(cfg)
+    out = prepared.prepared_dir(cfg)
     record = out.parent / f".{out.name}.partial.json"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done_at = []

@@ -135,7 +135,7 @@ def test_a_compiler_that_fails_falls_back_to_eager_and_says_why(tmp_path, data_d
 
 def test_batches_stage_ahead_and_their_state_is_the_one_before_the_staged_batch(data_dir):
     """The staging path runs on CPU too: next() hands out the staged batch and stages the following one."""
-    from oelm_ray.core.data import load_prepared
+    from oelm_ray.core.prepared import load_prepared
 
     data = load_prepared(cfg(data_dir).data)
     ref = Sampler(data.train, 32, 4, seed=0)

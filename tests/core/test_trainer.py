@@ -14,9 +14,10 @@ import torch
 from oelm_ray.core.batches import eval_batches
 from oelm_ray.core.checkpoint import CheckpointError
 from oelm_ray.core.config import make_config
-from oelm_ray.core.data import load_prepared, prepare
+from oelm_ray.core.data import prepare
 from oelm_ray.core.model import GPT
 from oelm_ray.core.optim import build_optimizer
+from oelm_ray.core.prepared import load_prepared
 from oelm_ray.core.qkcheck import QKCheckError
 from oelm_ray.core.train_step import TrainStep
 from oelm_ray.core.trainer import RunExistsError, train

@@ -21,9 +21,10 @@ import torch
 import torch.multiprocessing as mp
 
 from oelm_ray.core.config import ConfigError, make_config
-from oelm_ray.core.data import load_prepared, prepare
+from oelm_ray.core.data import prepare
 from oelm_ray.core.experiments import SMOKE
 from oelm_ray.core.io import read_metrics
+from oelm_ray.core.prepared import load_prepared
 from oelm_ray.core.trainer import train
 
 RTOL = 1e-5

@@ -15,8 +15,8 @@ from oelm_ray import results
 from oelm_ray.core import experiments as E
 from oelm_ray.core.config import DataConfig
 from oelm_ray.core.corpora import DataError
-from oelm_ray.core.data import prepared_dir
 from oelm_ray.core.experiments import Experiment
+from oelm_ray.core.prepared import prepared_dir
 from oelm_ray.tune.preparing import Corpora, failure_path
 from oelm_ray.tune.sweep import Sweep, run
 
