@@ -140,7 +140,10 @@ def test_driver_sigkilled_mid_sweep_resumes_with_the_same_command(tmp_path):
         "0,1,2",
         "--experiments",
         "CPU-01,CPU-02,CPU-03",
-    ]  # 9 trials
+        "--set",
+        "max_steps=600",
+        "eval_interval=100",
+    ]  # 9 trials of ~2 s of training each (20x the smoke run's), so several are unfinished at the kill
     run_dir = tmp_path / "runs" / "phase3-smoke"
     ray_procs: dict[int, str] = {}
     try:

@@ -115,9 +115,18 @@ def _recipe(tmp_path: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_with_the_same_command(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # 9 trials of 600 steps (~2 s of training each, 20x the smoke run's), so several are unfinished or running
+    # at the interrupt whatever the machine's speed; they checkpoint every 100 steps
     cmd = _recipe(
-        tmp_path, "--seeds", "0,1,2", "--experiments", "CPU-01,CPU-02,CPU-03"
-    )  # 9 trials: some unfinished at the interrupt
+        tmp_path,
+        "--seeds",
+        "0,1,2",
+        "--experiments",
+        "CPU-01,CPU-02,CPU-03",
+        "--set",
+        "max_steps=600",
+        "eval_interval=100",
+    )
     run_dir = tmp_path / "runs" / "phase3-smoke"
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
