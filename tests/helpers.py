@@ -34,6 +34,20 @@ TINY = dict(
 )
 
 
+# the phase-3 smoke recipe's arguments for the interrupt tests: 9 trials of 600 steps (~2 s of training each,
+# 20x the smoke run's), so several are unfinished or running at an interrupt whatever the machine's speed;
+# they checkpoint every 100 steps
+NINE_TRIALS = (
+    "--seeds",
+    "0,1,2",
+    "--experiments",
+    "CPU-01,CPU-02,CPU-03",
+    "--set",
+    "max_steps=600",
+    "eval_interval=100",
+)
+
+
 def phase3_presets() -> dict:
     spec = importlib.util.spec_from_file_location("phase3_recipe", PHASE3)
     mod = importlib.util.module_from_spec(spec)

@@ -25,7 +25,7 @@ from oelm_ray.core.experiments import Experiment
 from oelm_ray.tune.sweep import Sweep, run
 
 import faults  # tests/faults.py: a trainable that crashes once, at a given step
-from helpers import PHASE3, final_log, losses, smoke
+from helpers import NINE_TRIALS, PHASE3, final_log, losses, smoke
 from trial_files import state_files
 
 
@@ -136,14 +136,8 @@ def test_driver_sigkilled_mid_sweep_resumes_with_the_same_command(tmp_path):
         "--no-wandb",
         "--storage",
         str(tmp_path / "runs"),
-        "--seeds",
-        "0,1,2",
-        "--experiments",
-        "CPU-01,CPU-02,CPU-03",
-        "--set",
-        "max_steps=600",
-        "eval_interval=100",
-    ]  # 9 trials of ~2 s of training each (20x the smoke run's), so several are unfinished at the kill
+        *NINE_TRIALS,
+    ]
     run_dir = tmp_path / "runs" / "phase3-smoke"
     ray_procs: dict[int, str] = {}
     try:

@@ -20,7 +20,7 @@ from oelm_ray.tune import recipe
 from oelm_ray.tune.sweep import Sweep, run
 
 import faults  # tests/faults.py: a trainable that crashes once, at a given step
-from helpers import ROOT, smoke_sweep
+from helpers import NINE_TRIALS, ROOT, smoke_sweep
 from trial_files import state_files
 
 COLUMNS = [
@@ -115,18 +115,7 @@ def _recipe(tmp_path: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_with_the_same_command(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # 9 trials of 600 steps (~2 s of training each, 20x the smoke run's), so several are unfinished or running
-    # at the interrupt whatever the machine's speed; they checkpoint every 100 steps
-    cmd = _recipe(
-        tmp_path,
-        "--seeds",
-        "0,1,2",
-        "--experiments",
-        "CPU-01,CPU-02,CPU-03",
-        "--set",
-        "max_steps=600",
-        "eval_interval=100",
-    )
+    cmd = _recipe(tmp_path, *NINE_TRIALS)
     run_dir = tmp_path / "runs" / "phase3-smoke"
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
