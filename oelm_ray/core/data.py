@@ -46,9 +46,9 @@ from .io import fsync_dir, write_json
 from .prepared import (
     FORMAT_VERSION,
     SPLITS,
-    _sample_sha256,
     get_tokenizer,
     prepared_dir,
+    sample_sha256,
     token_dtype,
     verify_prepared,
 )
@@ -215,7 +215,7 @@ class _TokenWriter:
         self.sync()
         self.f.close()
         size = self.path.stat().st_size
-        return {"bytes": size, "sha256": self.sha.hexdigest(), "sample_sha256": _sample_sha256(self.path, size)}
+        return {"bytes": size, "sha256": self.sha.hexdigest(), "sample_sha256": sample_sha256(self.path, size)}
 
 
 def _cores() -> int:

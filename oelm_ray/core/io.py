@@ -1,6 +1,6 @@
 """The small I/O helpers everything shares: the user-error base class, an error as one line, atomic
-writes, a run's metrics file, a TCP probe, a call with a deadline. No torch: the Ray side and the reports read metrics files
-without it.
+writes, a run's metrics file, a TCP probe, a call with a deadline. No torch: the Ray side and the
+reports read metrics files without it.
 
 One of each, so that a fix (fsync the directory, keep the old file on a full disk) lands everywhere.
 """

@@ -188,7 +188,7 @@ def verify_prepared(path: Path | str, mode: str = "quick", tokenizer: str | None
         if mode == "full" or (mode == "quick" and size < QUICK_FULL_HASH_BYTES):
             ok = _file_sha256(f) == sha
         elif mode == "quick":
-            ok = _sample_sha256(f, size) == sample_sha
+            ok = sample_sha256(f, size) == sample_sha
         else:
             ok = True
         if not ok:
@@ -204,7 +204,7 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _sample_sha256(path: Path, size: int) -> str:
+def sample_sha256(path: Path, size: int) -> str:
     """sha256 of the size and a few fixed, evenly spaced chunks: cheap to check on huge files."""
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
