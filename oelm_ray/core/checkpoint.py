@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .io import UserError, atomic_write
+from .io import UserError, atomic_write, one_line
 
 if TYPE_CHECKING:
     from .trainer import Run
@@ -81,21 +81,14 @@ def set_rng_state(state: dict[str, torch.Tensor | None], device: torch.device) -
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
-    """Write `payload` to `path` atomically. On a CheckpointWriter's thread, every byte written (and the
-    final fsync) counts as its progress, and a write the writer gave up on stops there and keeps the old file."""
-    progress = getattr(_writing, "progress", None)
+def save_checkpoint(path: str | os.PathLike, payload: dict, progress: _SaveProgress | None = None) -> None:
+    """Write `payload` to `path` atomically. With a CheckpointWriter's `progress`, every byte written and the
+    final fsync count as progress, and a write the writer gave up on stops there and keeps the old file."""
     if progress is None:
         atomic_write(path, lambda f: torch.save(payload, f))
-        return
-
-    def write(f) -> None:
-        torch.save(payload, _Counted(f, progress))
-        f.flush()
-        os.fsync(f.fileno())  # here, not only in atomic_write: a write given up on meanwhile is not renamed
-        progress.advance(0)
-
-    atomic_write(path, write)
+    else:
+        # the temp file's fsync returning is progress too; a write given up meanwhile raises there, not renamed
+        atomic_write(path, lambda f: torch.save(payload, _Counted(f, progress)), before_replace=progress.advance)
 
 
 def load_checkpoint(path: str | os.PathLike, expect_config: dict | None = None) -> dict:
@@ -107,7 +100,7 @@ def load_checkpoint(path: str | os.PathLike, expect_config: dict | None = None) 
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn or foreign file: say which and what to do
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
+            f"checkpoint {path} cannot be read ({one_line(e, typed=True)}); "
             "delete it to fall back to a fresh run, or restore it from a copy"
         ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
@@ -166,10 +159,7 @@ def host_copy(obj: Any) -> Any:
     return out
 
 
-_writing = threading.local()  # .progress: the _Progress of the save a CheckpointWriter thread is doing
-
-
-class _Progress:
+class _SaveProgress:
     """How far one save got: the file it is writing, bytes handed to it, when it last moved, the error it
     ended with; `given_up` (set by the waiting thread) makes the next write or the final fsync raise
     instead of finishing."""
@@ -178,7 +168,7 @@ class _Progress:
         self.path, self.bytes, self.last, self.given_up = path, 0, time.monotonic(), False
         self.error: BaseException | None = None
 
-    def advance(self, n: int) -> None:
+    def advance(self, n: int = 0) -> None:
         if self.given_up:
             raise CheckpointStallError(f"the write of {self.path} was given up after it stalled")
         self.bytes += n
@@ -186,17 +176,17 @@ class _Progress:
 
     def start(self, path: Path) -> None:
         self.path, self.bytes = path, 0
-        self.advance(0)
+        self.advance()
 
 
 class _Counted:
-    """The file object torch.save writes to, counting what it writes into a _Progress."""
+    """The file object torch.save writes to, counting what it writes into a _SaveProgress."""
 
-    def __init__(self, f, progress: _Progress):
+    def __init__(self, f, progress: _SaveProgress):
         self.f, self.progress = f, progress
 
     def write(self, data) -> int:
-        self.progress.advance(0)
+        self.progress.advance()
         n = self.f.write(data)
         self.progress.advance(memoryview(data).nbytes if n is None else n)
         return n
@@ -225,7 +215,7 @@ class CheckpointWriter:
         self.background = background
         self.log = log  # hears a write that `close` gives up on
         self._thread: threading.Thread | None = None
-        self._progress: _Progress | None = None
+        self._progress: _SaveProgress | None = None
         self._after: Callable[[], None] | None = None
 
     def save(self, files: list[tuple[Path, dict]], after: Callable[[], None] | None = None) -> None:
@@ -235,14 +225,13 @@ class CheckpointWriter:
             if after is not None:
                 after()
             return
-        progress = _Progress(files[0][0])
+        progress = _SaveProgress(files[0][0])
 
         def write() -> None:
-            _writing.progress = progress
             try:
                 for path, payload in files:
                     progress.start(path)
-                    save_checkpoint(path, payload)
+                    save_checkpoint(path, payload, progress)
             except BaseException as e:  # raised on the training thread by poll/wait
                 progress.error = e
 

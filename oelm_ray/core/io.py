@@ -39,10 +39,16 @@ class DiskFullError(UserError, OSError):
     """A write ran out of space (ENOSPC, EDQUOT); the file it was to replace is still whole."""
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+def atomic_write(
+    path: str | os.PathLike,
+    write: Callable[[Any], None],
+    mode: str = "wb",
+    before_replace: Callable[[], None] | None = None,
+) -> None:
     """Write through `write(fileobj)` into a temp file beside `path`, fsync, then rename over it.
 
-    A crash at any point leaves either the old file or the new one, never a torn one.
+    A crash at any point leaves either the old file or the new one, never a torn one. `before_replace`
+    runs once the temp file is on disk, just before the rename: raising there keeps the old file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +58,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException as e:
         try:

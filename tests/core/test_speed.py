@@ -161,12 +161,21 @@ def test_batches_stage_ahead_and_their_state_is_the_one_before_the_staged_batch(
 def test_background_checkpoints_report_after_the_write_and_resume_exactly(tmp_path, data_dir, monkeypatch):
     c = cfg(data_dir, method="oelm_freeze", qk_unfreeze_step=15)
     train(c, tmp_path / "inline", log=lambda _: None, background=False)
-    writers, real_save = [], checkpoint.save_checkpoint
-    monkeypatch.setattr(
-        checkpoint,
-        "save_checkpoint",
-        lambda path, payload: (writers.append(threading.current_thread().name), real_save(path, payload)),
-    )
+    writers, real_save, real_poll = [], checkpoint.save_checkpoint, checkpoint.CheckpointWriter.poll
+    polled, trained_meanwhile = threading.Event(), []
+
+    def poll(self):  # the loop calls it once a step
+        polled.set()
+        real_poll(self)
+
+    def save(path, payload, progress=None):  # a background write: the training steps go on while it is written
+        writers.append(threading.current_thread().name)
+        polled.clear()
+        trained_meanwhile.append(polled.wait(timeout=2.0))
+        real_save(path, payload, progress)
+
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "poll", poll)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     seen = []
 
     def check(m):  # the report comes once latest.pt holds this very step
@@ -175,6 +184,8 @@ def test_background_checkpoints_report_after_the_write_and_resume_exactly(tmp_pa
     train(c, tmp_path / "bg", report=check, log=lambda _: None, background=True)
     assert seen == [(10, 10), (20, 20)]
     assert writers and set(writers) == {"checkpoint-writer"}  # every file written off the training thread
+    assert trained_meanwhile[0]  # ... and the steps after step 10 ran while its files were written
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     with pytest.raises(Stop):
         train(c, tmp_path / "cut", report=stop_at(10), log=lambda _: None, background=True)
     train(c, tmp_path / "cut", resume=True, log=lambda _: None, background=True)
