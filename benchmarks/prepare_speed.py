@@ -160,9 +160,12 @@ def measure(method: str, corpus: Path, out: Path, workers: int, ranks: str, cach
     try:
         peak_sum, peak_one = _watch(proc, method, t0, timeout)
     finally:  # interrupted (Ctrl-C, SIGTERM, --timeout): the child and the workers it forked go too
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            print(f"{method}: its process {proc.pid} did not end 30 s after SIGKILL", file=sys.stderr)
     seconds = time.perf_counter() - t0
     stdout, stderr = out_log.read_text(), err_log.read_text()
     out_log.unlink()

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from .config import VOCAB_SIZES, DataConfig
 from .corpora import DataError, check_readable, corpus
-from .io import fsync_dir, write_json
+from .io import fsync_dir, one_line, write_json
 from .prepared import (
     FORMAT_VERSION,
     SPLITS,
@@ -147,7 +147,8 @@ def _locked(out: Path, log: Callable[[str], None] | None) -> Iterator[None]:
             pass
         yield
     finally:
-        holder.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # before the release, so never the next holder's record
+            holder.unlink(missing_ok=True)
         lock.release()
 
 
@@ -481,7 +482,7 @@ class _Build:
                     ) from e
                 delay = RETRY_DELAYS[failures - 1]
                 self.log(
-                    f"prepare {self.name}: reading failed ({type(e).__name__}: {e}); {done}; "
+                    f"prepare {self.name}: reading failed ({one_line(e, typed=True)}); {done}; "
                     f"retry {failures}/{len(RETRY_DELAYS)} in {delay:g} s"
                 )
                 time.sleep(delay)
