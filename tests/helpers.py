@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,19 @@ NINE_TRIALS = (
     "max_steps=600",
     "eval_interval=100",
 )
+
+
+def smoke_command(recipe: str, tmp: Path, *extra: str) -> list[str]:
+    """`python sweeps/<recipe>.py --smoke-test --no-wandb --storage <tmp>/runs ...`: a recipe's smoke run."""
+    return [
+        sys.executable,
+        str(ROOT / "sweeps" / f"{recipe}.py"),
+        "--smoke-test",
+        "--no-wandb",
+        "--storage",
+        str(tmp / "runs"),
+        *extra,
+    ]
 
 
 def phase3_presets() -> dict:

@@ -10,7 +10,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,7 +24,7 @@ from oelm_ray.core.experiments import Experiment
 from oelm_ray.tune.sweep import Sweep, run
 
 import faults  # tests/faults.py: a trainable that crashes once, at a given step
-from helpers import NINE_TRIALS, PHASE3, final_log, losses, smoke
+from helpers import NINE_TRIALS, final_log, losses, smoke, smoke_command
 from trial_files import state_files
 
 
@@ -129,15 +128,7 @@ def test_driver_sigkilled_mid_sweep_resumes_with_the_same_command(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}
     stale = {**env, "TUNE_GLOBAL_CHECKPOINT_S": "3600"}
-    cmd = [
-        sys.executable,
-        str(PHASE3),
-        "--smoke-test",
-        "--no-wandb",
-        "--storage",
-        str(tmp_path / "runs"),
-        *NINE_TRIALS,
-    ]
+    cmd = smoke_command("phase3", tmp_path, *NINE_TRIALS)
     run_dir = tmp_path / "runs" / "phase3-smoke"
     ray_procs: dict[int, str] = {}
     try:

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,22 +14,15 @@ from oelm_ray import results
 from oelm_ray.tune import search
 
 from helpers import BENCH_SEARCHERS as S
-from helpers import PU_ARMS, ROOT
+from helpers import PU_ARMS, ROOT, smoke_command
 
 
 def run_recipe(name: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
     # RAY_ADDRESS=local: a Ray of its own, never a cluster some other process left running on this machine
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "RAY_ADDRESS": "local"}
-    cmd = [
-        sys.executable,
-        str(ROOT / "sweeps" / f"{name}.py"),
-        "--smoke-test",
-        "--no-wandb",
-        "--storage",
-        str(tmp / "runs"),
-        *extra,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = subprocess.run(
+        smoke_command(name, tmp, *extra), env=env, capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

@@ -6,9 +6,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +18,7 @@ from oelm_ray.tune import recipe
 from oelm_ray.tune.sweep import Sweep, run
 
 import faults  # tests/faults.py: a trainable that crashes once, at a given step
-from helpers import NINE_TRIALS, ROOT, smoke_sweep
+from helpers import NINE_TRIALS, smoke_command, smoke_sweep
 from trial_files import state_files
 
 COLUMNS = [
@@ -100,22 +98,10 @@ def test_crashed_trial_resumes_from_checkpoint_with_identical_metrics(tmp_path, 
     assert [h["train/loss"] for h in b["history"]] == [h["train/loss"] for h in a["history"]]
 
 
-def _recipe(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        str(ROOT / "sweeps" / "phase3.py"),
-        "--smoke-test",
-        "--no-wandb",
-        "--storage",
-        str(tmp_path / "runs"),
-        *extra,
-    ]
-
-
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_with_the_same_command(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = _recipe(tmp_path, *NINE_TRIALS)
+    cmd = smoke_command("phase3", tmp_path, *NINE_TRIALS)
     run_dir = tmp_path / "runs" / "phase3-smoke"
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
