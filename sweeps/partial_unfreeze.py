@@ -124,8 +124,9 @@ def tuned(exps: list[Experiment], best_json: str, common: dict) -> list[Experime
     return out
 
 
-def at_run_size(sw, args, best: str | None = None):
-    """Re-derive the variants for the trials' real size (--smoke-test, --set max_steps=... n_layer=...)."""
+def at_run_size(sw, args):
+    """Re-derive the variants for the trials' real size (--smoke-test, --set max_steps=... n_layer=...);
+    with --best, each at its method's searched lr and warmup."""
     base, freeze = PRESETS[args.preset]["experiments"][:2]
     cfg = make_config(freeze.preset, freeze.overrides, sw.common)
     keep = {e.id for e in sw.experiments}
@@ -134,10 +135,10 @@ def at_run_size(sw, args, best: str | None = None):
         for e in variants(base, freeze, cfg.model.n_layer, cfg.train.max_steps)
         if e.id in keep or e.id.startswith("PU-k") and not args.experiments
     ]
-    if best:
+    if args.best:
         if {"lr", "warmup_steps"} & set(sw.common):
             raise ConfigError("--best sets lr and warmup_steps per arm: drop --set lr / --set warmup_steps")
-        sw.experiments = tuned(sw.experiments, best, sw.common)
+        sw.experiments = tuned(sw.experiments, args.best, sw.common)
         if not args.name:
             sw.name = f"{sw.name}-tuned"
     return sw
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
         "partial_unfreeze",
         PRESETS,
         argv,
-        customize=lambda sw, args: at_run_size(sw, args, args.best),
+        customize=at_run_size,
         doc=__doc__,
         options=options,
     )

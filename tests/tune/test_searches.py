@@ -358,7 +358,7 @@ def test_recipes_build_their_smoke_specs(tmp_path):
     from oelm_ray.tune import recipe
 
     pu = load_recipe("partial_unfreeze")
-    args = recipe.parser("partial_unfreeze", pu.PRESETS).parse_args(
+    args = recipe.parser("partial_unfreeze", pu.PRESETS, options=pu.options).parse_args(
         ["--smoke-test", "--no-wandb", "--storage", str(tmp_path)]
     )
     sw = pu.at_run_size(recipe.build("partial_unfreeze", pu.PRESETS, args), args)
